@@ -1,0 +1,255 @@
+"""Typed configuration: dataclasses, loaded from YAML plus dotted `key=value` overrides.
+
+Everything is validated at load time, before any rank starts, so a bad layout or a typo fails in
+one clear line instead of minutes later on rank 3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+@dataclass
+class LLMConfig:
+    """A Qwen2.5-family decoder (GQA, qkv bias, RMSNorm, SwiGLU, RoPE). Names follow HF's config."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # default hidden_size // num_attention_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    max_position_embeddings: int = 32768
+    init_std: float = 0.02
+    # The embedding/output rows are padded to a multiple of this (TP-independent, so checkpoints
+    # reshard across TP); padded rows never enter the softmax.
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unpadded model (for tokens/s -> MFU arithmetic)."""
+        h, kv = self.hidden_size, self.kv_channels
+        q, k = self.num_attention_heads * kv, self.num_key_value_heads * kv
+        attn = h * (q + 2 * k) + (q + 2 * k if self.qkv_bias else 0) + q * h
+        mlp = 3 * h * self.intermediate_size
+        layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h
+        return self.num_hidden_layers * layer + h + emb * (1 if self.tie_word_embeddings else 2)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    nproc: int = 1  # world size; DP = nproc / (TP * PP)
+    bf16: bool = False  # Float16Module + bf16 params (GPU); CPU runs default to fp32
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    decay_steps: int | None = None  # default: train.steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    seq_length: int = 64
+    micro_batch_size: int = 2
+    global_batch_size: int = 8  # sequences per optimizer step, across DP and micro-batches
+    seed: int = 1234
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 3
+    load: str | None = None  # a run dir (uses its `latest`) or one step_* dir
+
+
+@dataclass
+class Config:
+    model: LLMConfig = field(default_factory=LLMConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        validate_layout(self.model, self.parallel)
+        t, p = self.train, self.parallel
+        dp = p.nproc // (p.tensor_parallel * p.pipeline_parallel)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                f"train.micro_batch_size * DP = {t.micro_batch_size} * {dp}")
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.virtual_pipeline and n_micro % p.pipeline_parallel:
+            raise ConfigError(
+                f"the interleaved schedule needs micro-batches per step ({n_micro}) divisible by "
+                f"parallel.pipeline_parallel={p.pipeline_parallel}")
+        for name in ("steps", "seq_length", "micro_batch_size"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        return self
+
+    @property
+    def num_microbatches(self) -> int:
+        p = self.parallel
+        dp = p.nproc // (p.tensor_parallel * p.pipeline_parallel)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+
+def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:
+    """The divisibility rules megatron asserts deep inside a rank, checked up front."""
+    tp, pp, vpp, n = par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline, par.nproc
+    for name, v in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("nproc", n)):
+        if v < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {v}")
+    if n % (tp * pp):
+        raise ConfigError(
+            f"world size parallel.nproc={n} is not divisible by TP*PP = {tp}*{pp} = {tp * pp}")
+    if model.num_attention_heads % tp:
+        raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not "
+                          f"divisible by parallel.tensor_parallel={tp}")
+    if model.num_key_value_heads % tp:
+        raise ConfigError(f"model.num_key_value_heads={model.num_key_value_heads} (KV groups) is "
+                          f"not divisible by parallel.tensor_parallel={tp}")
+    if model.num_attention_heads % model.num_key_value_heads:
+        raise ConfigError("model.num_attention_heads must be a multiple of num_key_value_heads")
+    if vpp is not None and vpp < 2:
+        raise ConfigError(f"parallel.virtual_pipeline must be >= 2 or null, got {vpp}")
+    if vpp and pp < 2:
+        raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+    stages = pp * (vpp or 1)
+    if model.num_hidden_layers % stages:
+        raise ConfigError(
+            f"model.num_hidden_layers={model.num_hidden_layers} is not divisible by the "
+            f"{stages} pipeline stages (PP={pp}" + (f" x VPP={vpp})" if vpp else ")"))
+    if model.padded_vocab_size % tp:
+        raise ConfigError(f"padded vocab {model.padded_vocab_size} is not divisible by TP={tp}: "
+                          "raise model.make_vocab_size_divisible_by")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        opts = typing.get_args(tp)
+        if value is None and type(None) in opts:
+            return None
+        errors = []
+        for opt in opts:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys are errors that name the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + overrides -> a validated Config."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    apply_overrides(data, overrides or [])
+    return from_dict(Config, data).validate()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,110 @@
+"""A Qwen2.5-family LLM on megatron-core: the language half of our VLMs.
+
+GQA with qkv bias, RMSNorm, SwiGLU, RoPE with a configurable theta, tied or untied embeddings.
+The layer spec is Transformer Engine's when it imports (GPU clusters) and megatron's local spec
+otherwise; fp32 on CPU, bf16 through Float16Module on GPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from eureka_megatron.config import LLMConfig, ParallelConfig
+from eureka_megatron.runtime import cpu_compat
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 -- TE raises RuntimeError (no cuDNN) as well as ImportError
+        return False
+    return torch.cuda.is_available()
+
+
+def transformer_config(cfg: LLMConfig, par: ParallelConfig):
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if par.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        tensor_model_parallel_size=par.tensor_parallel,
+        pipeline_model_parallel_size=par.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline,
+        # Initialise the full tensor then split it: TP1 and TP2 get identical weights.
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=par.bf16,
+        # Losses arrive as (sum, count); megatron divides grads by the global count.
+        calculate_per_token_loss=True,
+        # Fusions that need TE/apex kernels stay off; the rest work on both stacks.
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        sequence_parallel=False,
+        deallocate_pipeline_outputs=True,
+        # gloo matches point-to-point messages between a pair of ranks in posting order; with
+        # PP2 + VPP the prev and next peer are the same rank, and batched isend/irecv then
+        # swaps activations and gradients of the same shape. Ordered p2p ops avoid that.
+        batch_p2p_comm=torch.cuda.is_available(),
+    )
+
+
+def layer_spec():
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if have_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_llm_chunks(cfg: LLMConfig, par: ParallelConfig) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), on the current device.
+
+    Needs megatron parallel_state initialised. Weights are megatron's default init; call
+    `models.init.layout_invariant_init` for weights that are identical at every TP/PP.
+    """
+    cpu_compat.activate()
+    from megatron.core import parallel_state
+    from megatron.core.enums import ModelType
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(cfg, par)
+    spec = layer_spec()
+    n_chunks = par.virtual_pipeline or 1
+    chunks = []
+    for vp in range(n_chunks):
+        vp_stage = vp if par.virtual_pipeline else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.rope_theta,
+            vp_stage=vp_stage,
+        )
+        model.model_type = ModelType.encoder_or_decoder
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks

@@ -1,0 +1,218 @@
+"""The CPU compatibility layer: lets megatron-core 0.16 train, checkpoint and reshard without CUDA.
+
+megatron-core assumes a GPU in a few hundred places (the CUDA RNG tracker, `current_device()`,
+literal `device="cuda"`, `Tensor.type()` string checks). On a machine without CUDA, `activate()`
+patches exactly those assumptions so the real megatron code paths (TP/PP/DP, DDP, the distributed
+optimizer, dist_checkpointing) run on CPU tensors over gloo. With CUDA present it does nothing.
+
+Two entry points, both idempotent:
+  * `activate()` -- torch-level patches; call before megatron builds anything.
+  * `patch_megatron()` -- patches inside megatron modules; called by `activate()` once
+    `megatron.core` imports.
+Each patch below states the megatron call site that needs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_state = {"torch": False, "megatron": False, "mode": None}
+
+
+def is_active() -> bool:
+    """True when the layer is (or would be) active: CUDA is unavailable in this process."""
+    return not torch.cuda.is_available()
+
+
+def _cpu_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    return torch.default_generator.get_state()
+
+
+def _set_cpu_rng_state(new_state, *_args, **_kwargs) -> None:
+    torch.default_generator.set_state(new_state)
+
+
+def _seed_cpu(seed, *_args, **_kwargs) -> None:
+    # Must not call torch.manual_seed: that calls torch.cuda.manual_seed_all -> infinite recursion.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    # megatron passes `torch.cuda.current_device()` (an int) as a device in many places.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA devices to CPU in factory calls and `Tensor.to(...)`.
+
+    Why: ~80 literal `device="cuda"` / `torch.device("cuda")` sites in megatron-core, e.g.
+    `schedules.py` (total_num_tokens), `clip_grads.py`, `optimizer.py`, `utils.py`.
+    """
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+    """`Tensor.type()` without arguments reports the CUDA type name.
+
+    Why: `clip_grads.py` asserts `param.grad.type() == 'torch.cuda.FloatTensor'` and
+    `distrib_optimizer.py` / `optimizer.py` accept only `torch.cuda.*Tensor` parameters.
+    """
+    if dtype is None and not kwargs:
+        name = _orig["tensor_type"](self)
+        if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+    return _orig["tensor_type"](self, dtype, non_blocking, **kwargs)
+
+
+class _FakeStream:
+    """Stands in for `torch.cuda.Stream` / `Event`: megatron records and waits on these around
+    communication overlap; on CPU everything is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_orig: dict = {}
+
+
+def _patch_torch() -> None:
+    cuda = torch.cuda
+    _orig["tensor_type"] = torch.Tensor.type
+    # RNG tracker (tensor_parallel/random.py): CUDA RNG state -> the CPU generator.
+    cuda.get_rng_state = _cpu_rng_state
+    cuda.set_rng_state = _set_cpu_rng_state
+    cuda.random.get_rng_state = _cpu_rng_state
+    cuda.random.set_rng_state = _set_cpu_rng_state
+    cuda.get_rng_state_all = lambda: [_cpu_rng_state()]
+    cuda.set_rng_state_all = lambda states: _set_cpu_rng_state(states[0])
+    cuda.manual_seed = _seed_cpu
+    cuda.manual_seed_all = _seed_cpu
+    cuda.random.manual_seed = _seed_cpu
+    cuda.random.manual_seed_all = _seed_cpu
+    # `torch.cuda.current_device()` is used as a device argument (175 call sites, first in
+    # GlobalMemoryBuffer.get_tensor); the device mode maps the returned index to CPU.
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    # `.cuda()` calls in model setup and the pipeline schedules; `synchronize` in timers/schedules.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.type = _tensor_type
+    # Streams, events, memory stats, NVTX: defensive fakes for overlap/timer code paths.
+    cuda.Stream = _FakeStream
+    cuda.Event = _FakeStream
+    cuda.current_stream = lambda *a, **k: _FakeStream()
+    cuda.default_stream = lambda *a, **k: _FakeStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
+                 "max_memory_reserved"):
+        setattr(cuda, name, lambda *a, **k: 0)
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    mode = _CudaToCpuMode()
+    mode.__enter__()  # process-wide for the main thread; never exited
+    _state["mode"] = mode
+
+
+def _replace_everywhere(original, replacement) -> None:
+    """Rebind `original` in every loaded megatron module (covers `from x import f` copies)."""
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("megatron") or not isinstance(mod, types.ModuleType):
+            continue
+        for attr, value in list(vars(mod).items()):
+            if value is original:
+                setattr(mod, attr, replacement)
+
+
+def patch_megatron() -> None:
+    """Patches inside megatron-core; call after `import megatron.core`. CPU-only, idempotent."""
+    if _state["megatron"] or not is_active():
+        return
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # `_set_cuda_rng_state` defers through `torch.cuda._lazy_call`, which never runs without
+    # CUDA, so the tracker's fork() would silently not switch states.
+    _replace_everywhere(mrandom._get_cuda_rng_state, _cpu_rng_state)
+    _replace_everywhere(mrandom._set_cuda_rng_state, _set_cpu_rng_state)
+
+    dopt = distrib_optimizer.DistributedOptimizer
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        # Bug 1 (torch Adam fallback): loading copies every live state key, including torch
+        # Adam's `step`, from the checkpoint, which has no `step` -> KeyError. Skip absent keys.
+        def _set_states(self, model_param, tensors, _orig_set=dopt._set_main_param_and_optimizer_states):
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                return _orig_set(self, model_param, tensors)
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **self.optimizer.state[main_param]}
+            for key, value in dst.items():
+                if key in tensors:
+                    value.copy_(tensors[key])
+
+        # Bug 2: load_state_dict gives every parameter the same `step` tensor object; torch
+        # Adam's foreach path then increments it once per parameter per step, breaking bias
+        # correction after resume. Give each parameter its own copy.
+        def _load_state_dict(self, state_dict, _orig_load=dopt.load_state_dict):
+            _orig_load(self, state_dict)
+            for state in self.optimizer.state.values():
+                if "step" in state and torch.is_tensor(state["step"]):
+                    state["step"] = state["step"].detach().clone()
+
+        dopt._set_main_param_and_optimizer_states = _set_states
+        dopt.load_state_dict = _load_state_dict
+    _state["megatron"] = True
+
+
+def _quiet_expected_warnings() -> None:
+    """Silence warnings that every CPU run triggers by design (they say nothing actionable)."""
+    for msg in (r".*Apex is not installed.*", r".*Transformer Engine and Apex are not installed.*",
+                r".*not a leaf Tensor is being accessed.*",  # .grad reads seen by the device mode
+                r".*(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
+                r".*full scope is deprecated.*", r".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def activate() -> bool:
+    """Install the layer if CUDA is unavailable. Returns whether it is active."""
+    if not is_active():
+        return False
+    if not _state["torch"]:
+        _quiet_expected_warnings()
+        _patch_torch()
+        _state["torch"] = True
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        return True
+    patch_megatron()
+    return True

@@ -1,0 +1,82 @@
+"""torch.distributed and megatron parallel_state bring-up (NCCL with CUDA, gloo without)."""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eureka_megatron.runtime import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The resolved TP x PP x DP layout of one job (DP is derived from the world size)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per PP rank (interleaved schedule)
+    world_size: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    def describe(self) -> str:
+        vpp = f" x VPP{self.vpp}" if self.vpp else ""
+        return f"TP{self.tp} x PP{self.pp}{vpp} x DP{self.dp} = {self.world_size} ranks"
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 10) -> None:
+    """Join the process group from torchrun-style env vars, then build megatron's groups.
+
+    Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK for the GPU index).
+    Safe to call once per process; `shutdown()` undoes it.
+    """
+    cpu_compat.activate()
+    from megatron.core import parallel_state, tensor_parallel
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != layout.world_size:
+        raise RuntimeError(f"WORLD_SIZE={world} but the layout expects {layout.describe()}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch.distributed.init_process_group(
+            backend=backend(), rank=rank, world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    # Megatron's TP RNG tracker: same seed across DP, distinct per TP/PP rank for dropout.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,115 @@
+"""Rank launcher: run a function on N ranks, under torchrun or by spawning them on this machine.
+
+Under torchrun (RANK/WORLD_SIZE set) the current process is one rank and `launch` just calls the
+function. Otherwise it spawns `nproc` processes with torchrun-style env vars on a free loopback
+port, returns every rank's result in rank order, and turns a failure on any rank into one
+exception carrying that rank's traceback -- the other ranks are killed at once instead of
+hanging in a collective. Results travel as `torch.save` bytes, so tensors are fine.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+
+
+class RankError(RuntimeError):
+    """A rank raised or died; the message holds its traceback or exit code."""
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, args, kwargs, rank, world, port, threads, results) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out = fn(*args, **kwargs)
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 -- every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            try:
+                from eureka_megatron.runtime.distributed import shutdown
+
+                shutdown()
+            except Exception:  # noqa: BLE001 -- teardown after the result was sent
+                pass
+
+
+def launch(fn: Callable[..., Any], nproc: int, *args, timeout: float = 900.0,
+           threads_per_rank: int | None = None, **kwargs) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `nproc` ranks and return the per-rank results.
+
+    `fn` must be importable by name (a module-level function) since ranks are spawned.
+    Threads per rank default to (CPU cores // nproc), at least 1, so ranks do not oversubscribe.
+    """
+    if under_torchrun():
+        return [fn(*args, **kwargs)]
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, args, kwargs, r, nproc, port, threads, results),
+                    name=f"rank{r}", daemon=False)
+        for r in range(nproc)
+    ]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < nproc:
+            try:
+                rank, status, payload = results.get(timeout=0.2)
+            except queue_mod.Empty:
+                for r, p in enumerate(procs):
+                    if r not in out and p.exitcode is not None:
+                        # Give a just-sent result a moment to arrive before blaming the rank.
+                        try:
+                            rank, status, payload = results.get(timeout=2.0)
+                            break
+                        except queue_mod.Empty:
+                            raise RankError(f"rank {r} died with exit code {p.exitcode} "
+                                            "before returning a result") from None
+                else:
+                    if time.monotonic() > deadline:
+                        missing = [r for r in range(nproc) if r not in out]
+                        raise TimeoutError(f"ranks {missing} still running after {timeout:.0f}s")
+                    continue
+            if status == "error":
+                raise RankError(f"rank {rank} failed:\n{payload}")
+            out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        results.close()
+    return [out[r] for r in range(nproc)]

@@ -1,0 +1,237 @@
+"""Atomic, resharding checkpoints in megatron's torch_dist format.
+
+Layout of a run directory:
+    run/step_00000010/   one finished checkpoint (torch_dist shards + common.pt + complete.json)
+    run/latest           the name of the newest finished checkpoint, replaced atomically
+A save writes into `run/.tmp-step_...`, and only after every rank finished does rank 0 write
+`complete.json`, rename the directory into place and then repoint `latest`. A run killed mid-save
+therefore leaves `latest` on the previous checkpoint. Loading goes through megatron
+dist_checkpointing, so a checkpoint saved at one TP/PP/DP layout loads at any other (the optimizer
+state uses the `fully_reshardable` format; per-rank RNG state is restored only at the same layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eureka_megatron.trainer.train_step import TrainableModel
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# --- validation (runs before any rank starts) ------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir (follow `latest`) or a step dir -> a validated step dir, or CheckpointError."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {p}")
+    if (p / LATEST).is_file():
+        name = (p / LATEST).read_text().strip()
+        p = p / name
+        if not p.is_dir():
+            raise CheckpointError(f"{path}/{LATEST} points to {name}, which does not exist")
+    validate_checkpoint(p)
+    return p
+
+
+def validate_checkpoint(step_dir: Path) -> dict:
+    """Check a step dir is whole: marker, metadata, every shard present and long enough."""
+    step_dir = Path(step_dir)
+    marker = step_dir / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{marker} is missing: {step_dir} is not a finished checkpoint "
+                              "(killed mid-save, or not a eureka-megatron checkpoint)")
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{marker} is corrupt: {e}") from None
+    meta_file = step_dir / ".metadata"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file} is missing")
+    try:
+        with open(meta_file, "rb") as f:
+            meta = pickle.load(f)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means a damaged file
+        raise CheckpointError(f"{meta_file} cannot be read: {e}") from None
+    needed: dict[str, int] = {}
+    for item in (meta.storage_data or {}).values():
+        end = item.offset + item.length
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
+    for rel, end in sorted(needed.items()):
+        shard = step_dir / rel
+        if not shard.is_file():
+            raise CheckpointError(f"checkpoint shard {shard} is missing")
+        size = shard.stat().st_size
+        if size < end:
+            raise CheckpointError(f"checkpoint shard {shard} is truncated: {size} bytes, "
+                                  f"metadata needs {end}")
+    if not (step_dir / "common.pt").is_file():
+        raise CheckpointError(f"{step_dir / 'common.pt'} is missing")
+    return info
+
+
+# --- save / load (collective: every rank calls) ----------------------------------------------
+
+
+def _model_sd(model: TrainableModel) -> dict:
+    chunks = model.unwrapped
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_object(state: Any):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size()}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
+                    extra_state: dict | None = None, keep_last: int = 0) -> Path:
+    """Save everything needed to resume after `step`; returns the finished step dir."""
+    from megatron.core import dist_checkpointing
+
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".tmp-{final.name}"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    state = _model_sd(model)
+    state["optimizer"] = model.optimizer.sharded_state_dict(state, metadata=_OPT_META)
+    state["rng_state"] = _rng_object(_rng_state())
+    state["scheduler"] = model.scheduler.state_dict()
+    state["step"] = step
+    state["extra_state"] = extra_state or {}
+    dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
+    torch.distributed.barrier()
+    if rank == 0:
+        info = {"step": step, "layout": _layout(), "saved_at": time.time(),
+                "seconds": round(time.perf_counter() - t0, 3)}
+        _write_atomic(tmp / COMPLETE, json.dumps(info, indent=1))
+        if final.exists():  # a re-save of the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(run_dir / LATEST, final.name)
+        if keep_last > 0:
+            _prune(run_dir, keep_last)
+    torch.distributed.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: bool = True) -> tuple[int, dict]:
+    """Load a checkpoint (any layout) into `model`; returns (step, extra_state)."""
+    from megatron.core import dist_checkpointing
+
+    step_dir = resolve_checkpoint(path)
+    info = json.loads((step_dir / COMPLETE).read_text())
+    state = _model_sd(model)
+    if load_optimizer:
+        for opt in _inner_optimizers(model.optimizer):
+            # torch Adam creates its state lazily; the load state dict needs it to exist.
+            if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+                opt._init_optimizer_states_with_dummy_values()
+        state["optimizer"] = model.optimizer.sharded_state_dict(state, is_loading=True,
+                                                                metadata=_OPT_META)
+    same_layout = info.get("layout") == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_object(None)
+    loaded = dist_checkpointing.load(state, str(step_dir))
+    chunks = model.unwrapped
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"], strict=True)
+    if load_optimizer:
+        model.optimizer.load_state_dict(loaded["optimizer"])
+        model.scheduler.num_steps = 0  # load_state_dict *adds* the saved step count
+        model.scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return int(loaded["step"]), loaded.get("extra_state", {})
+
+
+def _inner_optimizers(opt) -> list:
+    return list(getattr(opt, "chained_optimizers", [opt]))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    done = sorted(p for p in run_dir.glob("step_*") if (p / COMPLETE).is_file())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
