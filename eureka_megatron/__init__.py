@@ -1,1 +1,3 @@
-"""eureka-megatron."""
+"""eureka-megatron: rule-based RL for vision-language reasoning on Megatron-core."""
+
+__version__ = "0.1.0"

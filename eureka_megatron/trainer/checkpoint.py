@@ -158,8 +158,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
     rank = torch.distributed.get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in run_dir.glob(".tmp-step_*"):  # half-written saves of a killed run
+            shutil.rmtree(stale)
         tmp.mkdir()
     torch.distributed.barrier()
     t0 = time.perf_counter()

@@ -1,0 +1,76 @@
+"""`bench lm-step`: tokens/s, memory and MFU of the megatron LLM train step at TP1/TP2/PP2.
+
+Every layout trains the same ~10M-parameter model (CPU) or ~1B-parameter model (GPU) from the
+same weights on the same batches; steps after the warm-up are timed and the median is reported.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+
+import torch
+
+from eureka_megatron.config import Config, LLMConfig, OptimConfig, ParallelConfig, TrainConfig
+
+CPU_MODEL = LLMConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4)
+GPU_MODEL = LLMConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                      tie_word_embeddings=True)  # Qwen2.5-1.5B's shape (~1.5B parameters)
+
+
+def flops_per_token(m: LLMConfig, seq: int) -> float:
+    """Training FLOPs per token: 6 x parameters (output layer included) + attention scores."""
+    n = m.num_parameters() - m.vocab_size * m.hidden_size * (0 if m.tie_word_embeddings else 1)
+    attn = 12 * m.num_hidden_layers * m.num_attention_heads * m.kv_channels * seq
+    return 6 * n + attn
+
+
+def _rank(cfg: Config, warmup: int) -> dict:
+    from eureka_megatron.trainer.lm_run import run_lm
+
+    history = run_lm(cfg)
+    timed = history[warmup:]
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
+            "seconds": statistics.median(m["seconds"] for m in timed),
+            "loss": history[-1]["loss"], "peak_gib": peak}
+
+
+def run(quick: bool = False) -> tuple[list[dict], list[str]]:
+    from eureka_megatron.bench.hardware import matmul_peak_tflops
+    from eureka_megatron.runtime.launcher import launch
+
+    gpu = torch.cuda.is_available()
+    model = GPU_MODEL if gpu else CPU_MODEL
+    seq = 2048 if gpu else 256
+    n_gpus = torch.cuda.device_count() if gpu else 0
+    layouts = [(1, 1)] if gpu and n_gpus < 2 else [(1, 1), (2, 1), (1, 2)]
+    steps, warmup = (4, 1) if quick else (8, 2)
+    peak_tflops = matmul_peak_tflops()
+    rows = []
+    for tp, pp in layouts:
+        nproc = tp * pp
+        cfg = Config(
+            model=model,
+            parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=nproc, bf16=gpu),
+            optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=1),
+            train=TrainConfig(steps=steps, seq_length=seq, micro_batch_size=1,
+                              global_batch_size=8 if gpu else 4),
+        ).validate()
+        res = launch(_rank, nproc, cfg, warmup)
+        r0 = max(res, key=lambda r: r["peak_gib"])
+        tflops = res[0]["tokens_per_s"] * flops_per_token(model, seq) / 1e12
+        bound = peak_tflops * (nproc if gpu else 1)  # CPU ranks share one machine's cores
+        rows.append({
+            "layout": f"TP{tp} PP{pp}", "ranks": nproc,
+            "params (M)": round(model.num_parameters() / 1e6, 1),
+            "tokens/step": cfg.train.global_batch_size * seq,
+            "step (s)": round(res[0]["seconds"], 3), "tokens/s": round(res[0]["tokens_per_s"], 1),
+            "TFLOP/s": round(tflops, 4), "% of matmul peak (MFU)": round(100 * tflops / bound, 1),
+            "peak mem/rank (GiB)": round(r0["peak_gib"], 2),
+        })
+    return rows, list(rows[0])
