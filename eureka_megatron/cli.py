@@ -49,6 +49,7 @@ def cmd_train_lm(args) -> int:
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     p = cfg.parallel
     layout = ParallelLayout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.nproc)
+    ckpt.check_run_dir(cfg.checkpoint.dir, cfg.checkpoint.load)
     if cfg.checkpoint.load:
         step_dir = ckpt.resolve_checkpoint(cfg.checkpoint.load)
         say(f"resuming from {step_dir}")

@@ -53,6 +53,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def check_run_dir(run_dir: str | Path | None, load: str | Path | None) -> None:
+    """Refuse to start a fresh run in a directory that already holds another run's checkpoints:
+    its saves would interleave with (and `keep_last` would prune) the older ones."""
+    if run_dir is None or load is not None:
+        return
+    latest = Path(run_dir) / LATEST
+    if latest.is_file():
+        raise CheckpointError(
+            f"checkpoint.dir {run_dir} already holds checkpoints (latest: "
+            f"{latest.read_text().strip()}); resume with checkpoint.load={run_dir} or choose "
+            "another checkpoint.dir")
+
+
 def validate_checkpoint(step_dir: Path) -> dict:
     """Check a step dir is whole: marker, metadata, every shard present and long enough."""
     step_dir = Path(step_dir)

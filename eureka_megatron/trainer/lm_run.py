@@ -40,6 +40,7 @@ def run_lm(cfg: Config, stop_after: int | None = None, progress: bool = False) -
     `stop_after` ends the run early after that many steps of this invocation (tests use it to
     emulate a run killed between checkpoints). Returns one metrics dict per step run here.
     """
+    ckpt.check_run_dir(cfg.checkpoint.dir, cfg.checkpoint.load)
     init_distributed(layout_of(cfg), seed=cfg.train.seed)
     from megatron.core import parallel_state as ps
 
@@ -62,7 +63,8 @@ def run_lm(cfg: Config, stop_after: int | None = None, progress: bool = False) -
         tokens = cfg.train.global_batch_size * cfg.train.seq_length
         metrics.update(step=step, seconds=dt, tokens_per_s=tokens / dt)
         history.append(metrics)
-        if progress and is_logger and step % cfg.train.log_interval == 0:
+        if progress and is_logger and (step % cfg.train.log_interval == 0 or step == start + 1
+                                       or step == cfg.train.steps):
             print(f"step {step:>5}/{cfg.train.steps}  loss {metrics['loss']:.4f}  "
                   f"grad-norm {metrics['grad_norm']:.4f}  lr {metrics['lr']:.2e}  "
                   f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)

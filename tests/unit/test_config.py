@@ -1,0 +1,47 @@
+"""Config loading: overrides, typos and impossible layouts fail before any rank starts."""
+import pytest
+
+from eureka_megatron.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  hidden_size: 128\ntrain:\n  steps: 5\n")
+    cfg = load_config(f, ["train.steps=7", "optim.lr=3e-4", "parallel.virtual_pipeline=null"])
+    assert cfg.model.hidden_size == 128 and cfg.train.steps == 7
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.parallel.virtual_pipeline is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.nproc=3", "parallel.tensor_parallel=2"], "world size parallel.nproc=3 is not divisible by TP*PP"),
+    (["parallel.tensor_parallel=8", "parallel.nproc=8"], "num_attention_heads=4 is not divisible"),
+    (["model.num_attention_heads=8", "parallel.tensor_parallel=4", "parallel.nproc=4"],
+     "num_key_value_heads=2 (KV groups) is not divisible"),
+    (["model.num_hidden_layers=3", "parallel.pipeline_parallel=2", "parallel.nproc=2"],
+     "num_hidden_layers=3 is not divisible by the 2 pipeline stages"),
+    (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4", "parallel.nproc=2"],
+     "num_hidden_layers=4 is not divisible by the 8 pipeline stages"),
+    (["parallel.virtual_pipeline=2"], "needs parallel.pipeline_parallel >= 2"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], "global_batch_size=6 must be divisible"),
+    (["model.hidden_sise=3"], "unknown config key model.hidden_sise"),
+    (["train.steps=many"], "train.steps: expected an integer"),
+    (["trainsteps"], "not of the form key=value"),
+])
+def test_bad_layouts_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_padded_vocab_is_tp_independent():
+    cfg = load_config(None, ["model.vocab_size=151655"])
+    assert cfg.model.padded_vocab_size == 151680 and cfg.model.padded_vocab_size % 8 == 0

@@ -1,0 +1,47 @@
+"""The rank launcher: results in rank order, failures surface at once with the rank's traceback."""
+import os
+import time
+
+import pytest
+
+from eureka_megatron.runtime.launcher import RankError, launch
+
+
+def _rank_info(x):
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), x * 2
+
+
+def _fail_on_rank1():
+    if os.environ["RANK"] == "1":
+        raise ValueError("bad shard on rank one")
+    time.sleep(60)  # would hang forever in a collective; the launcher must not wait for it
+
+
+def _die_hard():
+    os._exit(7)
+
+
+def _sleep():
+    time.sleep(60)
+
+
+def test_results_in_rank_order():
+    assert launch(_rank_info, 3, 21) == [(0, 3, 42), (1, 3, 42), (2, 3, 42)]
+
+
+def test_rank_exception_surfaces_fast():
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match="rank 1 failed") as e:
+        launch(_fail_on_rank1, 2)
+    assert "bad shard on rank one" in str(e.value)
+    assert time.monotonic() - t0 < 30
+
+
+def test_rank_that_dies_is_reported():
+    with pytest.raises(RankError, match="exit code 7"):
+        launch(_die_hard, 2)
+
+
+def test_timeout_kills_ranks():
+    with pytest.raises(TimeoutError, match="still running"):
+        launch(_sleep, 2, timeout=3)
