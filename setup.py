@@ -17,7 +17,9 @@ install_requires = [
     "psutil",
     "pillow",
     "ray",
-    "math-verify[antlr4-13-2]",
+    "math-verify",
+    # math-verify's LaTeX parser; named directly because older pips drop its `antlr4_13_2` extra.
+    "antlr4-python3-runtime==4.13.2",
     "sympy",
     "tensorboard",
     "pyyaml",

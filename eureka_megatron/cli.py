@@ -42,18 +42,16 @@ def _load(args) -> "Config":  # noqa: F821 -- imported lazily to keep --help fas
 
 def cmd_train_lm(args) -> int:
     from eureka_megatron.config import to_dict
-    from eureka_megatron.runtime.distributed import ParallelLayout
     from eureka_megatron.trainer import checkpoint as ckpt
 
     cfg = _load(args)
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     p = cfg.parallel
-    layout = ParallelLayout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.nproc)
     ckpt.check_run_dir(cfg.checkpoint.dir, cfg.checkpoint.load)
     if cfg.checkpoint.load:
         step_dir = ckpt.resolve_checkpoint(cfg.checkpoint.load)
         say(f"resuming from {step_dir}")
-    say(f"layout: {layout.describe()}; micro-batches per step: {cfg.num_microbatches}; "
+    say(f"layout: {p.describe()}; micro-batches per step: {cfg.num_microbatches}; "
           f"model: {cfg.model.num_parameters() / 1e6:.2f}M parameters "
           f"(vocab {cfg.model.vocab_size} padded to {cfg.model.padded_vocab_size})")
     if args.dry_run:

@@ -69,6 +69,15 @@ class ParallelConfig:
     nproc: int = 1  # world size; DP = nproc / (TP * PP)
     bf16: bool = False  # Float16Module + bf16 params (GPU); CPU runs default to fp32
 
+    @property
+    def dp(self) -> int:
+        return self.nproc // (self.tensor_parallel * self.pipeline_parallel)
+
+    def describe(self) -> str:
+        vpp = f" x VPP{self.virtual_pipeline}" if self.virtual_pipeline else ""
+        return (f"TP{self.tensor_parallel} x PP{self.pipeline_parallel}{vpp} x DP{self.dp} = "
+                f"{self.nproc} ranks")
+
 
 @dataclass
 class OptimConfig:
@@ -113,7 +122,7 @@ class Config:
     def validate(self) -> "Config":
         validate_layout(self.model, self.parallel)
         t, p = self.train, self.parallel
-        dp = p.nproc // (p.tensor_parallel * p.pipeline_parallel)
+        dp = p.dp
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} must be divisible by "
@@ -130,9 +139,7 @@ class Config:
 
     @property
     def num_microbatches(self) -> int:
-        p = self.parallel
-        dp = p.nproc // (p.tensor_parallel * p.pipeline_parallel)
-        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp)
 
 
 def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:

@@ -30,4 +30,4 @@ fi
 echo "installing eureka-megatron${extras:+[$extras]} into $venv ..."
 "$py" -m pip install --quiet "${args[@]}" -e "$spec" \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-"$py" -c "import torch, megatron.core, eureka_megatron; print('ok: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| cuda', torch.cuda.is_available())"
+"$py" -W ignore -c "import torch, megatron.core, eureka_megatron; print('ok: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| cuda', torch.cuda.is_available())"

@@ -4,37 +4,19 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from eureka_megatron.config import ParallelConfig
 from eureka_megatron.runtime import cpu_compat
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """The resolved TP x PP x DP layout of one job (DP is derived from the world size)."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None  # virtual pipeline stages per PP rank (interleaved schedule)
-    world_size: int = 1
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
-
-    def describe(self) -> str:
-        vpp = f" x VPP{self.vpp}" if self.vpp else ""
-        return f"TP{self.tp} x PP{self.pp}{vpp} x DP{self.dp} = {self.world_size} ranks"
 
 
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 10) -> None:
+def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> None:
     """Join the process group from torchrun-style env vars, then build megatron's groups.
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK for the GPU index).
@@ -45,8 +27,8 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != layout.world_size:
-        raise RuntimeError(f"WORLD_SIZE={world} but the layout expects {layout.describe()}")
+    if world != par.nproc:
+        raise RuntimeError(f"WORLD_SIZE={world} but the layout expects {par.describe()}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
@@ -57,9 +39,9 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_minutes: 
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
+        tensor_model_parallel_size=par.tensor_parallel,
+        pipeline_model_parallel_size=par.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)

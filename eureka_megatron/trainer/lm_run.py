@@ -17,7 +17,7 @@ from eureka_megatron.config import Config
 from eureka_megatron.data.token_patterns import pattern_batch, split_batch
 from eureka_megatron.models.init import layout_invariant_init
 from eureka_megatron.models.llm import build_llm_chunks
-from eureka_megatron.runtime.distributed import ParallelLayout, init_distributed
+from eureka_megatron.runtime.distributed import init_distributed
 from eureka_megatron.trainer import checkpoint as ckpt
 from eureka_megatron.trainer.train_step import TrainableModel, lm_forward, train_step, wrap_for_training
 
@@ -29,11 +29,6 @@ def build_trainable(cfg: Config) -> TrainableModel:
     return wrap_for_training(chunks, cfg)
 
 
-def layout_of(cfg: Config) -> ParallelLayout:
-    p = cfg.parallel
-    return ParallelLayout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, p.nproc)
-
-
 def run_lm(cfg: Config, stop_after: int | None = None, progress: bool = False) -> list[dict]:
     """Train `cfg.train.steps` steps (resuming from `cfg.checkpoint.load`); rank function.
 
@@ -41,7 +36,7 @@ def run_lm(cfg: Config, stop_after: int | None = None, progress: bool = False) -
     emulate a run killed between checkpoints). Returns one metrics dict per step run here.
     """
     ckpt.check_run_dir(cfg.checkpoint.dir, cfg.checkpoint.load)
-    init_distributed(layout_of(cfg), seed=cfg.train.seed)
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
     from megatron.core import parallel_state as ps
 
     model = build_trainable(cfg)

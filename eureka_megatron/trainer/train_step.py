@@ -106,8 +106,13 @@ def run_forward_backward(model: TrainableModel, micro_batches: list[dict], forwa
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
     def forward_step(data_iterator, chunk):
-        return forward_fn(chunk, next(data_iterator))
+        mb = next(data_iterator)
+        if device is not None:
+            mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+        return forward_fn(chunk, mb)
 
     mb0 = micro_batches[0]["input_ids"]
     iters = [iter(micro_batches) for _ in model.chunks]

@@ -5,9 +5,10 @@ from eureka_megatron.runtime.launcher import launch
 
 
 def _probe():
-    from eureka_megatron.runtime.distributed import ParallelLayout, init_distributed
+    from eureka_megatron.config import ParallelConfig
+    from eureka_megatron.runtime.distributed import init_distributed
 
-    init_distributed(ParallelLayout(1, 1, None, 1), seed=5)
+    init_distributed(ParallelConfig(), seed=5)
     from megatron.core import tensor_parallel
 
     out = {"type": torch.zeros(2).type(), "explicit_type": torch.zeros(2).type(torch.float64).dtype,

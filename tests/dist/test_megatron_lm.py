@@ -1,0 +1,111 @@
+"""The megatron LLM train step on real gloo ranks: layout invariance and exact resume.
+
+The reference is one TP1 run; every other layout starts from the same (layout-invariant) weights
+and sees the same global batches, so loss and grad-norm must agree to fp32 round-off.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from eureka_megatron.runtime.launcher import RankError, launch
+from eureka_megatron.trainer import checkpoint as ckpt
+from eureka_megatron.trainer.lm_run import run_lm
+from tests.helpers import rel_diff, tiny_config
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """6 uninterrupted steps at TP1 (untied) and 3 with tied embeddings."""
+    return {
+        "untied": launch(run_lm, 1, tiny_config(steps=6))[0],
+        "tied": launch(run_lm, 1, tiny_config(steps=3, tie=True))[0],
+    }
+
+
+def assert_same(history, ref, steps=None):
+    ref_by_step = {m["step"]: m for m in ref}
+    assert history, "no steps ran"
+    for m in history:
+        r = ref_by_step[m["step"]]
+        for key in ("loss", "grad_norm"):
+            assert rel_diff(m[key], r[key]) < TOL, (m["step"], key, m[key], r[key])
+        assert m["lr"] == pytest.approx(r["lr"], rel=1e-12)
+    if steps is not None:
+        assert [m["step"] for m in history] == steps
+
+
+def test_reference_learns(reference):
+    losses = [m["loss"] for m in reference["untied"]]
+    assert losses[-1] < losses[0]
+    assert all(m["update_ok"] == 1.0 for m in reference["untied"])
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,nproc", [
+    ("tp2", 2, 1, None, 2),
+    ("pp2", 1, 2, None, 2),
+    ("dp2", 1, 1, None, 2),
+    ("tp2_pp2", 2, 2, None, 4),
+    ("pp2_vpp2", 1, 2, 2, 2),
+])
+def test_layout_invariance(reference, name, tp, pp, vpp, nproc):
+    history = launch(run_lm, nproc, tiny_config(tp=tp, pp=pp, vpp=vpp, nproc=nproc, steps=3))
+    assert_same(history[0], reference["untied"], steps=[1, 2, 3])
+    # Every rank reports the same metrics (PP broadcast, DP all-reduce).
+    for other in history[1:]:
+        assert_same(other, history[0])
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_tied_embeddings_invariance(reference, tp, pp):
+    history = launch(run_lm, tp * pp, tiny_config(tp=tp, pp=pp, steps=3, tie=True))
+    assert_same(history[0], reference["tied"], steps=[1, 2, 3])
+
+
+def test_resume_same_layout(reference, tmp_path):
+    first = launch(run_lm, 1, tiny_config(steps=3, ckpt_dir=str(tmp_path)))[0]
+    assert (tmp_path / ckpt.LATEST).read_text() == "step_00000003"
+    rest = launch(run_lm, 1, tiny_config(steps=6, ckpt_dir=str(tmp_path), load=str(tmp_path)))[0]
+    assert_same(first + rest, reference["untied"], steps=[1, 2, 3, 4, 5, 6])
+
+
+def test_resume_across_layouts(reference, tmp_path):
+    """Save at TP1, resume at TP2xPP2; save there, resume at DP2 -- losses stay on the reference."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    launch(run_lm, 1, tiny_config(steps=2, ckpt_dir=str(a)))
+    mid = launch(run_lm, 4, tiny_config(tp=2, pp=2, steps=4, ckpt_dir=str(b), load=str(a)))[0]
+    assert_same(mid, reference["untied"], steps=[3, 4])
+    info = json.loads((b / "step_00000004" / ckpt.COMPLETE).read_text())
+    assert info["layout"]["tp"] == 2 and info["layout"]["pp"] == 2
+    end = launch(run_lm, 2, tiny_config(nproc=2, steps=6, load=str(b)))[0]
+    assert_same(end, reference["untied"], steps=[5, 6])
+
+
+def _crash_while_saving(cfg, crash_step):
+    """Rank function: train, but die (like a SIGKILL) after step `crash_step`'s shards are
+    written and before the checkpoint is marked complete."""
+    orig = ckpt._write_atomic
+
+    def write(path, text):
+        if path.name == ckpt.COMPLETE and json.loads(text)["step"] == crash_step:
+            os._exit(9)
+        orig(path, text)
+
+    ckpt._write_atomic = write
+    return run_lm(cfg)
+
+
+def test_killed_mid_save_resumes_from_previous(reference, tmp_path):
+    cfg = tiny_config(steps=4, ckpt_dir=str(tmp_path), save_interval=2)
+    with pytest.raises(RankError, match="exit code 9"):
+        launch(_crash_while_saving, 1, cfg, 4)
+    assert (tmp_path / ckpt.LATEST).read_text() == "step_00000002"
+    assert (tmp_path / ".tmp-step_00000004").is_dir()  # the half-written save, never published
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    rest = launch(run_lm, 1, tiny_config(steps=6, ckpt_dir=str(tmp_path), load=str(tmp_path)))[0]
+    assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])
+    assert not (tmp_path / ".tmp-step_00000004").exists()
+    assert (tmp_path / ckpt.LATEST).read_text() == "step_00000006"
