@@ -109,3 +109,16 @@ def test_killed_mid_save_resumes_from_previous(reference, tmp_path):
     assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])
     assert not (tmp_path / ".tmp-step_00000004").exists()
     assert (tmp_path / ckpt.LATEST).read_text() == "step_00000006"
+
+
+def test_bf16_float16module_tracks_fp32(reference):
+    """The GPU precision path (Float16Module, bf16 params, fp32 main grads) at TP1 and TP2xPP2."""
+    runs = {}
+    for tp, pp in [(1, 1), (2, 2)]:
+        cfg = tiny_config(tp=tp, pp=pp, steps=3)
+        cfg.parallel.bf16 = True
+        runs[(tp, pp)] = launch(run_lm, tp * pp, cfg)[0]
+    for history in runs.values():
+        for m, r in zip(history, reference["untied"]):
+            assert rel_diff(m["loss"], r["loss"]) < 2e-3, (m["step"], m["loss"], r["loss"])
+            assert rel_diff(m["grad_norm"], r["grad_norm"]) < 5e-2
