@@ -1,11 +1,13 @@
 """Our megatron Qwen2.5-family LLM computes what transformers' Qwen2ForCausalLM computes.
 
-A tiny random HF model's weights are placed into the megatron model (QKV grouped per KV head,
-gate/up fused, vocab padded) at TP1, TP2 and PP2, and fp32 logits must match transformers.
+A tiny random HF model's weights go through the declarative Qwen2 mapping (QKV grouped per KV
+head, gate/up fused, vocab padded) into the megatron model at TP1, TP2 and PP2, and fp32 logits
+must match transformers; the mapping's inverse gives back the HF tensors bit for bit.
 """
 import pytest
 import torch
 
+from eureka_megatron.convert.qwen2 import qwen2_mapping
 from eureka_megatron.runtime.launcher import launch
 from tests.helpers import tiny_config
 
@@ -29,41 +31,12 @@ def hf_model(tie: bool):
     return model
 
 
-def megatron_globals(hf, padded_vocab: int):
-    """Global megatron tensors (key, layer) -> tensor, from the HF state dict."""
-    sd = hf.state_dict()
+def llm_config_of(hf, cfg):
+    """Our LLMConfig for the HF model (same dims as tests.helpers.tiny_config)."""
     c = hf.config
-    heads, groups, d = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-
-    def pad(w):
-        return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
-
-    def qkv(i, kind):
-        q = sd[f"model.layers.{i}.self_attn.q_proj.{kind}"]
-        k = sd[f"model.layers.{i}.self_attn.k_proj.{kind}"]
-        v = sd[f"model.layers.{i}.self_attn.v_proj.{kind}"]
-        per = heads // groups
-        parts = []
-        for g in range(groups):
-            parts += [q[g * per * d:(g + 1) * per * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
-        return torch.cat(parts)
-
-    out = {("embedding.word_embeddings.weight", ()): pad(sd["model.embed_tokens.weight"]),
-           ("decoder.final_layernorm.weight", ()): sd["model.norm.weight"]}
-    if not c.tie_word_embeddings:
-        out[("output_layer.weight", ())] = pad(sd["lm_head.weight"])
-    p = "decoder.layers."
-    for i in range(c.num_hidden_layers):
-        h = f"model.layers.{i}."
-        out[(p + "self_attention.linear_qkv.layer_norm_weight", (i,))] = sd[h + "input_layernorm.weight"]
-        out[(p + "self_attention.linear_qkv.weight", (i,))] = qkv(i, "weight")
-        out[(p + "self_attention.linear_qkv.bias", (i,))] = qkv(i, "bias")
-        out[(p + "self_attention.linear_proj.weight", (i,))] = sd[h + "self_attn.o_proj.weight"]
-        out[(p + "mlp.linear_fc1.layer_norm_weight", (i,))] = sd[h + "post_attention_layernorm.weight"]
-        out[(p + "mlp.linear_fc1.weight", (i,))] = torch.cat(
-            [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]])
-        out[(p + "mlp.linear_fc2.weight", (i,))] = sd[h + "mlp.down_proj.weight"]
-    return out
+    cfg.model.intermediate_size = c.intermediate_size
+    cfg.model.tie_word_embeddings = c.tie_word_embeddings
+    return cfg
 
 
 def megatron_logits(cfg, tensors, input_ids):
@@ -108,12 +81,25 @@ def test_logits_match_transformers(tie, tp, pp):
     input_ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(input_ids).logits.float()
-    cfg = tiny_config(tp=tp, pp=pp, tie=tie)
-    cfg.model.intermediate_size = 96
-    tensors = megatron_globals(hf, cfg.model.padded_vocab_size)
+    cfg = llm_config_of(hf, tiny_config(tp=tp, pp=pp, tie=tie))
+    hf_sd = hf.state_dict()
+    tensors = qwen2_mapping(cfg.model).to_megatron(hf_sd.__getitem__)
     results = launch(megatron_logits, tp * pp, cfg, tensors, input_ids)
     logits = [r[0] for r in results if r[0] is not None][0]
     used = {k for r in results for k in r[1]}
     assert used == set(tensors)  # every HF tensor landed somewhere, nothing was left unset
     rel = (logits - ref).abs().max() / ref.abs().max()
     assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_mapping_round_trip_is_bit_exact(tie):
+    hf = hf_model(tie)
+    cfg = llm_config_of(hf, tiny_config(tie=tie))
+    mapping = qwen2_mapping(cfg.model)
+    hf_sd = {k: v for k, v in hf.state_dict().items() if not (tie and k == "lm_head.weight")}
+    assert mapping.hf_names() == set(hf_sd)  # nothing unmapped, nothing invented
+    back = mapping.to_hf(mapping.to_megatron(hf_sd.__getitem__))
+    assert set(back) == set(hf_sd)
+    for name, t in hf_sd.items():
+        assert torch.equal(back[name], t), name

@@ -1,0 +1,1 @@
+"""Declarative HF <-> Megatron parameter mappings, shared by the converters and weight sync."""

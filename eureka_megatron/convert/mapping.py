@@ -1,0 +1,110 @@
+"""The declarative mapping core: rules between HF tensor names and megatron global tensors.
+
+A megatron global tensor is named by its torch_dist checkpoint key plus its layer index (for
+`decoder.layers.*` keys), exactly what `models.init.fill_global_tensors` asks a source for. Each
+`Rule` ties one such tensor to one or more HF tensors through a reversible transform:
+
+  copy      one HF tensor, unchanged
+  pad_vocab one HF tensor; rows padded with zeros to the padded vocab (HF side: padding removed)
+  qkv       HF q, k, v -> megatron's per-KV-group interleaving [q_g; k_g; v_g] for each group g
+  concat    several HF tensors stacked on dim 0 (e.g. SwiGLU [gate; up] -> linear_fc1)
+
+Both directions are pure tensor functions, so HF -> Megatron -> HF is bit-exact by construction
+and tested.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+MegatronKey = tuple[str, tuple[int, ...]]  # (checkpoint key, layer offsets) e.g. ("decoder...", (3,))
+
+
+class MappingError(ValueError):
+    """Names that do not map, or shapes that do not fit; the message lists them."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str             # torch_dist key (layer index implied for per-layer rules)
+    hf: tuple[str, ...]       # HF names; "{i}" is replaced by the layer index
+    transform: str = "copy"   # copy | pad_vocab | qkv | concat
+    per_layer: bool = False
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the transforms need to know about the model."""
+
+    num_layers: int
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
+
+
+class Mapping:
+    def __init__(self, rules: Iterable[Rule], dims: Dims):
+        self.rules = list(rules)
+        self.dims = dims
+
+    # -- enumeration -------------------------------------------------------------------------
+    def entries(self) -> Iterable[tuple[Rule, MegatronKey, tuple[str, ...]]]:
+        for rule in self.rules:
+            layers = range(self.dims.num_layers) if rule.per_layer else [None]
+            for i in layers:
+                names = tuple(n.format(i=i) for n in rule.hf)
+                yield rule, (rule.megatron, () if i is None else (i,)), names
+
+    def hf_names(self) -> set[str]:
+        return {n for _, _, names in self.entries() for n in names}
+
+    # -- HF -> megatron ----------------------------------------------------------------------
+    def to_megatron(self, hf: Callable[[str], torch.Tensor]) -> dict[MegatronKey, torch.Tensor]:
+        """All megatron global tensors, reading HF tensors through `hf(name)`."""
+        return {key: self._to_megatron(rule, [hf(n) for n in names])
+                for rule, key, names in self.entries()}
+
+    def _to_megatron(self, rule: Rule, ts: list[torch.Tensor]) -> torch.Tensor:
+        d = self.dims
+        if rule.transform == "copy":
+            return ts[0]
+        if rule.transform == "pad_vocab":
+            (w,) = ts
+            pad = d.padded_vocab_size - w.shape[0]
+            return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
+        if rule.transform == "concat":
+            return torch.cat(ts)
+        if rule.transform == "qkv":
+            q, k, v = ts
+            per, hd, g = d.num_heads // d.num_kv_heads, d.head_dim, d.num_kv_heads
+            q = q.reshape(g, per * hd, *q.shape[1:])
+            k = k.reshape(g, hd, *k.shape[1:])
+            v = v.reshape(g, hd, *v.shape[1:])
+            return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+        raise MappingError(f"unknown transform {rule.transform!r}")
+
+    # -- megatron -> HF ----------------------------------------------------------------------
+    def to_hf(self, megatron: dict[MegatronKey, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for rule, key, names in self.entries():
+            out.update(zip(names, self._to_hf(rule, megatron[key], len(names))))
+        return out
+
+    def _to_hf(self, rule: Rule, t: torch.Tensor, n: int) -> list[torch.Tensor]:
+        d = self.dims
+        if rule.transform == "copy":
+            return [t]
+        if rule.transform == "pad_vocab":
+            return [t[: d.vocab_size]]
+        if rule.transform == "concat":
+            return list(t.chunk(n))
+        if rule.transform == "qkv":
+            per, hd, g = d.num_heads // d.num_kv_heads, d.head_dim, d.num_kv_heads
+            grouped = t.reshape(g, (per + 2) * hd, *t.shape[1:])
+            q, k, v = grouped.split([per * hd, hd, hd], dim=1)
+            return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q, k, v)]
+        raise MappingError(f"unknown transform {rule.transform!r}")

@@ -1,0 +1,47 @@
+"""The Qwen2 / Qwen2.5 decoder: HF names <-> our megatron LLM (`models/llm.py`).
+
+`hf_prefix` places the decoder inside a checkpoint: "model." for Qwen2ForCausalLM and for
+Qwen2.5-VL's on-disk layout, "model.language_model." for the transformers >= 4.52 in-memory
+layout, "language_model.model." for InternVL's original format. The output head lives outside the
+decoder prefix, so it is given separately (`lm_head`; None when the embeddings are tied).
+"""
+from __future__ import annotations
+
+from eureka_megatron.config import LLMConfig
+from eureka_megatron.convert.mapping import Dims, Mapping, Rule
+
+_L = "decoder.layers."
+
+
+def qwen2_rules(hf_prefix: str = "model.", lm_head: str | None = "lm_head.weight") -> list[Rule]:
+    p = hf_prefix + "layers.{i}."
+    rules = [
+        Rule("embedding.word_embeddings.weight", (hf_prefix + "embed_tokens.weight",), "pad_vocab"),
+        Rule("decoder.final_layernorm.weight", (hf_prefix + "norm.weight",)),
+        Rule(_L + "self_attention.linear_qkv.layer_norm_weight", (p + "input_layernorm.weight",),
+             per_layer=True),
+        Rule(_L + "self_attention.linear_qkv.weight",
+             tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"), "qkv", per_layer=True),
+        Rule(_L + "self_attention.linear_qkv.bias",
+             tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv"), "qkv", per_layer=True),
+        Rule(_L + "self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",),
+             per_layer=True),
+        Rule(_L + "mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",),
+             per_layer=True),
+        Rule(_L + "mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+             "concat", per_layer=True),
+        Rule(_L + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), per_layer=True),
+    ]
+    if lm_head is not None:
+        rules.append(Rule("output_layer.weight", (lm_head,), "pad_vocab"))
+    return rules
+
+
+def qwen2_mapping(cfg: LLMConfig, hf_prefix: str = "model.", lm_head: str = "lm_head.weight") -> Mapping:
+    dims = Dims(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.kv_channels,
+                vocab_size=cfg.vocab_size, padded_vocab_size=cfg.padded_vocab_size)
+    rules = qwen2_rules(hf_prefix, None if cfg.tie_word_embeddings else lm_head)
+    if not cfg.qkv_bias:
+        rules = [r for r in rules if not r.megatron.endswith("linear_qkv.bias")]
+    return Mapping(rules, dims)
