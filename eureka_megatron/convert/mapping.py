@@ -7,6 +7,7 @@ A megatron global tensor is named by its torch_dist checkpoint key plus its laye
   copy      one HF tensor, unchanged
   pad_vocab one HF tensor; rows padded with zeros to the padded vocab (HF side: padding removed)
   qkv       HF q, k, v -> megatron's per-KV-group interleaving [q_g; k_g; v_g] for each group g
+  fused_qkv one HF tensor [q_all; k_all; v_all] (vision towers) -> the same interleaving
   concat    several HF tensors stacked on dim 0 (e.g. SwiGLU [gate; up] -> linear_fc1)
 
 Both directions are pure tensor functions, so HF -> Megatron -> HF is bit-exact by construction
@@ -30,7 +31,7 @@ class MappingError(ValueError):
 class Rule:
     megatron: str             # torch_dist key (layer index implied for per-layer rules)
     hf: tuple[str, ...]       # HF names; "{i}" is replaced by the layer index
-    transform: str = "copy"   # copy | pad_vocab | qkv | concat
+    transform: str = "copy"   # copy | pad_vocab | qkv | fused_qkv | concat
     per_layer: bool = False
 
 
@@ -47,64 +48,85 @@ class Dims:
 
 
 class Mapping:
-    def __init__(self, rules: Iterable[Rule], dims: Dims):
-        self.rules = list(rules)
-        self.dims = dims
+    """Rules grouped in parts; each part has its model dims and a megatron key prefix (e.g. the
+    language model and the vision tower of a VLM). Parts combine with `+`."""
+
+    def __init__(self, rules: Iterable[Rule], dims: Dims, megatron_prefix: str = ""):
+        self.parts = [(list(rules), dims, megatron_prefix)]
+
+    def __add__(self, other: "Mapping") -> "Mapping":
+        out = Mapping([], self.parts[0][1])
+        out.parts = self.parts + other.parts
+        return out
 
     # -- enumeration -------------------------------------------------------------------------
-    def entries(self) -> Iterable[tuple[Rule, MegatronKey, tuple[str, ...]]]:
-        for rule in self.rules:
-            layers = range(self.dims.num_layers) if rule.per_layer else [None]
-            for i in layers:
-                names = tuple(n.format(i=i) for n in rule.hf)
-                yield rule, (rule.megatron, () if i is None else (i,)), names
+    def entries(self) -> Iterable[tuple[Rule, Dims, MegatronKey, tuple[str, ...]]]:
+        for rules, dims, prefix in self.parts:
+            for rule in rules:
+                layers = range(dims.num_layers) if rule.per_layer else [None]
+                for i in layers:
+                    names = tuple(n.format(i=i) for n in rule.hf)
+                    yield rule, dims, (prefix + rule.megatron, () if i is None else (i,)), names
 
     def hf_names(self) -> set[str]:
-        return {n for _, _, names in self.entries() for n in names}
+        return {n for *_, names in self.entries() for n in names}
 
     # -- HF -> megatron ----------------------------------------------------------------------
     def to_megatron(self, hf: Callable[[str], torch.Tensor]) -> dict[MegatronKey, torch.Tensor]:
         """All megatron global tensors, reading HF tensors through `hf(name)`."""
-        return {key: self._to_megatron(rule, [hf(n) for n in names])
-                for rule, key, names in self.entries()}
-
-    def _to_megatron(self, rule: Rule, ts: list[torch.Tensor]) -> torch.Tensor:
-        d = self.dims
-        if rule.transform == "copy":
-            return ts[0]
-        if rule.transform == "pad_vocab":
-            (w,) = ts
-            pad = d.padded_vocab_size - w.shape[0]
-            return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
-        if rule.transform == "concat":
-            return torch.cat(ts)
-        if rule.transform == "qkv":
-            q, k, v = ts
-            per, hd, g = d.num_heads // d.num_kv_heads, d.head_dim, d.num_kv_heads
-            q = q.reshape(g, per * hd, *q.shape[1:])
-            k = k.reshape(g, hd, *k.shape[1:])
-            v = v.reshape(g, hd, *v.shape[1:])
-            return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
-        raise MappingError(f"unknown transform {rule.transform!r}")
+        return {key: _to_megatron(rule, dims, [hf(n) for n in names])
+                for rule, dims, key, names in self.entries()}
 
     # -- megatron -> HF ----------------------------------------------------------------------
     def to_hf(self, megatron: dict[MegatronKey, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
-        for rule, key, names in self.entries():
-            out.update(zip(names, self._to_hf(rule, megatron[key], len(names))))
+        for rule, dims, key, names in self.entries():
+            out.update(zip(names, _to_hf(rule, dims, megatron[key], len(names))))
         return out
 
-    def _to_hf(self, rule: Rule, t: torch.Tensor, n: int) -> list[torch.Tensor]:
-        d = self.dims
-        if rule.transform == "copy":
-            return [t]
-        if rule.transform == "pad_vocab":
-            return [t[: d.vocab_size]]
-        if rule.transform == "concat":
-            return list(t.chunk(n))
-        if rule.transform == "qkv":
-            per, hd, g = d.num_heads // d.num_kv_heads, d.head_dim, d.num_kv_heads
-            grouped = t.reshape(g, (per + 2) * hd, *t.shape[1:])
-            q, k, v = grouped.split([per * hd, hd, hd], dim=1)
-            return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q, k, v)]
-        raise MappingError(f"unknown transform {rule.transform!r}")
+
+def _interleave(d: Dims, q, k, v) -> torch.Tensor:
+    per, hd, g = d.num_heads // d.num_kv_heads, d.head_dim, d.num_kv_heads
+    q = q.reshape(g, per * hd, *q.shape[1:])
+    k = k.reshape(g, hd, *k.shape[1:])
+    v = v.reshape(g, hd, *v.shape[1:])
+    return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+
+def _deinterleave(d: Dims, t: torch.Tensor) -> list[torch.Tensor]:
+    per, hd, g = d.num_heads // d.num_kv_heads, d.head_dim, d.num_kv_heads
+    grouped = t.reshape(g, (per + 2) * hd, *t.shape[1:])
+    q, k, v = grouped.split([per * hd, hd, hd], dim=1)
+    return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q, k, v)]
+
+
+def _to_megatron(rule: Rule, d: Dims, ts: list[torch.Tensor]) -> torch.Tensor:
+    if rule.transform == "copy":
+        return ts[0]
+    if rule.transform == "pad_vocab":
+        (w,) = ts
+        pad = d.padded_vocab_size - w.shape[0]
+        return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
+    if rule.transform == "concat":
+        return torch.cat(ts)
+    if rule.transform == "qkv":
+        return _interleave(d, *ts)
+    if rule.transform == "fused_qkv":
+        q_rows = d.num_heads * d.head_dim
+        kv_rows = d.num_kv_heads * d.head_dim
+        return _interleave(d, *ts[0].split([q_rows, kv_rows, kv_rows]))
+    raise MappingError(f"unknown transform {rule.transform!r}")
+
+
+def _to_hf(rule: Rule, d: Dims, t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    if rule.transform == "copy":
+        return [t]
+    if rule.transform == "pad_vocab":
+        return [t[: d.vocab_size]]
+    if rule.transform == "concat":
+        return list(t.chunk(n))
+    if rule.transform == "qkv":
+        return _deinterleave(d, t)
+    if rule.transform == "fused_qkv":
+        return [torch.cat(_deinterleave(d, t))]
+    raise MappingError(f"unknown transform {rule.transform!r}")

@@ -21,11 +21,11 @@ def have_transformer_engine() -> bool:
     return torch.cuda.is_available()
 
 
-def transformer_config(cfg: LLMConfig, par: ParallelConfig):
+def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if par.bf16 else torch.float32
-    return TransformerConfig(
+    fields = dict(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.intermediate_size,
@@ -64,6 +64,8 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig):
         # swaps activations and gradients of the same shape. Ordered p2p ops avoid that.
         batch_p2p_comm=torch.cuda.is_available(),
     )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
 
 
 def layer_spec():
@@ -74,37 +76,55 @@ def layer_spec():
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_llm_chunks(cfg: LLMConfig, par: ParallelConfig) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), on the current device.
+def stage_flags(vp_stage: int | None) -> tuple[bool, bool]:
+    """(pre_process, post_process) of this rank's chunk `vp_stage`."""
+    from megatron.core import parallel_state as ps
 
-    Needs megatron parallel_state initialised. Weights are megatron's default init; call
-    `models.init.layout_invariant_init` for weights that are identical at every TP/PP.
-    """
-    cpu_compat.activate()
-    from megatron.core import parallel_state
-    from megatron.core.enums import ModelType
+    return (ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+
+
+def build_gpt(cfg: LLMConfig, par: ParallelConfig, vp_stage: int | None = None,
+              mrope_section: list[int] | None = None):
+    """One GPTModel chunk of the LLM; `mrope_section` switches RoPE to Qwen2-VL's 3D mrope."""
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(cfg, par)
-    spec = layer_spec()
-    n_chunks = par.virtual_pipeline or 1
+    config = transformer_config(cfg, par, **({"mrope_section": list(mrope_section)}
+                                             if mrope_section else {}))
+    pre, post = stage_flags(vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="mrope" if mrope_section else "rope",
+        rotary_base=cfg.rope_theta,
+        vp_stage=vp_stage,
+    )
+
+
+def build_chunks(build_one, par: ParallelConfig) -> list[torch.nn.Module]:
+    """`build_one(vp_stage)` for each virtual pipeline stage of this rank, on the current device."""
+    cpu_compat.activate()
+    from megatron.core.enums import ModelType
+
     chunks = []
-    for vp in range(n_chunks):
-        vp_stage = vp if par.virtual_pipeline else None
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=cfg.padded_vocab_size,
-            max_sequence_length=cfg.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=cfg.rope_theta,
-            vp_stage=vp_stage,
-        )
+    for vp in range(par.virtual_pipeline or 1):
+        model = build_one(vp if par.virtual_pipeline else None)
         model.model_type = ModelType.encoder_or_decoder
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def build_llm_chunks(cfg: LLMConfig, par: ParallelConfig) -> list[torch.nn.Module]:
+    """This rank's LLM chunks (one per virtual pipeline stage); needs parallel_state.
+
+    Weights are megatron's default init; call `models.init.layout_invariant_init` for weights
+    that are identical at every TP/PP.
+    """
+    return build_chunks(lambda vp: build_gpt(cfg, par, vp), par)
