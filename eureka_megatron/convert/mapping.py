@@ -54,6 +54,12 @@ class Mapping:
     def __init__(self, rules: Iterable[Rule], dims: Dims, megatron_prefix: str = ""):
         self.parts = [(list(rules), dims, megatron_prefix)]
 
+    def with_prefix(self, megatron_prefix: str) -> "Mapping":
+        """The same rules under another megatron key prefix (e.g. a VLM's `language_model.`)."""
+        out = Mapping([], self.parts[0][1])
+        out.parts = [(rules, dims, megatron_prefix) for rules, dims, _ in self.parts]
+        return out
+
     def __add__(self, other: "Mapping") -> "Mapping":
         out = Mapping([], self.parts[0][1])
         out.parts = self.parts + other.parts

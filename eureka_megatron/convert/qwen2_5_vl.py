@@ -44,8 +44,7 @@ def vision_rules(p: str) -> list[Rule]:
 def qwen2_5_vl_mapping(cfg: Qwen25VLConfig, layout: str = "disk") -> Mapping:
     text_prefix, vision_prefix = LAYOUTS[layout]
     v = cfg.vision
-    text = qwen2_mapping(cfg.text, text_prefix, "lm_head.weight")
-    text.parts = [(rules, dims, "language_model.") for rules, dims, _ in text.parts]
+    text = qwen2_mapping(cfg.text, text_prefix, "lm_head.weight").with_prefix("language_model.")
     vision = Mapping(vision_rules(vision_prefix),
                      Dims(num_layers=v.depth, num_heads=v.num_heads, num_kv_heads=v.num_heads,
                           head_dim=v.hidden_size // v.num_heads),

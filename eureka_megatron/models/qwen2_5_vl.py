@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 
 from eureka_megatron.config import ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
@@ -153,13 +154,7 @@ class PatchEmbed(torch.nn.Module):
         return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
 
 
-def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-
-    return MegatronModule
-
-
-class Qwen25VisionModel(_megatron_module()):
+class Qwen25VisionModel(MegatronModule):
     def __init__(self, v: Qwen25VisionConfig, par: ParallelConfig):
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -236,7 +231,7 @@ def transformer_config_for_projector(v: Qwen25VisionConfig, par: ParallelConfig)
 # --- the whole model -------------------------------------------------------------------------
 
 
-class Qwen25VLModel(_megatron_module()):
+class Qwen25VLModel(MegatronModule):
     """One pipeline chunk of Qwen2.5-VL: [vision tower +] a slice of the mrope LLM."""
 
     def __init__(self, cfg: Qwen25VLConfig, par: ParallelConfig, vp_stage: int | None = None):

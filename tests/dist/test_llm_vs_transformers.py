@@ -9,7 +9,7 @@ import torch
 
 from eureka_megatron.convert.qwen2 import qwen2_mapping
 from eureka_megatron.runtime.launcher import launch
-from tests.helpers import tiny_config
+from tests.helpers import fill_and_forward, tiny_config
 
 VOCAB = 1000
 
@@ -41,37 +41,14 @@ def llm_config_of(hf, cfg):
 
 def megatron_logits(cfg, tensors, input_ids):
     """Rank function: build our LLM, fill it from `tensors`, return full-vocab logits (last stage)."""
-    from eureka_megatron.models.init import fill_global_tensors
     from eureka_megatron.models.llm import build_llm_chunks
     from eureka_megatron.runtime.distributed import init_distributed
 
     init_distributed(cfg.parallel)
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     chunks = build_llm_chunks(cfg.model, cfg.parallel)
-    used = set()
-
-    def source(key, layer, shape):
-        used.add((key, layer))
-        return tensors[(key, layer)]
-
-    fill_global_tensors(chunks, source)
-    outputs = []
-
-    def collect(it, chunk):
-        out = chunk(next(it), None, attention_mask=None)
-        if ps.is_pipeline_last_stage():
-            outputs.append(gather_from_tensor_model_parallel_region(out).detach())
-        return out, lambda o: (o.sum() * 0, torch.tensor(1), {})
-
-    with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=collect, data_iterator=iter([input_ids]),
-                                    model=chunks[0], num_microbatches=1,
-                                    seq_length=input_ids.shape[1],
-                                    micro_batch_size=input_ids.shape[0], forward_only=True)
-    return outputs[0][..., :VOCAB] if outputs else None, sorted(used)
+    logits, used = fill_and_forward(chunks, tensors, input_ids,
+                                    lambda chunk, ids: chunk(ids, None, attention_mask=None))
+    return (logits[..., :VOCAB] if logits is not None else None), used
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])

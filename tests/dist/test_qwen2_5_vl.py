@@ -11,6 +11,7 @@ from eureka_megatron.config import LLMConfig, ParallelConfig, Qwen25VisionConfig
 from eureka_megatron.convert.qwen2_5_vl import qwen2_5_vl_mapping
 from eureka_megatron.models import qwen2_5_vl as vl
 from eureka_megatron.runtime.launcher import launch
+from tests.helpers import fill_and_forward
 
 IMAGE, VSTART, VOCAB = 999, 997, 1000
 GRIDS = torch.tensor([[1, 4, 4], [1, 8, 6]])  # patches (t, h, w): 4 and 12 image tokens
@@ -92,37 +93,15 @@ def test_mrope_positions_match_transformers():
 
 def megatron_logits(cfg, par, tensors, mb):
     """Rank function: our Qwen2.5-VL from `tensors`, forward one micro-batch, full logits."""
-    from eureka_megatron.models.init import fill_global_tensors
     from eureka_megatron.runtime.distributed import init_distributed
 
     init_distributed(par)
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     chunks = vl.build_qwen2_5_vl_chunks(cfg, par)
-    used = set()
-
-    def source(key, layer, shape):
-        used.add((key, layer))
-        return tensors[(key, layer)]
-
-    fill_global_tensors(chunks, source)
-    out = []
-
-    def step(it, chunk):
-        b = next(it)
-        y = chunk(b["input_ids"], b["position_ids"], pixel_values=b["pixel_values"],
-                  image_grid_thw=b["image_grid_thw"])
-        if ps.is_pipeline_last_stage():
-            out.append(gather_from_tensor_model_parallel_region(y).detach())
-        return y, lambda o: (o.sum() * 0, torch.tensor(1), {})
-
-    with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([mb]), model=chunks[0],
-                                    num_microbatches=1, seq_length=mb["input_ids"].shape[1],
-                                    micro_batch_size=mb["input_ids"].shape[0], forward_only=True)
-    return (out[0][..., :VOCAB] if out else None), used
+    logits, used = fill_and_forward(
+        chunks, tensors, mb,
+        lambda chunk, b: chunk(b["input_ids"], b["position_ids"], pixel_values=b["pixel_values"],
+                               image_grid_thw=b["image_grid_thw"]))
+    return (logits[..., :VOCAB] if logits is not None else None), used
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)],
