@@ -9,6 +9,15 @@ A megatron global tensor is named by its torch_dist checkpoint key plus its laye
   qkv       HF q, k, v -> megatron's per-KV-group interleaving [q_g; k_g; v_g] for each group g
   fused_qkv one HF tensor [q_all; k_all; v_all] (vision towers) -> the same interleaving
   concat    several HF tensors stacked on dim 0 (e.g. SwiGLU [gate; up] -> linear_fc1)
+  ffn_cols  one HF tensor whose dim 1 is the MLP width (linear_fc2.weight)
+  head_cols one HF tensor whose dim 1 is heads x head_dim (attention output projections)
+  head_rows one HF tensor whose dim 0 is heads x head_dim (full-width q/k norms)
+
+Exact padding: where a width does not divide every tensor-parallel size (Qwen2.5-VL's ViT MLP 3420,
+InternViT-6B's 25 heads), `Dims.padded_ffn` / `Dims.padded_heads` give the megatron width. MLP
+channels and attention heads are padded with zeros in every tensor that touches them (fc1 rows and
+biases, fc2 columns; qkv groups, projection columns, norm weights), so they add exactly nothing;
+megatron -> HF drops them again. Only MHA towers (num_kv_heads == num_heads) pad heads.
 
 Both directions are pure tensor functions, so HF -> Megatron -> HF is bit-exact by construction
 and tested.
@@ -45,6 +54,17 @@ class Dims:
     head_dim: int = 0
     vocab_size: int = 0
     padded_vocab_size: int = 0
+    ffn: int = 0
+    padded_ffn: int = 0     # 0: no MLP padding
+    padded_heads: int = 0   # 0: no head padding
+
+    @property
+    def pad_ffn(self) -> int:
+        return max(self.padded_ffn - self.ffn, 0) if self.padded_ffn else 0
+
+    @property
+    def pad_heads(self) -> int:
+        return max(self.padded_heads - self.num_heads, 0) if self.padded_heads else 0
 
 
 class Mapping:
@@ -106,33 +126,55 @@ def _deinterleave(d: Dims, t: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q, k, v)]
 
 
+def _pad(t: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
+    if not extra:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def _to_megatron(rule: Rule, d: Dims, ts: list[torch.Tensor]) -> torch.Tensor:
+    hd = d.head_dim
     if rule.transform == "copy":
         return ts[0]
     if rule.transform == "pad_vocab":
         (w,) = ts
-        pad = d.padded_vocab_size - w.shape[0]
-        return torch.cat([w, w.new_zeros(pad, *w.shape[1:])]) if pad else w
+        return _pad(w, 0, d.padded_vocab_size - w.shape[0])
     if rule.transform == "concat":
-        return torch.cat(ts)
+        return torch.cat([_pad(t, 0, d.pad_ffn) for t in ts])
+    if rule.transform == "ffn_cols":
+        return _pad(ts[0], 1, d.pad_ffn)
+    if rule.transform == "head_cols":
+        return _pad(ts[0], 1, d.pad_heads * hd)
+    if rule.transform == "head_rows":
+        return _pad(ts[0], 0, d.pad_heads * hd)
     if rule.transform == "qkv":
-        return _interleave(d, *ts)
+        return _pad(_interleave(d, *ts), 0, d.pad_heads * 3 * hd)
     if rule.transform == "fused_qkv":
-        q_rows = d.num_heads * d.head_dim
-        kv_rows = d.num_kv_heads * d.head_dim
-        return _interleave(d, *ts[0].split([q_rows, kv_rows, kv_rows]))
+        q_rows = d.num_heads * hd
+        kv_rows = d.num_kv_heads * hd
+        return _pad(_interleave(d, *ts[0].split([q_rows, kv_rows, kv_rows])), 0, d.pad_heads * 3 * hd)
     raise MappingError(f"unknown transform {rule.transform!r}")
 
 
 def _to_hf(rule: Rule, d: Dims, t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    hd = d.head_dim
     if rule.transform == "copy":
         return [t]
     if rule.transform == "pad_vocab":
         return [t[: d.vocab_size]]
     if rule.transform == "concat":
-        return list(t.chunk(n))
+        return [c[: c.shape[0] - d.pad_ffn] for c in t.chunk(n)]
+    if rule.transform == "ffn_cols":
+        return [t[:, : t.shape[1] - d.pad_ffn]]
+    if rule.transform == "head_cols":
+        return [t[:, : d.num_heads * hd]]
+    if rule.transform == "head_rows":
+        return [t[: d.num_heads * hd]]
+    real = t[: t.shape[0] - d.pad_heads * 3 * hd]
     if rule.transform == "qkv":
-        return _deinterleave(d, t)
+        return _deinterleave(d, real)
     if rule.transform == "fused_qkv":
-        return [torch.cat(_deinterleave(d, t))]
+        return [torch.cat(_deinterleave(d, real))]
     raise MappingError(f"unknown transform {rule.transform!r}")
