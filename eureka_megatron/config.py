@@ -77,6 +77,14 @@ class Qwen25VisionConfig:
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [1])
     out_hidden_size: int = 64  # the LLM's hidden size
     rope_theta: float = 10000.0
+    # The MLP width is zero-padded to a multiple of this (3420 -> 3456), which is exact and lets
+    # the tower shard at every TP dividing the multiple; TP-independent, so checkpoints reshard.
+    intermediate_pad_multiple: int = 128
+
+    @property
+    def padded_intermediate_size(self) -> int:
+        m = self.intermediate_pad_multiple
+        return int(math.ceil(self.intermediate_size / m) * m)
 
     @property
     def patch_dim(self) -> int:

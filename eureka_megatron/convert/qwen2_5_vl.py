@@ -28,7 +28,7 @@ def vision_rules(p: str) -> list[Rule]:
         (_L + "mlp.linear_fc1.layer_norm_weight", (b + "norm2.weight",), "copy"),
         (_L + "mlp.linear_fc1.weight", (b + "mlp.gate_proj.weight", b + "mlp.up_proj.weight"), "concat"),
         (_L + "mlp.linear_fc1.bias", (b + "mlp.gate_proj.bias", b + "mlp.up_proj.bias"), "concat"),
-        (_L + "mlp.linear_fc2.weight", (b + "mlp.down_proj.weight",), "copy"),
+        (_L + "mlp.linear_fc2.weight", (b + "mlp.down_proj.weight",), "ffn_cols"),
         (_L + "mlp.linear_fc2.bias", (b + "mlp.down_proj.bias",), "copy"),
     ]
     return [Rule(k, hf, t, per_layer=True) for k, hf, t in layer] + [
@@ -47,6 +47,7 @@ def qwen2_5_vl_mapping(cfg: Qwen25VLConfig, layout: str = "disk") -> Mapping:
     text = qwen2_mapping(cfg.text, text_prefix, "lm_head.weight").with_prefix("language_model.")
     vision = Mapping(vision_rules(vision_prefix),
                      Dims(num_layers=v.depth, num_heads=v.num_heads, num_kv_heads=v.num_heads,
-                          head_dim=v.hidden_size // v.num_heads),
+                          head_dim=v.hidden_size // v.num_heads, ffn=v.intermediate_size,
+                          padded_ffn=v.padded_intermediate_size),
                      "vision_model.")
     return text + vision

@@ -208,7 +208,7 @@ class Qwen25VisionModel(MegatronModule):
 def transformer_config_for_vision(v: Qwen25VisionConfig, par: ParallelConfig):
     from eureka_megatron.config import LLMConfig
 
-    base = LLMConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+    base = LLMConfig(hidden_size=v.hidden_size, intermediate_size=v.padded_intermediate_size,
                      num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
                      num_key_value_heads=v.num_heads, rms_norm_eps=1e-6)
     return transformer_config(base, par, add_bias_linear=True, pipeline_model_parallel_size=1,

@@ -1,6 +1,7 @@
 """Qwen2.5-VL on megatron computes what transformers' Qwen2_5_VLForConditionalGeneration computes.
 
-A tiny random HF model (2-block vision tower with window + full attention, 4-layer GQA LLM with
+A tiny random HF model (2-block vision tower with window + full attention and an MLP width of 60,
+zero-padded to 128 on the megatron side; 4-layer GQA LLM with
 mrope) is mapped into our megatron model; two images of different sizes in one batch; fp32 logits
 must match transformers at TP1, TP2, PP2 and TP2xPP2.
 """
@@ -21,7 +22,7 @@ def our_config(tie=False) -> Qwen25VLConfig:
     return Qwen25VLConfig(
         text=LLMConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie),
-        vision=Qwen25VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+        vision=Qwen25VisionConfig(depth=2, hidden_size=32, intermediate_size=60, num_heads=2,
                                   out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]),
         mrope_section=[2, 3, 3], image_token_id=IMAGE, vision_start_token_id=VSTART)
 
