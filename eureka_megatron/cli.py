@@ -21,10 +21,26 @@ examples:
   eureka-megatron train-lm examples/tiny_lm.yaml --dry-run       # validate + print the layout
   eureka-megatron train-lm CFG.yaml checkpoint.load=runs/lm      # resume (any TP/PP layout)
   torchrun --nproc-per-node 8 -m eureka_megatron.cli train-lm CFG.yaml parallel.tensor_parallel=8
+  eureka-megatron convert hf-to-megatron --hf Qwen2.5-VL-7B-Instruct --out ckpt/qwen25vl7b
+  eureka-megatron forward --megatron ckpt/qwen25vl7b --inputs in.pt --out out.pt --tp 2 --pp 2
+  eureka-megatron convert megatron-to-hf --megatron runs/x/step_00000100 --out hf_out
   eureka-megatron bench lm-step --quick
 
 Config keys are dotted paths into the YAML (model.*, parallel.*, optim.*, train.*,
 checkpoint.*); values are parsed as YAML. See README.md for every key.
+"""
+
+
+CONVERT_EPILOG = """\
+examples:
+  eureka-megatron convert hf-to-megatron --hf Qwen/Qwen2.5-VL-7B-Instruct --out ckpt/vl7b
+  eureka-megatron convert hf-to-megatron --hf InternVL2_5-38B --out ckpt/ivl38b --dtype bf16
+  eureka-megatron convert megatron-to-hf --megatron ckpt/vl7b --out vl7b_hf
+  eureka-megatron convert megatron-to-hf --megatron runs/rl/step_00000200 --hf-config ckpt/vl7b/hf --out rl_hf
+
+Supported model_type values: qwen2, qwen2_5_vl, internvl_chat (original InternVL format, Qwen2 or
+InternLM2 LLM), internvl (transformers-native InternVL). Layouts read: hub on-disk names,
+transformers >= 4.52 in-memory names, internvl_chat, HF-native InternVL.
 """
 
 
@@ -69,6 +85,33 @@ def cmd_train_lm(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from eureka_megatron.convert.run import hf_to_megatron, megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        info = hf_to_megatron(args.hf, args.out, dtype=args.dtype, force=args.force,
+                              progress=not args.quiet)
+        print(f"wrote {args.out}: {info['family']} ({info['layout']} layout), "
+              f"{info['hf_tensors']} HF tensors -> {info['tensors']} megatron tensors, "
+              f"{info['bytes'] / 2**30:.2f} GiB {info['dtype']}, {info['seconds']:.1f}s")
+    else:
+        info = megatron_to_hf(args.megatron, args.out, dtype=args.dtype, layout=args.layout,
+                              hf_config_dir=args.hf_config, force=args.force,
+                              progress=not args.quiet)
+        print(f"wrote {args.out}: {info['family']} ({info['layout']} layout), "
+              f"{info['tensors']} tensors, {info['bytes'] / 2**30:.2f} GiB, {info['seconds']:.1f}s")
+    return 0
+
+
+def cmd_forward(args) -> int:
+    from eureka_megatron.convert.forward import run_forward
+
+    logits = run_forward(args.megatron, args.inputs, args.out, tp=args.tp, pp=args.pp,
+                         hf_config_dir=args.hf_config)
+    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (TP{args.tp} x PP{args.pp})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from eureka_megatron.bench import run_bench
 
@@ -97,6 +140,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the config and print the resolved layout; train nothing")
     t.set_defaults(func=cmd_train_lm)
 
+    c = sub.add_parser(
+        "convert", help="HF <-> megatron torch_dist checkpoints (Qwen2.5, Qwen2.5-VL, InternVL)",
+        description="Convert checkpoints, streaming one tensor at a time. Every HF tensor must "
+                    "map and every megatron tensor must be produced with the shape the config "
+                    "implies, or nothing is written. The megatron side loads at any TP/PP; "
+                    "converting back writes the source's naming layout with its config, "
+                    "tokenizer and processor files.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CONVERT_EPILOG)
+    csub = c.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    h2m = csub.add_parser("hf-to-megatron", help="HF safetensors dir -> torch_dist dir")
+    h2m.add_argument("--hf", required=True, type=Path, help="HF checkpoint directory")
+    m2h = csub.add_parser("megatron-to-hf", help="torch_dist dir (converted or trained) -> HF dir")
+    m2h.add_argument("--megatron", required=True, type=Path,
+                     help="a converted dir or a training step_* dir")
+    m2h.add_argument("--hf-config", type=Path, default=None,
+                     help="dir with config.json + tokenizer files (default: MEGATRON/hf)")
+    m2h.add_argument("--layout", default=None,
+                     help="HF naming to write (default: the source's, from conversion.json)")
+    for sp in (h2m, m2h):
+        sp.add_argument("--out", required=True, type=Path, help="output directory (created)")
+        sp.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="cast floating-point tensors (default: keep the source's)")
+        sp.add_argument("--force", action="store_true", help="replace a non-empty --out")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    f = sub.add_parser(
+        "forward", help="logits of a megatron checkpoint at a chosen TP/PP (check a conversion)",
+        description="Load a megatron checkpoint with megatron's dist_checkpointing at TP x PP "
+                    "(spawning TP*PP ranks on this machine) and run one batch. IN.pt is the dict "
+                    "an HF processor returns, saved with torch.save (input_ids, optional "
+                    "attention_mask; Qwen2.5-VL pixel_values + image_grid_thw; InternVL "
+                    "pixel_values [tiles,3,H,W]). OUT.pt is {'logits': [B,S,vocab] float32}, "
+                    "vocab padding removed.")
+    f.add_argument("--megatron", required=True, type=Path, help="converted dir or step_* / run dir")
+    f.add_argument("--inputs", required=True, type=Path, help="IN.pt")
+    f.add_argument("--out", required=True, type=Path, help="OUT.pt")
+    f.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    f.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    f.add_argument("--hf-config", type=Path, default=None,
+                   help="dir with config.json (default: MEGATRON/hf)")
+    f.set_defaults(func=cmd_forward)
+
     b = sub.add_parser("bench", help="benchmarks that print markdown tables and write JSON")
     b.add_argument("what", choices=["lm-step", "all"], help="which benchmark")
     b.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 4 min)")
@@ -121,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     _split_config_arg(args)
     from eureka_megatron.config import ConfigError
     from eureka_megatron.runtime.launcher import RankError
+    from eureka_megatron.convert.hf_io import HFCheckpointError
+    from eureka_megatron.convert.mapping import MappingError
     from eureka_megatron.trainer.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, MappingError, HFCheckpointError, FileExistsError,
+            FileNotFoundError, ValueError) as e:
         print(f"eureka-megatron: error: {e}", file=sys.stderr)
         return 2
     except RankError as e:

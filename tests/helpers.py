@@ -27,13 +27,9 @@ def rel_diff(a: float, b: float) -> float:
 
 def fill_and_forward(chunks, tensors: dict, micro_batch, call):
     """Fill megatron `chunks` from global `tensors` ((key, layer) -> tensor), run one forward-only
-    micro-batch through megatron's schedule with `call(chunk, micro_batch)`, and return
-    (TP-gathered logits on the last pipeline stage, else None; the tensor keys this rank used)."""
-    import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
+    micro-batch with `call(chunk, micro_batch)`, and return (TP-gathered logits on the last
+    pipeline stage, else None; the tensor keys this rank used)."""
+    from eureka_megatron.models.forward import forward_logits
     from eureka_megatron.models.init import fill_global_tensors
 
     used = set()
@@ -43,17 +39,4 @@ def fill_and_forward(chunks, tensors: dict, micro_batch, call):
         return tensors[(key, layer)]
 
     fill_global_tensors(chunks, source)
-    out = []
-
-    def step(it, chunk):
-        y = call(chunk, next(it))
-        if ps.is_pipeline_last_stage():
-            out.append(gather_from_tensor_model_parallel_region(y).detach())
-        return y, lambda o: (o.sum() * 0, torch.tensor(1), {})
-
-    ids = micro_batch["input_ids"] if isinstance(micro_batch, dict) else micro_batch
-    with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([micro_batch]),
-                                    model=chunks[0], num_microbatches=1, seq_length=ids.shape[1],
-                                    micro_batch_size=ids.shape[0], forward_only=True)
-    return (out[0] if out else None), used
+    return forward_logits(chunks, micro_batch, call), used

@@ -25,7 +25,7 @@ and tested.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -98,17 +98,31 @@ class Mapping:
         return {n for *_, names in self.entries() for n in names}
 
     # -- HF -> megatron ----------------------------------------------------------------------
+    def iter_megatron(self, hf: Callable[[str], torch.Tensor]) -> Iterator[tuple[MegatronKey, torch.Tensor]]:
+        """Megatron global tensors one at a time (streaming), reading HF tensors via `hf(name)`.
+        With meta tensors this checks shapes without touching any data."""
+        for rule, dims, key, names in self.entries():
+            ts = [hf(n) for n in names]
+            try:
+                yield key, _to_megatron(rule, dims, ts)
+            except RuntimeError as e:  # a reshape/cat that the shapes do not allow
+                shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, ts))
+                raise MappingError(f"{shapes} cannot become {key[0]}{list(key[1])} "
+                                   f"({rule.transform}): {e}") from None
+
     def to_megatron(self, hf: Callable[[str], torch.Tensor]) -> dict[MegatronKey, torch.Tensor]:
         """All megatron global tensors, reading HF tensors through `hf(name)`."""
-        return {key: _to_megatron(rule, dims, [hf(n) for n in names])
-                for rule, dims, key, names in self.entries()}
+        return dict(self.iter_megatron(hf))
 
     # -- megatron -> HF ----------------------------------------------------------------------
-    def to_hf(self, megatron: dict[MegatronKey, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
+    def iter_hf(self, megatron: Callable[[MegatronKey], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) pairs one megatron tensor at a time: the converter's and the
+        weight sync's export stream."""
         for rule, dims, key, names in self.entries():
-            out.update(zip(names, _to_hf(rule, dims, megatron[key], len(names))))
-        return out
+            yield from zip(names, _to_hf(rule, dims, megatron(key), len(names)))
+
+    def to_hf(self, megatron: dict[MegatronKey, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(self.iter_hf(megatron.__getitem__))
 
 
 def _interleave(d: Dims, q, k, v) -> torch.Tensor:

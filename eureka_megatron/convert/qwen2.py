@@ -45,3 +45,35 @@ def qwen2_mapping(cfg: LLMConfig, hf_prefix: str = "model.", lm_head: str = "lm_
     if not cfg.qkv_bias:
         rules = [r for r in rules if not r.megatron.endswith("linear_qkv.bias")]
     return Mapping(rules, dims)
+
+
+def _rope_theta(hf: dict, default: float) -> float:
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def llm_config_from_hf(hf: dict, where: str = "config.json", **fields) -> LLMConfig:
+    """Our LLMConfig from a Qwen2-style HF text config (top level or a `text_config`)."""
+    from eureka_megatron.config import ConfigError
+
+    need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads")
+    missing = [k for k in need if k not in hf]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
+    scaling = hf.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in (None, "default", "mrope"):
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported "
+                          "(default RoPE and mrope only)")
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{where}: use_sliding_window=true is not supported")
+    return LLMConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"), rope_theta=_rope_theta(hf, 10000.0),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768), **fields)

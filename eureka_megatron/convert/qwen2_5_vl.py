@@ -51,3 +51,46 @@ def qwen2_5_vl_mapping(cfg: Qwen25VLConfig, layout: str = "disk") -> Mapping:
                           padded_ffn=v.padded_intermediate_size),
                      "vision_model.")
     return text + vision
+
+
+def config_from_hf(hf: dict) -> Qwen25VLConfig:
+    """Our config from a Qwen2.5-VL config.json: hub files keep the text fields at the top
+    level, transformers 5.x writes them under `text_config`."""
+    from eureka_megatron.config import ConfigError, Qwen25VisionConfig
+    from eureka_megatron.convert.qwen2 import llm_config_from_hf
+
+    text = dict(hf.get("text_config") or hf)
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if "mrope_section" not in rope:
+        raise ConfigError("config.json: rope_scaling/rope_parameters has no mrope_section")
+    v = hf.get("vision_config")
+    if not v:
+        raise ConfigError("config.json: missing vision_config")
+    vision_fields = {f: v[f] for f in ("depth", "hidden_size", "intermediate_size", "num_heads",
+                                       "in_channels", "patch_size", "temporal_patch_size",
+                                       "spatial_merge_size", "window_size",
+                                       "fullatt_block_indexes", "out_hidden_size") if f in v}
+    if v.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json: vision_config.hidden_act {v['hidden_act']!r} "
+                          "is not supported (silu)")
+    if "out_hidden_size" not in vision_fields:
+        vision_fields["out_hidden_size"] = text["hidden_size"]
+    return Qwen25VLConfig(
+        text=llm_config_from_hf(text, "config.json (text)"),
+        vision=Qwen25VisionConfig(**vision_fields),
+        mrope_section=list(rope["mrope_section"]),
+        image_token_id=hf.get("image_token_id", 151655),
+        vision_start_token_id=hf.get("vision_start_token_id", 151652))
+
+
+def detect_layout(names: set[str]) -> str:
+    """disk (`visual.*`, `model.layers.*`) or memory (`model.visual.*`, `model.language_model.*`)."""
+    from eureka_megatron.convert.mapping import MappingError
+
+    if any(n.startswith("model.language_model.") for n in names):
+        return "memory"
+    if any(n.startswith("visual.") for n in names):
+        return "disk"
+    raise MappingError("not a Qwen2.5-VL state dict: no `visual.*` or `model.language_model.*` "
+                       f"names (first names: {', '.join(sorted(names)[:4])})")

@@ -46,8 +46,8 @@ def megatron_logits(cfg, tensors, input_ids):
 
     init_distributed(cfg.parallel)
     chunks = build_llm_chunks(cfg.model, cfg.parallel)
-    logits, used = fill_and_forward(chunks, tensors, input_ids,
-                                    lambda chunk, ids: chunk(ids, None, attention_mask=None))
+    logits, used = fill_and_forward(chunks, tensors, {"input_ids": input_ids},
+                                    lambda chunk, mb: chunk(mb["input_ids"], None, attention_mask=None))
     return (logits[..., :VOCAB] if logits is not None else None), used
 
 

@@ -1,0 +1,95 @@
+"""`eureka-megatron forward`: logits of a megatron checkpoint at a chosen TP/PP.
+
+The check a user runs on a converted checkpoint: feed the dict an HF processor returned (saved
+with `torch.save`) through the megatron model, loaded by megatron's own dist_checkpointing at the
+requested layout, and compare the logits with transformers'. Returns `{"logits": [B, S, vocab]}`
+in float32 with the vocab padding removed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from eureka_megatron.config import ConfigError, LLMConfig, ParallelConfig, validate_layout
+from eureka_megatron.convert.run import read_conversion
+
+
+def load_inputs(path: str | Path) -> dict:
+    """The saved processor output as a plain dict of tensors (BatchFeature/BatchEncoding ok)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"inputs file does not exist: {path}")
+    safe = []
+    try:
+        from transformers import BatchEncoding, BatchFeature
+
+        safe = [BatchEncoding, BatchFeature]
+    except ImportError:
+        pass
+    try:
+        with torch.serialization.safe_globals(safe):
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 -- unpickling errors have many types
+        raise ValueError(f"{path}: cannot be read as a dict of tensors ({e}); save it with "
+                         "torch.save(dict(processor(...)), path)") from None
+    data = dict(getattr(obj, "data", obj)) if not isinstance(obj, dict) else dict(obj)
+    if "input_ids" not in data:
+        raise ValueError(f"{path}: no `input_ids` (keys: {', '.join(sorted(data)) or 'none'})")
+    for k, v in data.items():
+        if v is not None and not torch.is_tensor(v):
+            raise ValueError(f"{path}: `{k}` is a {type(v).__name__}, expected a tensor "
+                             "(use return_tensors='pt')")
+    return data
+
+
+def _text(cfg) -> LLMConfig:
+    return cfg if isinstance(cfg, LLMConfig) else cfg.text
+
+
+def check_layout(cfg, tp: int, pp: int) -> ParallelConfig:
+    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp)
+    validate_layout(_text(cfg), par)
+    vision = getattr(cfg, "vision", None)
+    heads = getattr(vision, "padded_heads", None) or getattr(vision, "num_heads", None)
+    if heads and heads % tp:
+        raise ConfigError(f"the vision tower's {heads} (padded) heads do not divide TP={tp}")
+    return par
+
+
+def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dict):
+    from megatron.core import dist_checkpointing
+
+    from eureka_megatron.models.forward import forward_logits
+    from eureka_megatron.runtime.distributed import init_distributed
+
+    fam, cfg, _, _ = read_conversion(Path(megatron_dir), hf_config_dir)
+    init_distributed(par)
+    chunks = fam.build_chunks(cfg, par)
+    (chunk,) = chunks
+    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, megatron_dir)
+    chunk.load_state_dict(loaded["model"], strict=True)
+    chunk.eval()
+    logits = forward_logits(chunks, mb, lambda c, b: fam.call(cfg, c, b))
+    if logits is None:
+        return None
+    return logits[..., : _text(cfg).vocab_size].float().cpu()
+
+
+def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, tp: int = 1,
+                pp: int = 1, hf_config_dir: str | Path | None = None) -> torch.Tensor:
+    from eureka_megatron.runtime.launcher import launch
+    from eureka_megatron.trainer.checkpoint import resolve_checkpoint
+
+    megatron_dir = resolve_checkpoint(megatron_dir)
+    fam, cfg, _, _ = read_conversion(megatron_dir, hf_config_dir)
+    par = check_layout(cfg, tp, pp)
+    mb = fam.prepare(cfg, load_inputs(inputs))
+    results = launch(_forward_rank, par.nproc, str(megatron_dir), hf_config_dir, par, mb)
+    logits = next(r for r in results if r is not None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"logits": logits}, tmp)
+    tmp.replace(out)
+    return logits
