@@ -1,8 +1,8 @@
 """HF checkpoint directories: lazy safetensors reading and streaming, sharded writing.
 
 A source is read through its `model.safetensors.index.json` (or a single `model.safetensors`);
-tensors are loaded one at a time from memory-mapped shards, so conversion memory stays near one
-layer. Everything else in the directory (config, tokenizer, processor, chat template, remote
+tensors are read one at a time with plain file reads (a memory map would keep every touched page
+of every shard resident), so conversion memory stays near one layer. Everything else in the directory (config, tokenizer, processor, chat template, remote
 code) is carried over verbatim by `copy_side_files`.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ class HFCheckpoint:
             self.config = json.loads(config.read_text())
         except json.JSONDecodeError as e:
             raise HFCheckpointError(f"{config} is not valid JSON: {e}") from None
+        self._headers: dict = {}
         index = self.dir / INDEX
         if index.is_file():
             try:
@@ -43,7 +44,8 @@ class HFCheckpoint:
             except (json.JSONDecodeError, KeyError) as e:
                 raise HFCheckpointError(f"{index} has no readable weight_map: {e}") from None
         elif (self.dir / SINGLE).is_file():
-            self.weight_map = {n: SINGLE for n in _safetensors_names(self.dir / SINGLE)}
+            header, _ = self._header(self.dir / SINGLE)
+            self.weight_map = {n: SINGLE for n in header if n != "__metadata__"}
         else:
             found = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(
                 p.name for p in self.dir.glob("*.safetensors"))
@@ -53,7 +55,6 @@ class HFCheckpoint:
         missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
         if missing:
             raise HFCheckpointError(f"shards named in {self.dir / INDEX} are missing: {', '.join(missing)}")
-        self._handles: dict = {}
 
     @property
     def names(self) -> set[str]:
@@ -63,14 +64,42 @@ class HFCheckpoint:
         return sorted(set(self.weight_map.values()))
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """One tensor, read with plain file reads (no mmap: memory stays at this tensor)."""
         if name not in self.weight_map:
             raise KeyError(f"{name} is not in {self.dir}")
-        shard = self.weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
-        return self._handles[shard].get_tensor(name)
+        path = self.dir / self.weight_map[name]
+        header, base = self._header(path)
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            blob = bytearray(f.read(end - start))
+        if len(blob) != end - start:
+            raise HFCheckpointError(f"{path} is truncated (reading {name})")
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise HFCheckpointError(f"{path}: {name} has unsupported dtype {entry['dtype']}")
+        if not blob:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(blob, dtype=dtype).reshape(entry["shape"])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        header, _ = self._header(self.dir / self.weight_map[name])
+        return tuple(header[name]["shape"])
+
+    def _header(self, path: Path) -> tuple[dict, int]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    raise HFCheckpointError(f"{path} is not a safetensors file")
+                n = int.from_bytes(raw, "little")
+                try:
+                    header = json.loads(f.read(n))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise HFCheckpointError(f"{path} has a corrupt header: {e}") from None
+            self._headers[path] = (header, 8 + n)
+        return self._headers[path]
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor (the checkpoint's dtype)."""
@@ -80,15 +109,11 @@ class HFCheckpoint:
                 return t.dtype
         return torch.float32
 
-    def close_shard(self, shard: str) -> None:
-        self._handles.pop(shard, None)
 
 
-def _safetensors_names(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def side_files(directory: Path) -> list[Path]:

@@ -160,7 +160,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = 
     _check_names(mapping, src.names, str(hf_dir))
     skeleton = model_skeleton(fam, cfg)
     _check_megatron_keys(mapping, skeleton)
-    shapes = {n: _header_shape(src, n) for n in src.names}
+    shapes = {n: src.shape(n) for n in src.names}
     for (key, layer), t in mapping.iter_megatron(lambda n: torch.empty(shapes[n], device="meta")):
         want = _expected_shape(skeleton, key)
         if tuple(t.shape) != want:
@@ -198,13 +198,6 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def _header_shape(src: HFCheckpoint, name: str) -> tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(str(src.dir / src.weight_map[name]), framework="pt") as f:
-        return tuple(f.get_slice(name).get_shape())
 
 
 def read_conversion(megatron_dir: Path, hf_config_dir: str | Path | None = None):
