@@ -24,7 +24,7 @@ import warnings
 
 from eureka_megatron.config import ConfigError, InternVisionConfig, InternVLConfig, LLMConfig
 from eureka_megatron.convert.mapping import Dims, Mapping, MappingError, Rule
-from eureka_megatron.convert.qwen2 import qwen2_mapping
+from eureka_megatron.convert.qwen2 import llm_config_from_hf, qwen2_mapping
 
 LAYOUTS = {  # layout -> (vision prefix, projector prefix, LLM decoder prefix, output head)
     "chat": ("vision_model.", "mlp1.", "language_model.model.", "language_model.lm_head.weight"),
@@ -61,8 +61,8 @@ def vision_rules(v: InternVisionConfig, prefix: str, style: str) -> list[Rule]:
              (_L + "self_attention.linear_proj.bias", [n["proj"] + ".bias"], "copy"),
              (_L + "ls1", [n["ls1"]], "copy"),
              (_L + "ls2", [n["ls2"]], "copy")]
-    layer += [(_L + f"mlp.{meg}.{w}", [f"mlp.{hf}.{w}"], "copy")
-              for meg, hf in (("linear_fc1", "fc1"), ("linear_fc2", "fc2")) for w in ("weight", "bias")]
+    layer += [(_L + f"mlp.linear_{fc}.{w}", [f"mlp.{fc}.{w}"], "copy")
+              for fc in ("fc1", "fc2") for w in ("weight", "bias")]
     layer += [(_L + f"{meg}.layer_norm_{w}", [f"{n[hf]}.{w}"], "copy") for w in norms
               for meg, hf in (("self_attention.linear_qkv", "norm1"), ("mlp.linear_fc1", "norm2"))]
     if v.qkv_bias:
@@ -95,10 +95,12 @@ def internlm2_mapping(cfg: LLMConfig, hf_prefix: str = "language_model.model.",
              ("self_attention.linear_qkv.weight", ("attention.wqkv.weight",), "copy"),
              ("self_attention.linear_proj.weight", ("attention.wo.weight",), "copy"),
              ("mlp.linear_fc1.layer_norm_weight", ("ffn_norm.weight",), "copy"),
-             ("mlp.linear_fc1.weight", ("feed_forward.w1.weight", "feed_forward.w3.weight"), "concat"),
+             ("mlp.linear_fc1.weight", ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+              "concat"),
              ("mlp.linear_fc2.weight", ("feed_forward.w2.weight",), "copy")]
     rules = [Rule(_L + k, tuple(p + h for h in hf), t, per_layer=True) for k, hf, t in layer] + [
-        Rule("embedding.word_embeddings.weight", (hf_prefix + "tok_embeddings.weight",), "pad_vocab"),
+        Rule("embedding.word_embeddings.weight", (hf_prefix + "tok_embeddings.weight",),
+             "pad_vocab"),
         Rule("decoder.final_layernorm.weight", (hf_prefix + "norm.weight",)),
     ]
     if not cfg.tie_word_embeddings:
@@ -146,7 +148,7 @@ def config_from_hf(hf: dict, image_token_id: int | None = None) -> InternVLConfi
     """An InternVLConfig from a config.json dict of either format.
 
     The chat format keeps the <IMG_CONTEXT> id in the tokenizer, not the config: pass it as
-    `image_token_id` (the native format's `image_token_id` is read from the config).
+    `image_token_id` (see `image_token_id_from_tokenizer`); the native format's config has it.
     """
     model_type = hf.get("model_type")
     if model_type == "internvl_chat":
@@ -157,10 +159,47 @@ def config_from_hf(hf: dict, image_token_id: int | None = None) -> InternVLConfi
                       "(expected internvl_chat or internvl)")
 
 
+def image_token_id_from_tokenizer(tokenizer_config: dict) -> int:
+    """The <IMG_CONTEXT> id from a tokenizer_config.json (where chat checkpoints keep it)."""
+    for token_id, token in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+        if token.get("content") == "<IMG_CONTEXT>":
+            return int(token_id)
+    raise ConfigError("tokenizer_config.json has no <IMG_CONTEXT> in added_tokens_decoder")
+
+
 def _need(d: dict, key: str, where: str):
     if d.get(key) is None:
         raise ConfigError(f"{where}.{key} is missing")
     return d[key]
+
+
+# our field -> its (key, default) in the chat and the native vision_config; the defaults are those
+# of each format's config class (None: required)
+_VISION_FIELDS = {
+    "hidden_size": (("hidden_size", None), ("hidden_size", None)),
+    "intermediate_size": (("intermediate_size", None), ("intermediate_size", None)),
+    "num_hidden_layers": (("num_hidden_layers", None), ("num_hidden_layers", None)),
+    "num_attention_heads": (("num_attention_heads", None), ("num_attention_heads", None)),
+    "norm_type": (("norm_type", "rms_norm"), ("norm_type", "layer_norm")),
+    "layer_norm_eps": (("layer_norm_eps", 1e-6), ("layer_norm_eps", 1e-6)),
+    "qkv_bias": (("qkv_bias", False), ("attention_bias", False)),
+    "qk_normalization": (("qk_normalization", False), ("use_qk_norm", False)),
+    "image_size": (("image_size", None), ("image_size", 448)),
+    "patch_size": (("patch_size", None), ("patch_size", 14)),
+    "num_channels": (("num_channels", 3), ("num_channels", 3)),
+    "hidden_act": (("hidden_act", "gelu"), ("hidden_act", "gelu")),
+}
+
+
+def _vision_config(vis: dict, style: str) -> InternVisionConfig:
+    fields = {}
+    for name, pair in _VISION_FIELDS.items():
+        key, default = pair[style == "native"]
+        fields[name] = (_need(vis, key, "vision_config") if default is None
+                        else vis.get(key, default))
+    for name in ("image_size", "patch_size"):
+        fields[name] = _square(fields[name], name)
+    return InternVisionConfig(**fields)
 
 
 def _square(value, key: str) -> int:
@@ -182,20 +221,8 @@ def _from_chat(hf: dict, image_token_id: int | None) -> InternVLConfig:
         raise ConfigError(f"ps_version={hf.get('ps_version', 'v1')!r} is not supported (only v2)")
     if image_token_id is None:
         raise ConfigError("image_token_id is missing: internvl_chat configs do not store the "
-                          "<IMG_CONTEXT> token id; look it up in the tokenizer and pass it")
-    vision = InternVisionConfig(
-        hidden_size=_need(vis, "hidden_size", "vision_config"),
-        intermediate_size=_need(vis, "intermediate_size", "vision_config"),
-        num_hidden_layers=_need(vis, "num_hidden_layers", "vision_config"),
-        num_attention_heads=_need(vis, "num_attention_heads", "vision_config"),
-        norm_type=vis.get("norm_type", "rms_norm"),  # defaults: the remote InternVisionConfig's
-        layer_norm_eps=vis.get("layer_norm_eps", 1e-6),
-        qkv_bias=vis.get("qkv_bias", False),
-        qk_normalization=vis.get("qk_normalization", False),
-        image_size=_square(_need(vis, "image_size", "vision_config"), "image_size"),
-        patch_size=_square(_need(vis, "patch_size", "vision_config"), "patch_size"),
-        num_channels=vis.get("num_channels", 3),
-        hidden_act=vis.get("hidden_act", "gelu"))
+                          "<IMG_CONTEXT> id; pass image_token_id_from_tokenizer(tokenizer_config)")
+    vision = _vision_config(vis, "chat")
     forced = hf.get("force_image_size")
     if forced and forced != vision.image_size:
         raise ConfigError(f"force_image_size={forced} != vision_config.image_size="
@@ -215,8 +242,8 @@ def _from_native(hf: dict, image_token_id: int | None) -> InternVLConfig:
               ("vision_config.use_mask_token", vis.get("use_mask_token", False), False),
               ("vision_config.use_absolute_position_embeddings",
                vis.get("use_absolute_position_embeddings", True), True),
-              ("vision_feature_select_strategy", hf.get("vision_feature_select_strategy", "default"),
-               "default"),
+              ("vision_feature_select_strategy",
+               hf.get("vision_feature_select_strategy", "default"), "default"),
               ("projector_hidden_act", hf.get("projector_hidden_act", "gelu"), "gelu")]
     for key, got, want in checks:
         if got != want:
@@ -224,23 +251,11 @@ def _from_native(hf: dict, image_token_id: int | None) -> InternVLConfig:
     layer = hf.get("vision_feature_layer", -1)
     if not isinstance(layer, int):
         raise ConfigError(f"vision_feature_layer={layer!r} is not supported (a single layer only)")
-    vision = InternVisionConfig(
-        hidden_size=_need(vis, "hidden_size", "vision_config"),
-        intermediate_size=_need(vis, "intermediate_size", "vision_config"),
-        num_hidden_layers=_need(vis, "num_hidden_layers", "vision_config"),
-        num_attention_heads=_need(vis, "num_attention_heads", "vision_config"),
-        norm_type=vis.get("norm_type", "layer_norm"),  # defaults: transformers' InternVLVisionConfig
-        layer_norm_eps=vis.get("layer_norm_eps", 1e-6),
-        qkv_bias=vis.get("attention_bias", False),
-        qk_normalization=vis.get("use_qk_norm", False),
-        image_size=_square(vis.get("image_size", 448), "image_size"),
-        patch_size=_square(vis.get("patch_size", 14), "patch_size"),
-        num_channels=vis.get("num_channels", 3),
-        hidden_act=vis.get("hidden_act", "gelu"))
+    vision = _vision_config(vis, "native")
     # transformers 5 ties on the top-level flag; configs without it fall back to the text one's
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return InternVLConfig(text=_llm_config(dict(text, tie_word_embeddings=tie), llm_arch, "text_config"),
-                          vision=vision, llm_arch=llm_arch,
+    text = _llm_config(dict(text, tie_word_embeddings=tie), llm_arch, "text_config")
+    return InternVLConfig(text=text, vision=vision, llm_arch=llm_arch,
                           downsample_ratio=hf.get("downsample_ratio", 0.5),
                           image_token_id=(image_token_id if image_token_id is not None
                                           else hf.get("image_token_id", 151667)),
@@ -248,34 +263,22 @@ def _from_native(hf: dict, image_token_id: int | None) -> InternVLConfig:
 
 
 def _llm_config(d: dict, llm_arch: str, where: str) -> LLMConfig:
+    """Qwen2, InternLM2 (remote code) or Llama (InternLM2 in transformers) text config."""
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{where}.hidden_act={d['hidden_act']!r} is not supported (only silu)")
     for key in ("bias", "attention_bias", "mlp_bias"):  # InternLM2, Llama
         if d.get(key):
             raise ConfigError(f"{where}.{key}=true is not supported")
-    if d.get("use_sliding_window"):
-        raise ConfigError(f"{where}.use_sliding_window=true is not supported")
-    rope = dict(d.get("rope_parameters") or {})
-    rope.update(d.get("rope_scaling") or {})
+    rope = dict(d.get("rope_parameters") or {}, **(d.get("rope_scaling") or {}))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "dynamic":
         warnings.warn(f"{where}: dynamic NTK rope scaling is not implemented; it only acts beyond "
                       f"max_position_embeddings={d.get('max_position_embeddings')}, so longer "
-                      "sequences would not match the reference", stacklevel=3)
+                      "sequences would not match the reference", stacklevel=4)
     elif kind != "default":
         raise ConfigError(f"{where}: rope scaling {kind!r} is not supported")
-    heads, hidden = _need(d, "num_attention_heads", where), _need(d, "hidden_size", where)
-    head_dim = d.get("head_dim")
-    return LLMConfig(
-        vocab_size=_need(d, "vocab_size", where),
-        hidden_size=hidden,
-        intermediate_size=_need(d, "intermediate_size", where),
-        num_hidden_layers=_need(d, "num_hidden_layers", where),
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=None if head_dim == hidden // heads else head_dim,
-        rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=d.get("tie_word_embeddings", False),
-        qkv_bias=llm_arch == "qwen2",
-        max_position_embeddings=d.get("max_position_embeddings", 32768))
+    cfg = llm_config_from_hf({k: v for k, v in d.items() if k != "rope_scaling"}, where,
+                             qkv_bias=llm_arch == "qwen2")
+    if cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads:
+        cfg.head_dim = None  # the default, as the chat format leaves it
+    return cfg
