@@ -7,6 +7,7 @@ call that runs a batch through a chunk. Adding a model means adding one entry he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,7 @@ from eureka_megatron.config import ConfigError
 class Family:
     name: str
     model_types: tuple[str, ...]
-    config_from_hf: Callable[[dict], Any]
+    config_from_hf: Callable[[dict, Path | None], Any]  # (config.json, dir with tokenizer files)
     detect_layout: Callable[[set[str]], str]
     mapping: Callable[[Any, str], Any]          # (cfg, layout) -> Mapping
     build_chunks: Callable[[Any, Any], list]    # (cfg, ParallelConfig) -> chunks
@@ -28,7 +29,7 @@ class Family:
 
 # --- Qwen2 / Qwen2.5 (text) -------------------------------------------------------------------
 
-def _qwen2_config(hf: dict):
+def _qwen2_config(hf: dict, directory: Path | None = None):
     from eureka_megatron.convert.qwen2 import llm_config_from_hf
 
     return llm_config_from_hf(hf)
@@ -70,7 +71,7 @@ def _text_call(cfg, chunk, mb):
 
 # --- Qwen2.5-VL ---------------------------------------------------------------------------------
 
-def _qwen2_5_vl_config(hf: dict):
+def _qwen2_5_vl_config(hf: dict, directory: Path | None = None):
     from eureka_megatron.convert.qwen2_5_vl import config_from_hf
 
     return config_from_hf(hf)
@@ -112,10 +113,20 @@ def _qwen2_5_vl_call(cfg, chunk, mb):
 
 # --- InternVL -----------------------------------------------------------------------------------
 
-def _internvl_config(hf: dict):
-    from eureka_megatron.convert.internvl import config_from_hf
+def _internvl_config(hf: dict, directory: Path | None = None):
+    """internvl_chat configs do not store the <IMG_CONTEXT> id; the tokenizer config does."""
+    import json
 
-    return config_from_hf(hf)
+    from eureka_megatron.convert.internvl import config_from_hf, image_token_id_from_tokenizer
+
+    token = None
+    tok = Path(directory) / "tokenizer_config.json" if directory else None
+    if hf.get("model_type") == "internvl_chat":
+        if tok is None or not tok.is_file():
+            raise ConfigError(f"{tok or 'tokenizer_config.json'} is missing: internvl_chat "
+                              "checkpoints keep the <IMG_CONTEXT> token id there")
+        token = image_token_id_from_tokenizer(json.loads(tok.read_text()))
+    return config_from_hf(hf, image_token_id=token)
 
 
 def _internvl_layout(names):

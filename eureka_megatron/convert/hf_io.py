@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable
-
 import torch
 
 INDEX = "model.safetensors.index.json"
@@ -71,10 +69,11 @@ class HFCheckpoint:
         header, base = self._header(path)
         entry = header[name]
         start, end = entry["data_offsets"]
+        blob = bytearray(end - start)
         with open(path, "rb") as f:
             f.seek(base + start)
-            blob = bytearray(f.read(end - start))
-        if len(blob) != end - start:
+            got = f.readinto(blob)
+        if got != end - start:
             raise HFCheckpointError(f"{path} is truncated (reading {name})")
         dtype = _ST_DTYPES.get(entry["dtype"])
         if dtype is None:
@@ -133,51 +132,75 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return out
 
 
-class ShardedSafetensorsWriter:
-    """Write (name, tensor) pairs into `model-0000i-of-0000n.safetensors` shards of at most
-    `max_bytes`, holding one shard in memory; `finish()` renames the shards and writes the index."""
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-    def __init__(self, directory: Path, max_bytes: int = 5 << 30, metadata: dict | None = None):
+
+class ShardedSafetensorsWriter:
+    """Write tensors straight into `model-0000i-of-0000n.safetensors` shards of at most
+    `max_bytes` (one `model.safetensors` if it fits), holding one tensor in memory at a time.
+
+    safetensors puts the header first, so the writer takes the `plan` -- every (name, shape,
+    dtype) in the order they will be added -- up front, e.g. from a meta-tensor pass of the
+    mapping; `add` then checks each tensor against it.
+    """
+
+    def __init__(self, directory: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_bytes: int = 5 << 30, metadata: dict | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
         self.metadata = metadata or {"format": "pt"}
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
-        self._files: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
+        groups, size = [[]], 0
+        for name, shape, dtype in plan:
+            n = torch.Size(shape).numel() * dtype.itemsize
+            if groups[-1] and size + n > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype, n))
+            size += n
+        count = len(groups)
+        self._files = [SINGLE] if count == 1 else [
+            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self._groups = groups
+        self._order = [(g, e) for g, group in enumerate(groups) for e in group]
+        self._next = 0
+        self._f = None
+        self.total_bytes = sum(e[3] for _, e in self._order)
+
+    def _open(self, g: int) -> None:
+        if self._f is not None:
+            self._f.close()
+        header, offset = {"__metadata__": self.metadata}, 0
+        for name, shape, dtype, n in self._groups[g]:
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(self.dir / self._files[g], "wb")
+        self._f.write(len(raw).to_bytes(8, "little"))
+        self._f.write(raw)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        n = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + n > self.max_bytes:
-            self._flush()
-        self._buf[name] = tensor.contiguous()
-        self._buf_bytes += n
-        self.total_bytes += n
-
-    def add_all(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, t in pairs:
-            self.add(name, t)
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        name = f"part-{len(self._files):05d}.safetensors"
-        save_file(self._buf, str(self.dir / name), metadata=self.metadata)
-        self._files.append((name, list(self._buf)))
-        self._buf, self._buf_bytes = {}, 0
+        if self._next >= len(self._order):
+            raise ValueError(f"{name}: more tensors than planned")
+        g, (want, shape, dtype, _) = self._order[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (want, shape, dtype):
+            raise ValueError(f"expected {want} {shape} {dtype}, got {name} "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        if self._next == 0 or self._order[self._next - 1][0] != g:
+            self._open(g)
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if t.numel():
+            self._f.write(memoryview(t.view(torch.uint8).numpy()))
+        self._next += 1
 
     def finish(self) -> None:
-        if self._buf or not self._files:
-            self._flush()
-        if len(self._files) == 1:
-            (self.dir / self._files[0][0]).rename(self.dir / SINGLE)
-            return
-        n = len(self._files)
-        weight_map = {}
-        for i, (tmp, names) in enumerate(self._files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.dir / tmp).rename(self.dir / final)
-            weight_map.update({k: final for k in names})
-        (self.dir / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))
+        if self._next != len(self._order):
+            raise ValueError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if len(self._files) > 1:
+            weight_map = {e[0]: self._files[g] for g, e in self._order}
+            (self.dir / INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))

@@ -151,7 +151,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = 
     t0 = time.perf_counter()
     src = HFCheckpoint(hf_dir)
     fam = family_for(src.config, str(Path(hf_dir) / "config.json"))
-    cfg = fam.config_from_hf(src.config)
+    cfg = fam.config_from_hf(src.config, src.dir)
     layout = fam.detect_layout(src.names)
     mapping = fam.mapping(cfg, layout)
     cast = _dtype(dtype)
@@ -212,7 +212,7 @@ def read_conversion(megatron_dir: Path, hf_config_dir: str | Path | None = None)
     fam = family_for(hf_config, str(config_file))
     info_file = megatron_dir / CONVERSION
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    return fam, fam.config_from_hf(hf_config), info.get("layout"), side
+    return fam, fam.config_from_hf(hf_config, side), info.get("layout"), side
 
 
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
@@ -244,10 +244,15 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, dtype: str | N
     if wrong:
         raise MappingError(f"the config does not match {mdir}: {_listing(wrong, 6)}")
 
+    def meta(mkey):
+        return torch.empty(reader.shape(mkey[0])[len(mkey[1]):], device="meta",
+                           dtype=cast or reader.dtype(mkey[0]))
+
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in mapping.iter_hf(meta)]
     out = Path(out_dir)
     tmp = _prepare_out(out, force)
     try:
-        writer = ShardedSafetensorsWriter(tmp, max_bytes=max_shard_bytes)
+        writer = ShardedSafetensorsWriter(tmp, plan, max_bytes=max_shard_bytes)
         entries = list(mapping.entries())
         bar = _progress(len(entries), "megatron -> hf", progress)
 

@@ -1,0 +1,168 @@
+"""`bench convert`: time and peak memory of both converters on synthetic checkpoints with the real
+layer shapes of Qwen2.5-VL-7B and InternVL2.5-38B.
+
+The synthetic HF directory is written from the hub config (names and shapes come from our own
+mapping run backwards on the model's meta-device skeleton), in 5 GB bf16 shards like the hub's.
+Each conversion runs as a separate `eureka-megatron convert` process, so its peak RSS (largest
+process, including the meta-device model it spawns) is measured cleanly. Models too large for the
+disk are built with fewer layers, and the full-model time is extrapolated by size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+QWEN2_5_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "image_token_id": 151655, "vision_start_token_id": 151652,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
+}
+
+INTERNVL2_5_38B = {
+    "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+    "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2", "template": "internvl2_5",
+    "force_image_size": 448, "torch_dtype": "bfloat16",
+    "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                   "vocab_size": 151674, "hidden_size": 5120, "intermediate_size": 27648,
+                   "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+                      "hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 45,
+                      "num_attention_heads": 25, "norm_type": "rms_norm", "layer_norm_eps": 1e-6,
+                      "qkv_bias": False, "qk_normalization": True, "image_size": 448,
+                      "patch_size": 14, "num_channels": 3, "hidden_act": "gelu",
+                      "torch_dtype": "bfloat16"},
+}
+
+# InternVL chat checkpoints keep the <IMG_CONTEXT> id in the tokenizer config
+TOKENIZER_CONFIG = {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>", "special": True}}}
+
+# (name, hub config, LLM layer key path, vision layer key path)
+PRESETS = {
+    "Qwen2.5-VL-7B": (QWEN2_5_VL_7B, ("num_hidden_layers",), ("vision_config", "depth")),
+    "InternVL2.5-38B": (INTERNVL2_5_38B, ("llm_config", "num_hidden_layers"),
+                        ("vision_config", "num_hidden_layers")),
+}
+
+
+def _get(d: dict, path):
+    for k in path:
+        d = d[k]
+    return d
+
+
+def _set(d: dict, path, value) -> None:
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+def model_bytes(config: dict, directory: Path) -> int:
+    """bf16 size of the model `config` describes (from its meta-device skeleton)."""
+    from eureka_megatron.convert.families import family_for
+    from eureka_megatron.convert.run import model_skeleton
+
+    fam = family_for(config)
+    skeleton = model_skeleton(fam, fam.config_from_hf(config, directory))
+    return sum(2 * torch.Size(shape).numel() for shape, _ in skeleton.tensors.values())
+
+
+def write_synthetic(config: dict, out: Path, shard_bytes: int = 5 << 30) -> int:
+    """A random bf16 HF checkpoint for `config`; returns its size in bytes."""
+    from eureka_megatron.convert.families import family_for
+    from eureka_megatron.convert.hf_io import ShardedSafetensorsWriter
+    from eureka_megatron.convert.run import model_skeleton
+
+    fam = family_for(config)
+    cfg = fam.config_from_hf(config, out)
+    layout = "chat" if config["model_type"] == "internvl_chat" else "disk"
+    skeleton = model_skeleton(fam, cfg)
+    mapping = fam.mapping(cfg, layout)
+    def meta(key):
+        shape, axes = skeleton.tensors[key[0]]
+        return torch.empty(shape[axes:], device="meta", dtype=torch.bfloat16)
+
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in mapping.iter_hf(meta)]
+    writer = ShardedSafetensorsWriter(out, plan, max_bytes=shard_bytes)
+    gen = torch.Generator().manual_seed(0)
+    for name, shape, dtype in plan:
+        writer.add(name, torch.rand(shape, generator=gen, dtype=dtype))
+    writer.finish()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return writer.total_bytes
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS GiB of the largest process) of a command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
+    return seconds, usage.ru_maxrss / 2**20  # the largest of the process and its children
+
+
+def run(quick: bool = False) -> tuple[list[dict], list[str]]:
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
+    cli = [sys.executable, "-m", "eureka_megatron.cli", "convert"]
+    try:
+        for name, (config, llm_path, vision_path) in PRESETS.items():
+            config = json.loads(json.dumps(config))
+            full = (_get(config, llm_path), _get(config, vision_path))
+            src, mg, back = work / "hf", work / "mg", work / "back"
+            src.mkdir()
+            (src / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+            full_bytes = model_bytes(config, src)
+            # 38B (77 GB in bf16) does not fit a workstation disk three times: fewer layers.
+            layers = (2, 2) if quick else (full if name == "Qwen2.5-VL-7B" else (8, 6))
+            _set(config, llm_path, layers[0])
+            _set(config, vision_path, layers[1])
+            if name == "Qwen2.5-VL-7B":  # full attention blocks must exist in the shorter tower
+                config["vision_config"]["fullatt_block_indexes"] = [
+                    i for i in config["vision_config"]["fullatt_block_indexes"] if i < layers[1]]
+            (src / "config.json").write_text(json.dumps(config))
+            t0 = time.perf_counter()
+            # in a child process: a forked converter would inherit (and report) this one's RSS
+            subprocess.run([sys.executable, "-m", "eureka_megatron.bench.convert", str(src)],
+                           check=True)
+            size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            print(f"[bench convert] {name}: synthetic {size / 2**30:.1f} GiB in "
+                  f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            to_mg = _timed(cli + ["hf-to-megatron", "--hf", str(src), "--out", str(mg), "--quiet"])
+            to_hf = _timed(cli + ["megatron-to-hf", "--megatron", str(mg), "--out", str(back), "--quiet"])
+            scale = full_bytes / size
+            for direction, (secs, peak) in (("hf -> megatron", to_mg), ("megatron -> hf", to_hf)):
+                rows.append({"model": name, "layers (LLM+ViT)": f"{layers[0]}+{layers[1]}",
+                             "direction": direction, "size (GiB)": round(size / 2**30, 2),
+                             "seconds": round(secs, 1), "GiB/s": round(size / 2**30 / secs, 3),
+                             "peak RSS (GiB)": round(peak, 2),
+                             "full model (s, est.)": round(secs * scale, 0)})
+            for d in (src, mg, back):
+                shutil.rmtree(d, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows, list(rows[0])
+
+
+if __name__ == "__main__":  # python -m eureka_megatron.bench.convert DIR (with DIR/config.json)
+    directory = Path(sys.argv[1])
+    write_synthetic(json.loads((directory / "config.json").read_text()), directory)
