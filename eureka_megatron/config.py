@@ -182,6 +182,10 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     nproc: int = 1  # world size; DP = nproc / (TP * PP)
     bf16: bool = False  # Float16Module + bf16 params (GPU); CPU runs default to fp32
+    # Uneven LLM split: decoder layers on the first / last pipeline stage (the rest are spread
+    # evenly); e.g. fewer on the first stage, which also runs the vision tower. None: even.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     @property
     def dp(self) -> int:
@@ -277,14 +281,41 @@ def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:
         raise ConfigError(f"parallel.virtual_pipeline must be >= 2 or null, got {vpp}")
     if vpp and pp < 2:
         raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+    first, last = par.first_stage_layers, par.last_stage_layers
+    if first is not None or last is not None:
+        _validate_uneven_split(model.num_hidden_layers, pp, vpp, first, last)
+        return _validate_vocab(model, tp)
     stages = pp * (vpp or 1)
     if model.num_hidden_layers % stages:
         raise ConfigError(
             f"model.num_hidden_layers={model.num_hidden_layers} is not divisible by the "
             f"{stages} pipeline stages (PP={pp}" + (f" x VPP={vpp})" if vpp else ")"))
+    _validate_vocab(model, tp)
+
+
+def _validate_vocab(model: LLMConfig, tp: int) -> None:
     if model.padded_vocab_size % tp:
         raise ConfigError(f"padded vocab {model.padded_vocab_size} is not divisible by TP={tp}: "
                           "raise model.make_vocab_size_divisible_by")
+
+
+def _validate_uneven_split(layers: int, pp: int, vpp: int | None, first: int | None,
+                           last: int | None) -> None:
+    if pp < 2:
+        raise ConfigError("parallel.first_stage_layers / last_stage_layers need pipeline_parallel >= 2")
+    if vpp:
+        raise ConfigError("an uneven pipeline split (parallel.first_stage_layers / "
+                          "last_stage_layers) cannot be combined with virtual_pipeline")
+    for name, v in (("first_stage_layers", first), ("last_stage_layers", last)):
+        if v is not None and v < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {v}")
+    rest = layers - (first or 0) - (last or 0)
+    stages = pp - (first is not None) - (last is not None)
+    if rest < stages or (stages == 0 and rest) or (stages and rest % stages):
+        raise ConfigError(
+            f"cannot split {layers} LLM layers over {pp} pipeline stages with "
+            f"first_stage_layers={first}, last_stage_layers={last}: the remaining {rest} layers "
+            f"must divide evenly over the other {stages} stages")
 
 
 # --- loading -------------------------------------------------------------------------------

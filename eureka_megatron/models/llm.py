@@ -64,6 +64,9 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
         # swaps activations and gradients of the same shape. Ordered p2p ops avoid that.
         batch_p2p_comm=torch.cuda.is_available(),
     )
+    if overrides.get("pipeline_model_parallel_size", par.pipeline_parallel) > 1:
+        fields.update(num_layers_in_first_pipeline_stage=par.first_stage_layers,
+                      num_layers_in_last_pipeline_stage=par.last_stage_layers)
     fields.update(overrides)
     return TransformerConfig(**fields)
 

@@ -72,35 +72,52 @@ def block_diagonal_mask(bounds: torch.Tensor, n: int, device=None) -> torch.Tens
 
 def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                        image_token_id: int, merge: int,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None,
+                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Qwen2.5-VL's 3D positions [3, B, S]: text counts up on all three axes; an image's tokens
     take (t, row, col) offsets from the running position, which then advances by the longer side
-    of its merged grid. Padding (attention_mask 0) gets position 0 and is skipped."""
+    of its merged grid. Padding (attention_mask 0) gets position 0 and is skipped.
+
+    Packed sequences: with `cu_seqlens` (cumulative sample boundaries of a [1, S] row, as in
+    megatron's THD packing) every sample starts again from position 0, exactly as if it were
+    alone; images are consumed in order across samples."""
     B, S = input_ids.shape
     pos = torch.zeros(3, B, S, dtype=torch.long)
     grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens describes one packed row; input_ids has {B} rows")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] > S or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens {bounds} is not increasing from 0 to at most {S}")
+        for a, b in zip(bounds, bounds[1:]):
+            pos[:, 0, a:b] = _row_positions(input_ids[0, a:b], grids, image_token_id, merge)
+        return pos
     for b in range(B):
         keep = attention_mask[b].bool() if attention_mask is not None else torch.ones(S, dtype=torch.bool)
-        ids = input_ids[b][keep]
-        cols, cur, i = [], 0, 0
-        while i < len(ids):
-            if ids[i] == image_token_id:
-                t, h, w = next(grids)
-                gh, gw = h // merge, w // merge
-                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw),
-                                            indexing="ij")
-                cols.append(torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + cur)
-                i += t * gh * gw
-                cur += max(gh, gw)
-            else:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
-                cols.append(torch.arange(cur, cur + j - i).expand(3, -1))
-                cur += j - i
-                i = j
-        pos[:, b, keep] = torch.cat(cols, dim=1) if cols else pos[:, b, keep]
+        pos[:, b, keep] = _row_positions(input_ids[b][keep], grids, image_token_id, merge)
     return pos
+
+
+def _row_positions(ids: torch.Tensor, grids, image_token_id: int, merge: int) -> torch.Tensor:
+    cols, cur, i = [], 0, 0
+    while i < len(ids):
+        if ids[i] == image_token_id:
+            t, h, w = next(grids)
+            gh, gw = h // merge, w // merge
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw),
+                                        indexing="ij")
+            cols.append(torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + cur)
+            i += t * gh * gw
+            cur += max(gh, gw)
+        else:
+            j = i
+            while j < len(ids) and ids[j] != image_token_id:
+                j += 1
+            cols.append(torch.arange(cur, cur + j - i).expand(3, -1))
+            cur += j - i
+            i = j
+    return torch.cat(cols, dim=1) if cols else torch.zeros(3, 0, dtype=torch.long)
 
 
 # --- the vision tower ----------------------------------------------------------------------

@@ -92,6 +92,20 @@ def test_mrope_positions_match_transformers():
     assert torch.equal(ours, ref)
 
 
+def test_packed_mrope_positions_equal_each_sample_alone():
+    """Two samples packed in one row (THD): each gets the positions transformers gives it alone."""
+    cfg = our_config()
+    hf = hf_model(cfg)
+    input_ids, _ = batch()
+    s0, s1 = input_ids[0, :20], input_ids[1]
+    packed = torch.cat([s0, s1])[None]
+    cu = torch.tensor([0, len(s0), len(s0) + len(s1)])
+    ours = vl.mrope_position_ids(packed, GRIDS, IMAGE, 2, cu_seqlens=cu)
+    alone = [hf.model.get_rope_index(s[None], (s[None] == IMAGE).int(), g[None])[0]
+             for s, g in ((s0, GRIDS[0]), (s1, GRIDS[1]))]
+    assert torch.equal(ours, torch.cat(alone, dim=2))
+
+
 def megatron_logits(cfg, par, tensors, mb):
     """Rank function: our Qwen2.5-VL from `tensors`, forward one micro-batch, full logits."""
     from eureka_megatron.runtime.distributed import init_distributed
@@ -105,9 +119,10 @@ def megatron_logits(cfg, par, tensors, mb):
     return (logits[..., :VOCAB] if logits is not None else None), used
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)],
-                         ids=["tp1", "tp2", "pp2", "tp2_pp2"])
-def test_logits_match_transformers(tp, pp):
+@pytest.mark.parametrize("tp,pp,first", [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None),
+                                         (1, 2, 1)],
+                         ids=["tp1", "tp2", "pp2", "tp2_pp2", "pp2_uneven_1_3"])
+def test_logits_match_transformers(tp, pp, first):
     cfg = our_config()
     hf = hf_model(cfg)
     input_ids, pixels = batch()
@@ -118,7 +133,8 @@ def test_logits_match_transformers(tp, pp):
     tensors = qwen2_5_vl_mapping(cfg, layout="memory").to_megatron(sd.__getitem__)
     mb = {"input_ids": input_ids, "pixel_values": pixels, "image_grid_thw": GRIDS,
           "position_ids": vl.mrope_position_ids(input_ids, GRIDS, IMAGE, 2)}
-    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp)
+    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp,
+                         first_stage_layers=first)  # vision + 1 LLM layer | 3 LLM layers
     results = launch(megatron_logits, tp * pp, cfg, par, tensors, mb)
     logits = next(r[0] for r in results if r[0] is not None)
     assert set().union(*(r[1] for r in results)) == set(tensors)

@@ -176,3 +176,38 @@ def test_qwen2_tied_text_model(tmp_path):
     assert convert("megatron-to-hf", "--megatron", tmp_path / "mg", "--out", tmp_path / "back") == 0
     a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name,tp,pp", [("vit6b", 2, 1), ("internlm2", 1, 2)],
+                         ids=["native_qknorm_padded_heads_tp2", "chat_internlm2_pp2"])
+def test_internvl_convert_forward_and_back(name, tp, pp, tmp_path):
+    """InternVL through the commands: the HF-native format (a qk-norm tower whose 5 heads are
+    padded to 8, so TP2 works) and the original internvl_chat format with an InternLM2 LLM."""
+    from tests.dist.test_internvl import (IMAGE as IMG, batch as vl_batch, chat_config_json,
+                                          chat_state_dict, hf_model as internvl_hf,
+                                          our_config as internvl_config, reference)
+
+    cfg = internvl_config(name)
+    model = internvl_hf(cfg)
+    src = tmp_path / "src"
+    if name == "internlm2":  # the original format, written by the test's own converter
+        src.mkdir()
+        save_file(chat_state_dict(model.state_dict(), cfg), str(src / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (src / "config.json").write_text(json.dumps(chat_config_json(cfg)))
+        (src / "tokenizer_config.json").write_text(json.dumps(
+            {"added_tokens_decoder": {str(IMG): {"content": "<IMG_CONTEXT>", "special": True}}}))
+    else:
+        model.save_pretrained(src)
+    input_ids, pixels, _ = vl_batch()
+    ref, _ = reference(model, input_ids, pixels)
+    torch.save({"input_ids": input_ids, "pixel_values": pixels}, tmp_path / "in.pt")
+
+    assert convert("hf-to-megatron", "--hf", src, "--out", tmp_path / "mg") == 0
+    assert main(["forward", "--megatron", str(tmp_path / "mg"), "--inputs", str(tmp_path / "in.pt"),
+                 "--out", str(tmp_path / "out.pt"), "--tp", str(tp), "--pp", str(pp)]) == 0
+    logits = torch.load(tmp_path / "out.pt")["logits"]
+    assert (logits - ref).abs().max() / ref.abs().max() < 1e-5
+    assert convert("megatron-to-hf", "--megatron", tmp_path / "mg", "--out", tmp_path / "back") == 0
+    a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

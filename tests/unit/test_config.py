@@ -22,6 +22,11 @@ def test_defaults_and_overrides(tmp_path):
     (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4", "parallel.nproc=2"],
      "num_hidden_layers=4 is not divisible by the 8 pipeline stages"),
     (["parallel.virtual_pipeline=2"], "needs parallel.pipeline_parallel >= 2"),
+    (["parallel.first_stage_layers=2"], "need pipeline_parallel >= 2"),
+    (["parallel.pipeline_parallel=2", "parallel.nproc=2", "parallel.first_stage_layers=4"],
+     "remaining 0 layers must divide evenly over the other 1 stages"),
+    (["parallel.pipeline_parallel=3", "parallel.nproc=3", "parallel.first_stage_layers=1"],
+     "remaining 3 layers must divide evenly over the other 2 stages"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], "global_batch_size=6 must be divisible"),
     (["model.hidden_sise=3"], "unknown config key model.hidden_sise"),
     (["train.steps=many"], "train.steps: expected an integer"),
@@ -45,3 +50,9 @@ def test_missing_and_malformed_files(tmp_path):
 def test_padded_vocab_is_tp_independent():
     cfg = load_config(None, ["model.vocab_size=151655"])
     assert cfg.model.padded_vocab_size == 151680 and cfg.model.padded_vocab_size % 8 == 0
+
+
+def test_uneven_pipeline_split_is_accepted():
+    cfg = load_config(None, ["parallel.pipeline_parallel=3", "parallel.nproc=3",
+                             "parallel.first_stage_layers=2", "model.num_hidden_layers=6"])
+    assert cfg.parallel.first_stage_layers == 2
