@@ -97,16 +97,19 @@ def _check_names(mapping, available: set[str], where: str) -> None:
         raise MappingError("; ".join(problems))
 
 
-def _check_megatron_keys(mapping, skeleton: Skeleton) -> None:
-    produced = {key for _, _, (key, _), _ in mapping.entries()}
-    expected = set(skeleton.tensors)
+def _check_key_sets(produced: set, present: set, lacking: str, unmapped: str) -> None:
+    """Mapped megatron keys vs the keys a model (or checkpoint) has, both ways, listing names."""
     problems = []
-    if expected - produced:
-        problems.append(f"the model has tensors no rule produces: {_listing(expected - produced)}")
-    if produced - expected:
-        problems.append(f"rules produce tensors the model lacks: {_listing(produced - expected)}")
+    if produced - present:
+        problems.append(f"{lacking}: {_listing(produced - present)}")
+    if present - produced:
+        problems.append(f"{unmapped}: {_listing(present - produced)}")
     if problems:
         raise MappingError("; ".join(problems))
+
+
+def _megatron_keys(mapping) -> set[str]:
+    return {key for _, _, (key, _), _ in mapping.entries()}
 
 
 def _expected_shape(skeleton: Skeleton, key: str) -> tuple[int, ...]:
@@ -159,7 +162,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = 
     # -- every check before any byte is written ---------------------------------------------
     _check_names(mapping, src.names, str(hf_dir))
     skeleton = model_skeleton(fam, cfg)
-    _check_megatron_keys(mapping, skeleton)
+    _check_key_sets(_megatron_keys(mapping), set(skeleton.tensors),
+                    "rules produce tensors the model lacks", "the model has tensors no rule produces")
     shapes = {n: src.shape(n) for n in src.names}
     for (key, layer), t in mapping.iter_megatron(lambda n: torch.empty(shapes[n], device="meta")):
         want = _expected_shape(skeleton, key)
@@ -229,15 +233,10 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, dtype: str | N
     mapping = fam.mapping(cfg, layout)
     cast = _dtype(dtype)
 
-    produced = {key for _, _, (key, _), _ in mapping.entries()}
+    produced = _megatron_keys(mapping)
     model_keys = {k for k in reader.tensors if not k.startswith(("optimizer.", "rng_state"))}
-    problems = []
-    if produced - model_keys:
-        problems.append(f"{mdir} lacks tensors the mapping needs: {_listing(produced - model_keys)}")
-    if model_keys - produced:
-        problems.append(f"{mdir} has tensors no rule maps: {_listing(model_keys - produced)}")
-    if problems:
-        raise MappingError("; ".join(problems))
+    _check_key_sets(produced, model_keys, f"{mdir} lacks tensors the mapping needs",
+                    f"{mdir} has tensors no rule maps")
     skeleton = model_skeleton(fam, cfg)
     wrong = [f"{k} {reader.shape(k)} (config.json gives {skeleton.tensors[k][0]})"
              for k in sorted(produced) if reader.shape(k) != skeleton.tensors[k][0]]

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from eureka_megatron.config import (ConfigError, InternVisionConfig, InternVLConfig, LLMConfig,
                                     ParallelConfig, validate_layout)
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
+from eureka_megatron.models.vlm import embed_with_images
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -288,18 +289,10 @@ class InternVLModel(MegatronModule):
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, labels=None):
         decoder_input = None
         if self.pre_process:
-            emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
-            if pixel_values is not None:
-                images = self.image_embeddings(pixel_values).to(emb.dtype)
-                slots = input_ids == self.cfg.image_token_id
-                if int(slots.sum()) != images.shape[0]:
-                    raise ValueError(
-                        f"{int(slots.sum())} image tokens (id {self.cfg.image_token_id}) in "
-                        f"input_ids but {pixel_values.shape[0]} tiles give {images.shape[0]} "
-                        "embeddings")
-                bsh = emb.transpose(0, 1).masked_scatter(slots[..., None], images)
-                emb = bsh.transpose(0, 1).contiguous()
-            decoder_input = emb
+            images = self.image_embeddings(pixel_values) if pixel_values is not None else None
+            decoder_input = embed_with_images(
+                self.language_model, input_ids, self.cfg.image_token_id, images,
+                f"{pixel_values.shape[0]} tiles" if pixel_values is not None else "")
         return self.language_model(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
                                    labels=labels)

@@ -19,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from eureka_megatron.config import ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
+from eureka_megatron.models.vlm import embed_with_images
 
 
 # --- the index arithmetic of Qwen2.5-VL (pure functions, tested against transformers) ----------
@@ -274,16 +275,10 @@ class Qwen25VLModel(MegatronModule):
                 image_grid_thw=None, labels=None):
         decoder_input = None
         if self.pre_process:
-            emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
-            if pixel_values is not None:
-                images = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
-                slots = (input_ids == self.cfg.image_token_id)
-                if int(slots.sum()) != images.shape[0]:
-                    raise ValueError(f"{int(slots.sum())} image tokens in input_ids but the images "
-                                     f"give {images.shape[0]} embeddings")
-                bsh = emb.transpose(0, 1).masked_scatter(slots[..., None], images)
-                emb = bsh.transpose(0, 1).contiguous()
-            decoder_input = emb
+            images = (self.vision_model(pixel_values, image_grid_thw)
+                      if pixel_values is not None else None)
+            decoder_input = embed_with_images(self.language_model, input_ids,
+                                              self.cfg.image_token_id, images)
         return self.language_model(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
                                    labels=labels)
