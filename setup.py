@@ -36,7 +36,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["eureka_megatron", "eureka_megatron.*"]),
+    packages=find_packages(include=["eureka_megatron", "eureka_megatron.*"]) + ["eureka_megatron.kernels"],
+    package_dir={"eureka_megatron.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
         # NVIDIA apex is a from-source CUDA build (see README); the PyPI package "apex" is unrelated.
