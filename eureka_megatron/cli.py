@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_forward)
 
     b = sub.add_parser("bench", help="benchmarks that print markdown tables and write JSON")
-    b.add_argument("what", choices=["lm-step", "convert", "all"], help="which benchmark")
+    b.add_argument("what", choices=["lm-step", "kernels", "convert", "all"], help="which benchmark")
     b.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 4 min)")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     b.set_defaults(func=cmd_bench)
