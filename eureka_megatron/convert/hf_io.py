@@ -58,9 +58,6 @@ class HFCheckpoint:
     def names(self) -> set[str]:
         return set(self.weight_map)
 
-    def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
-
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read with plain file reads (no mmap: memory stays at this tensor)."""
         if name not in self.weight_map:

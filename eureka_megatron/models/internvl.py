@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from eureka_megatron.config import (ConfigError, InternVisionConfig, InternVLConfig, LLMConfig,
                                     ParallelConfig, validate_layout)
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
-from eureka_megatron.models.vlm import embed_with_images
+from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -104,40 +104,17 @@ class LayerScaledTransformerLayer(TransformerLayer):
         return bias_dropout_scale_add
 
 
-def vision_layer_spec(v: InternVisionConfig):
-    """megatron's local layer with layer scale, non-causal attention, optional full-width qk-norm."""
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.tensor_parallel import RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+def internvit_layer_spec(v: InternVisionConfig):
+    """The shared vision layer + layer scale, no mask, optional bias-free qkv, full-width qk-norm."""
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
     qk_norm = (ModuleSpec(module=FullWidthRMSNorm, params={"width": v.hidden_size})
                if v.qk_normalization else None)
-    return ModuleSpec(
-        module=LayerScaledTransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention, params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear if v.qkv_bias else ColumnParallelLinearNoBias,
-                    core_attention=DotProductAttention, linear_proj=RowParallelLinear,
-                    q_layernorm=qk_norm, k_layernorm=qk_norm)),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-            # checkpoint keys as with Transformer Engine's fused norm+linear layers
-            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
-        ),
-    )
+    return vision_layer_spec(
+        layer=LayerScaledTransformerLayer, attn_mask_type=AttnMaskType.no_mask,
+        linear_qkv=ColumnParallelLinear if v.qkv_bias else ColumnParallelLinearNoBias,
+        qk_norm=qk_norm)
 
 
 # --- the vision tower and the projector -------------------------------------------------------
@@ -160,7 +137,7 @@ class InternViT(MegatronModule):
         self.class_token = torch.nn.Parameter(torch.zeros(1, 1, v.hidden_size, dtype=dtype))
         self.position_embedding = torch.nn.Parameter(
             torch.randn(1, side * side + 1, v.hidden_size, dtype=dtype) * 0.02)
-        self.decoder = TransformerBlock(vcfg, vision_layer_spec(v), post_layer_norm=False,
+        self.decoder = TransformerBlock(vcfg, internvit_layer_spec(v), post_layer_norm=False,
                                         pre_process=True, post_process=False)
 
     def set_input_tensor(self, tensor) -> None:  # the tower never receives pipeline input

@@ -19,7 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from eureka_megatron.config import ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
-from eureka_megatron.models.vlm import embed_with_images
+from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
 
 
 # --- the index arithmetic of Qwen2.5-VL (pure functions, tested against transformers) ----------
@@ -122,39 +122,6 @@ def _row_positions(ids: torch.Tensor, grids, image_token_id: int, merge: int) ->
 
 
 # --- the vision tower ----------------------------------------------------------------------
-
-
-def vision_layer_spec():
-    """Megatron's local layer, non-causal with an explicit mask, RMSNorm."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention, params={"attn_mask_type": AttnMaskType.padding},
-                submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                                   core_attention=DotProductAttention,
-                                                   linear_proj=RowParallelLinear)),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-            # checkpoint keys as with Transformer Engine's fused norm+linear layers
-            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
-        ),
-    )
 
 
 class PatchEmbed(torch.nn.Module):

@@ -1,5 +1,5 @@
-"""What every VLM here does between its vision tower and its LLM: image embeddings replace the
-token embeddings at the image-token positions."""
+"""What the VLMs here share: the vision towers' layer spec, and the step between tower and LLM
+(image embeddings replace the token embeddings at the image-token positions)."""
 from __future__ import annotations
 
 import torch
@@ -18,3 +18,40 @@ def embed_with_images(language_model, input_ids: torch.Tensor, image_token_id: i
                          f"but {source} give {images.shape[0]} embeddings")
     bsh = emb.transpose(0, 1).masked_scatter(slots[..., None], images.to(emb.dtype))
     return bsh.transpose(0, 1).contiguous()
+
+
+def vision_layer_spec(layer=None, attn_mask_type=None, linear_qkv=None, qk_norm=None):
+    """megatron's local, non-causal layer for a vision tower: torch norms (RMSNorm or LayerNorm
+    from the config), column/row-parallel attention and MLP, checkpoint keys as with Transformer
+    Engine's fused norm+linear layers. Defaults: TransformerLayer, padding mask, qkv with bias,
+    no qk-norm."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    return ModuleSpec(
+        module=layer or TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type or AttnMaskType.padding},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=linear_qkv or ColumnParallelLinear,
+                    core_attention=DotProductAttention, linear_proj=RowParallelLinear,
+                    q_layernorm=qk_norm, k_layernorm=qk_norm)),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
