@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import numbers
 import os
 import signal
 import socket
@@ -75,13 +76,13 @@ def _named_scores(name: str, out: Any) -> dict[str, float]:
     """A function's result as {score name: float}; anything else is the function's error."""
     if isinstance(out, dict):
         items = out.items()
-    elif isinstance(out, (int, float)):  # bool included
+    elif isinstance(out, numbers.Real):  # bool and numpy scalars included
         items = [(name, out)]
     else:
         raise TypeError(f"{name} returned {type(out).__name__}; expected a dict of scores or a number")
     scores = {}
     for k, v in items:
-        if not isinstance(k, str) or not isinstance(v, (int, float)):
+        if not isinstance(k, str) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} returned score {k!r}: {v!r}; expected str -> number")
         scores[k] = float(v)
     return scores
@@ -351,8 +352,12 @@ class RewardPool:
             w.task, w.task_id = i, self._next_task_id
             try:
                 w.conn.send((w.task_id, responses[i], answers[i], metas[i]))
-            except (OSError, ValueError):
+            except OSError:
                 pass  # the dead worker is noticed by _collect, which retries the sample
+            except Exception as e:  # noqa: BLE001 -- pickling: nothing was written
+                w.task = None
+                raise TypeError(f"reward sample {i} cannot be sent to a worker (responses, answers "
+                                f"and metas must pickle): {type(e).__name__}: {e}") from e
             w.deadline = time.monotonic() + self.timeout
 
     def _collect(self, w: _Worker, ready, pending, results, errors, attempts, counters) -> None:

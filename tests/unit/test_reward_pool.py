@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -62,6 +63,12 @@ def test_empty_batch_and_mismatched_lengths(pool):
         pool.score(["a", "b", "c"], ["a", "b"])
     with pytest.raises(ValueError, match="1 metas"):
         pool.score(["a", "b"], ["a", "b"], metas=[{}])
+
+
+def test_unpicklable_meta_is_a_clear_error(pool):
+    with pytest.raises(TypeError, match="reward sample 1 cannot be sent"):
+        pool.score(["a", "b"], ["a", "b"], metas=[{}, {"lock": threading.Lock()}])
+    assert pool.score(["a", "bb"], ["a", "x"]).total == [1001.0, 2.0]
 
 
 def test_timeouts_score_zero_and_pool_keeps_serving(pool):
