@@ -229,6 +229,91 @@ class CheckpointConfig:
     load: str | None = None  # a run dir (uses its `latest`) or one step_* dir
 
 
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce++")
+POLICY_LOSSES = ("ppo", "gspo", "cpgd")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm: advantage estimator, online filter, policy loss, KL, entropy, shaping.
+
+    Defaults are MM-Eureka-Qwen's recipe (GRPO, online filter [0.1, 0.9], eps 0.2, ratio cap 3,
+    no KL) with a token-mean loss; see docs in `eureka_megatron/algo/`.
+    """
+
+    estimator: str = "grpo"  # grpo | dr_grpo | rloo | reinforce++
+    online_filter: bool = True  # keep groups whose mean accuracy lies in [filter_low, filter_high]
+    filter_low: float = 0.1
+    filter_high: float = 0.9
+    loss: str = "ppo"  # ppo (clip, clip-higher, dual clip) | gspo (sequence ratio) | cpgd
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher (e.g. 0.28)
+    dual_clip: float | None = 3.0  # ppo/gspo: cap -A*ratio for A < 0 (MM-Eureka's ratio cap 3)
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.0
+    kl_type: str = "k3"  # k1 | k2 | k3
+    kl_in: str = "loss"  # loss: a loss term | reward: subtracted from each sequence's reward
+    entropy_coef: float = 0.0
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0 = off
+    overlong_factor: float = 1.0
+    cpgd_drift_coef: float = 0.01  # CPGD policy-drift weight and ratio clip (MM-Eureka defaults)
+    cpgd_drift_clip: float = 2.0
+
+    def validate(self) -> "AlgoConfig":
+        for name, value, allowed in (("estimator", self.estimator, ESTIMATORS),
+                                     ("loss", self.loss, POLICY_LOSSES),
+                                     ("agg", self.agg, LOSS_AGGS),
+                                     ("kl_type", self.kl_type, KL_ESTIMATORS),
+                                     ("kl_in", self.kl_in, ("loss", "reward"))):
+            if value not in allowed:
+                raise ConfigError(f"algo.{name}={value!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.filter_low <= self.filter_high <= 1.0:
+            raise ConfigError(f"algo.filter_low={self.filter_low} / filter_high="
+                              f"{self.filter_high} must satisfy 0 <= low <= high <= 1")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ConfigError(f"algo.clip_low={self.clip_low} must be in [0, 1)")
+        if self.clip_high < 0.0:
+            raise ConfigError(f"algo.clip_high={self.clip_high} must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ConfigError(f"algo.dual_clip={self.dual_clip} must be > 1 or null")
+        if self.kl_coef < 0 or self.entropy_coef < 0 or self.cpgd_drift_coef < 0:
+            raise ConfigError("algo.kl_coef, algo.entropy_coef and algo.cpgd_drift_coef must "
+                              "be >= 0")
+        if self.overlong_buffer < 0:
+            raise ConfigError(f"algo.overlong_buffer={self.overlong_buffer} must be >= 0")
+        return self
+
+
+@dataclass
+class RewardConfig:
+    """Reward functions (`module:function`, each `(response, answer, meta) -> {name: score}`),
+    the weight of each named score in the total, and the worker pool running them."""
+
+    functions: list[str] = field(
+        default_factory=lambda: ["eureka_megatron.rewards:rule_based_scores"])
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    num_workers: int = 2
+    timeout: float = 5.0  # seconds per response; a timeout scores 0 and counts reward/timeouts
+    # Phrases counted by the reflection ("visual aha") metrics; null: the built-in list.
+    reflection_phrases: list[str] | None = None
+
+    def validate(self) -> "RewardConfig":
+        if not self.functions:
+            raise ConfigError("rewards.functions must name at least one module:function")
+        for i, f in enumerate(self.functions):
+            mod, sep, name = f.partition(":")
+            if not (sep and mod and name):
+                raise ConfigError(f"rewards.functions[{i}]={f!r} is not of the form "
+                                  "module:function")
+        if self.num_workers < 1:
+            raise ConfigError(f"rewards.num_workers={self.num_workers} must be >= 1")
+        if not self.timeout > 0:
+            raise ConfigError(f"rewards.timeout={self.timeout} must be > 0")
+        return self
+
+
 @dataclass
 class Config:
     model: LLMConfig = field(default_factory=LLMConfig)
@@ -236,9 +321,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> "Config":
         validate_layout(self.model, self.parallel)
+        self.algo.validate()
+        self.rewards.validate()
         t, p = self.train, self.parallel
         dp = p.dp
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -340,6 +429,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
         return from_dict(tp, value, path)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}")
+                for k, v in value.items()}
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):

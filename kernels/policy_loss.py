@@ -81,7 +81,8 @@ KL_TYPES = ("k1", "k2", "k3")
 BACKENDS = ("triton", "torch")
 LOG_RATIO_CLAMP = 20.0
 
-__all__ = ["policy_loss", "AGGS", "KL_TYPES", "BACKENDS", "triton_available"]
+__all__ = ["policy_loss", "kl_estimate", "row_weights", "AGGS", "KL_TYPES", "BACKENDS",
+           "triton_available"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -237,6 +238,30 @@ def _k3_and_expm1_torch(x):
     return torch.where(small, k3_small, e - x - 1.0), torch.where(small, x + k3_small, e - 1.0)
 
 
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from sampled tokens (k1, k2 or k3, exactly
+    the kernel's formulas; differentiable in torch)."""
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"unknown kl_type {kl_type!r}; expected one of {KL_TYPES}")
+    d = logprobs - ref_logprobs
+    if kl_type == "k1":
+        return d
+    if kl_type == "k2":
+        return 0.5 * d * d
+    return _k3_and_expm1_torch((-d).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))[0]
+
+
+def row_weights(agg: str, mask: torch.Tensor, denominator=None) -> torch.Tensor:
+    """[B] weights w_b of the aggregation `agg`: loss = sum_b w_b * sum_l mask * loss_tok, the
+    same rule `policy_loss` applies (for losses built outside the kernel on its conventions)."""
+    if agg not in AGGS:
+        raise ValueError(f"unknown agg {agg!r}; expected one of {AGGS}")
+    B, L = mask.shape
+    dt = torch.float64
+    n_b = torch.where(mask != 0, mask.to(dt), torch.zeros((), dtype=dt, device=mask.device)).sum(1)
+    return _row_scale(agg, n_b, B, L, denominator, dt)
+
+
 # ----------------------------------------------------------------------------- torch backend
 
 def _policy_loss_torch(lp, old, adv, mask, ref, ent, clip_low, clip_high, dual_clip, kl_coef,
@@ -262,13 +287,7 @@ def _policy_loss_torch(lp, old, adv, mask, ref, ent, clip_low, clip_high, dual_c
     loss_tok = pg
     sums = {}
     if ref is not None:
-        d = lp_ - clean(ref)
-        if kl_type == "k1":
-            kl = d
-        elif kl_type == "k2":
-            kl = 0.5 * d * d
-        else:
-            kl = _k3_and_expm1_torch((-d).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))[0]
+        kl = kl_estimate(lp_, clean(ref), kl_type)
         loss_tok = loss_tok + kl_coef * kl
         sums["kl"] = (m * kl).sum().detach()
     if ent is not None:

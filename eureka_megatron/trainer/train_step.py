@@ -100,9 +100,15 @@ def _last_stage_broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_SUM = (torch.sum, torch.distributed.ReduceOp.SUM)
+_MAX = (torch.amax, torch.distributed.ReduceOp.MAX)
+_MIN = (torch.amin, torch.distributed.ReduceOp.MIN)
+
+
 def run_forward_backward(model: TrainableModel, micro_batches: list[dict], forward_fn: ForwardFn,
                          forward_only: bool = False) -> dict[str, float]:
-    """Megatron's schedule over `micro_batches`; returns the reported sums / counts, all ranks."""
+    """Megatron's schedule over `micro_batches`; returns the reported values, summed over
+    micro-batches and DP ranks (`*_max` / `*_min` keys: max / min), the same on all ranks."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -132,12 +138,21 @@ def run_forward_backward(model: TrainableModel, micro_batches: list[dict], forwa
             keys, src=ps.get_pipeline_model_parallel_last_rank(),
             group=ps.get_pipeline_model_parallel_group())
     keys = keys[0] or []
-    sums = torch.zeros(len(keys), dtype=torch.float64)
-    if reports:
-        sums = torch.stack([sum(r[k].detach().double().sum() for r in reports) for k in keys])
-        torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
-    _last_stage_broadcast(sums)
-    return dict(zip(keys, sums.tolist()))
+    out = {}
+    dp = ps.get_data_parallel_group()
+    for op, sel in ((_MAX, lambda k: k.endswith("_max")), (_MIN, lambda k: k.endswith("_min")),
+                    (_SUM, lambda k: not k.endswith(("_max", "_min")))):
+        names = [k for k in keys if sel(k)]
+        if not names:
+            continue
+        vals = torch.zeros(len(names), dtype=torch.float64)
+        if reports:
+            vals = torch.stack([op[0](torch.stack([r[k].detach().double().reshape(()) for r in reports]))
+                                for k in names])
+            torch.distributed.all_reduce(vals, op=op[1], group=dp)
+        _last_stage_broadcast(vals)
+        out.update(zip(names, vals.tolist()))
+    return out
 
 
 def train_step(model: TrainableModel, micro_batches: list[dict], forward_fn: ForwardFn) -> dict[str, float]:
@@ -156,12 +171,13 @@ def train_step(model: TrainableModel, micro_batches: list[dict], forward_fn: For
 
 
 def _finish_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """`x_sum` / `count` -> `x`; other sums pass through."""
+    """`x_sum` / `count` -> `x`, `x_tsum` / `tokens` -> `x`; other values pass through."""
     out = dict(sums)
-    count = sums.get("count")
-    for k, v in sums.items():
-        if k.endswith("_sum") and count:
-            out[k[: -len("_sum")]] = v / count
+    for suffix, by in (("_sum", "count"), ("_tsum", "tokens")):
+        total = sums.get(by)
+        for k, v in sums.items():
+            if k.endswith(suffix) and total:
+                out[k[: -len(suffix)]] = v / total
     return out
 
 

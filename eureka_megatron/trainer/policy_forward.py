@@ -1,0 +1,70 @@
+"""The RL loss as a `ForwardFn` for `train_step`: Megatron forward -> fused log-probs -> policy loss.
+
+The last pipeline stage returns its final hidden states (never [tokens x vocab] logits); the fused
+kernel turns them into the log-probs and entropies of the micro-batch's `labels`, and
+`algo.policy_loss_sums` into the (numerator, count) pair megatron accumulates across
+micro-batches and DP ranks. Reported metrics are token-weighted sums (`*_tsum` / `tokens`), and
+`*_max` / `*_min` reduce by max / min, so the step's metrics do not depend on the batch split.
+
+Micro-batch keys: input_ids [B, S], labels [B, S] (the token scored at each position, < 0 for
+none), loss_mask [B, S] (1 on response tokens), old_logprobs [B, S], advantages [B] (or [B, S]);
+optional position_ids, ref_logprobs [B, S].
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from eureka_megatron.config import AlgoConfig
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def gpt_call(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
+    return chunk(mb["input_ids"], mb.get("position_ids"), attention_mask=None)
+
+
+def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.0,
+                   sum_norm_length: int | None = None,
+                   call: Callable[[torch.nn.Module, dict], torch.Tensor] = gpt_call,
+                   backend: str | None = None):
+    """A ForwardFn computing the policy loss of `algo` on each micro-batch.
+
+    `call(chunk, micro_batch)` runs one model chunk (the default: our GPT; VLM actors pass their
+    own); `temperature` must be the rollout's sampling temperature."""
+    from eureka_megatron.algo.policy_loss import policy_loss_sums
+    from eureka_megatron.models.logprobs import _gpt, final_hidden_states, token_logprobs
+
+    def forward(chunk, mb):
+        model = unwrap(chunk)
+        if not getattr(_gpt(model), "post_process", True):
+            return call(chunk, mb), None
+        with final_hidden_states(model):
+            hidden = call(chunk, mb)
+
+        def loss_fn(hidden):
+            lp, ent = token_logprobs(model, hidden, mb["labels"], vocab_size, temperature, backend)
+            mask = mb["loss_mask"]
+            numerator, count, metrics = policy_loss_sums(
+                algo, lp, mb["old_logprobs"], mb["advantages"], mask,
+                ref_logprobs=mb.get("ref_logprobs"), entropy=ent,
+                sum_norm_length=sum_norm_length, backend=backend)
+            tokens = (mask != 0).sum().double()
+            report = {"loss_sum": numerator.detach().double(), "count": count.detach().double(),
+                      "tokens": tokens}
+            for k, v in metrics.items():
+                if k.endswith(("_max", "_min")):
+                    report[k] = v.detach().double()
+                else:
+                    report[f"{k}_tsum"] = v.detach().double() * tokens
+            return numerator, count, report
+
+        return hidden, loss_fn
+
+    return forward
