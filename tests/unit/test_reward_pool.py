@@ -12,6 +12,7 @@ from eureka_megatron.rewards.pool import RewardPool
 from tests.unit import reward_fns
 
 FNS = "tests.unit.reward_fns"
+TOWER = "9^{9^{9^{9^{9}}}}"
 
 
 def _gone(pid: int) -> bool:
@@ -180,3 +181,30 @@ def test_no_processes_left_after_close():
     assert len(pids) >= 3 and all(_gone(pid) for pid in pids)  # the retry may land on either
     with pytest.raises(RuntimeError, match="closed"):
         p.score(["a"], ["a"])
+
+
+def test_real_rule_based_scores_in_order_with_default_weights():
+    from eureka_megatron.bench.rewards import make_mix
+    from eureka_megatron.rewards import rule_based_scores
+
+    responses, answers = make_mix(40, seed=3, pathological=False)
+    with RewardPool(num_workers=2) as p:  # rule_based_scores, accuracy + 0.5 x format
+        r = p.score(responses, answers)
+    want = [rule_based_scores(x, a, None) for x, a in zip(responses, answers)]
+    assert r.scores["accuracy"] == [w["accuracy"] for w in want]
+    assert r.scores["format"] == [w["format"] for w in want]
+    assert r.total == [w["accuracy"] + 0.5 * w["format"] for w in want]
+    assert {0.5, 1.0, 1.5} <= set(r.total)  # right and wrong, tagged and boxed-only
+    assert r.counters == {"reward/timeouts": 0, "reward/errors": 0, "reward/worker_restarts": 0}
+
+
+def test_real_rewards_tower_answer_is_zero_within_the_timeout():
+    with RewardPool(num_workers=1, timeout=2.0) as p:
+        t0 = time.monotonic()
+        r = p.score([f"<answer>{TOWER}</answer>", f"<think>t</think><answer>${TOWER}$</answer>"],
+                    ["1", "1"])
+        assert time.monotonic() - t0 < 2 * 2.0 + 2.0
+        assert r.scores["accuracy"] == [0.0, 0.0] and r.total[0] == 0.0
+        r = p.score([r"<think>t</think><answer>$0.5$</answer>", r"<answer>$\sqrt{18}$</answer>"],
+                    [r"\frac{1}{2}", r"3\sqrt{2}"])
+        assert r.total == [1.5, 1.0] and r.counters["reward/timeouts"] == 0
