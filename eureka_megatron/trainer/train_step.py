@@ -164,13 +164,13 @@ def train_step(model: TrainableModel, micro_batches: list[dict], forward_fn: For
     ok, grad_norm, _ = model.optimizer.step()
     lr = model.optimizer.param_groups[0]["lr"]
     model.scheduler.step(increment=1)
-    metrics = _finish_metrics(sums)
+    metrics = finish_metrics(sums)
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                    lr=float(lr), update_ok=float(bool(ok)))
     return metrics
 
 
-def _finish_metrics(sums: dict[str, float]) -> dict[str, float]:
+def finish_metrics(sums: dict[str, float]) -> dict[str, float]:
     """`x_sum` / `count` -> `x`, `x_tsum` / `tokens` -> `x`; other values pass through."""
     out = dict(sums)
     for suffix, by in (("_sum", "count"), ("_tsum", "tokens")):
