@@ -113,7 +113,7 @@ def run(quick: bool = False, functions: list[str] | None = None,
     from eureka_megatron.rewards.pool import RewardPool
 
     functions = functions or [DEFAULT_FUNCTION]
-    n, repeats = (100, 1) if quick else (400, 2)  # best of `repeats`: other load only slows
+    n, repeats = (100, 1) if quick else (400, 3)  # best of `repeats`: other load only slows
     clean = make_mix(n, seed=0, pathological=False)
     mixed = make_mix(n, seed=0, pathological=True)
     n_patho = sum(r == PATHOLOGICAL for r in mixed[0])

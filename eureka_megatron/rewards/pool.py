@@ -4,8 +4,8 @@ Why processes: math-verify enforces its own timeouts with `signal.alarm`, which 
 process's main thread, and a pathological answer (`9^{9^{9^{9^{9}}}}`) or a user's function can
 spin in C code where no signal handler ever runs. Each worker runs the functions in its main
 thread; the parent hands out one response at a time and kills a worker that overruns its
-deadline. Workers are started with "spawn" (the parent may be a torch / gloo / Ray process,
-which must never be forked).
+deadline. Workers are fresh interpreters talking over a socket (spawned, never forked: the
+parent may be a torch / gloo / Ray process) that import only this package and the functions.
 
 Reward functions follow the seam `(response_text, gold_answer, sample_meta) -> {name: score}`
 (a bare number is also accepted; its name is the function's name) and are named by
