@@ -25,9 +25,10 @@ examples:
   eureka-megatron forward --megatron ckpt/qwen25vl7b --inputs in.pt --out out.pt --tp 2 --pp 2
   eureka-megatron convert megatron-to-hf --megatron runs/x/step_00000100 --out hf_out
   eureka-megatron bench lm-step --quick
+  eureka-megatron bench rewards --quick                          # reward pool responses/s
 
 Config keys are dotted paths into the YAML (model.*, parallel.*, optim.*, train.*,
-checkpoint.*); values are parsed as YAML. See README.md for every key.
+checkpoint.*, algo.*, rewards.*); values are parsed as YAML. See README.md for every key.
 """
 
 
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_forward)
 
     b = sub.add_parser("bench", help="benchmarks that print markdown tables and write JSON")
-    b.add_argument("what", choices=["lm-step", "kernels", "convert", "all"], help="which benchmark")
+    b.add_argument("what", choices=["lm-step", "kernels", "convert", "rewards", "all"],
+                   help="which benchmark")
     b.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 4 min)")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     b.set_defaults(func=cmd_bench)

@@ -303,8 +303,7 @@ class RewardConfig:
         if not self.functions:
             raise ConfigError("rewards.functions must name at least one module:function")
         for i, f in enumerate(self.functions):
-            mod, sep, name = f.partition(":")
-            if not (sep and mod and name):
+            if f.count(":") != 1 or not all(f.split(":")):
                 raise ConfigError(f"rewards.functions[{i}]={f!r} is not of the form "
                                   "module:function")
         if self.num_workers < 1:

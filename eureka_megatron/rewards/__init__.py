@@ -7,12 +7,14 @@ response 1.0 — here word golds are compared as normalised text and nothing is 
 grading a number anywhere in the reasoning — here the last answer block (any lines), else
 the last \\boxed{}, else 0; (3) multiple choice tested letters as substrings, so
 "The answer is C" contained "a" and failed — here the chosen letter is read from the
-answer's form. `rule_based_scores` is the reward-function seam the worker pool imports.
+answer's form. `rule_based_scores` is the reward-function seam the worker pool imports;
+`RewardPool` runs any such functions in worker processes with per-response timeouts.
 """
 from __future__ import annotations
 
 from eureka_megatron.rewards.accuracy import accuracy_reward
 from eureka_megatron.rewards.format import format_reward
+from eureka_megatron.rewards.pool import RewardPool, RewardResult
 from eureka_megatron.rewards.reflection import (
     DEFAULT_REFLECTION_PHRASES,
     is_reflective,
@@ -21,6 +23,8 @@ from eureka_megatron.rewards.reflection import (
 
 __all__ = [
     "DEFAULT_REFLECTION_PHRASES",
+    "RewardPool",
+    "RewardResult",
     "accuracy_reward",
     "format_reward",
     "is_reflective",
