@@ -1,4 +1,6 @@
 """Config loading: overrides, typos and impossible layouts fail before any rank starts."""
+import re
+
 import pytest
 
 from eureka_megatron.config import ConfigError, load_config
@@ -56,3 +58,45 @@ def test_uneven_pipeline_split_is_accepted():
     cfg = load_config(None, ["parallel.pipeline_parallel=3", "parallel.nproc=3",
                              "parallel.first_stage_layers=2", "model.num_hidden_layers=6"])
     assert cfg.parallel.first_stage_layers == 2
+
+
+def test_algo_and_reward_defaults_are_mm_eureka():
+    cfg = load_config(None, [])
+    assert (cfg.algo.estimator, cfg.algo.loss, cfg.algo.clip_low, cfg.algo.dual_clip) == \
+        ("grpo", "ppo", 0.2, 3.0)
+    assert (cfg.algo.filter_low, cfg.algo.filter_high, cfg.algo.kl_coef) == (0.1, 0.9, 0.0)
+    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 0.5}
+    assert cfg.rewards.functions == ["eureka_megatron.rewards:rule_based_scores"]
+
+
+def test_reward_weights_and_functions_from_overrides():
+    cfg = load_config(None, ["rewards.weights={accuracy: 1, format: 0.1, length: -0.5}",
+                             "rewards.functions=[eureka_megatron.rewards:rule_based_scores, "
+                             "mymod:length_score]", "algo.clip_high=0.28", "algo.dual_clip=null"])
+    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 0.1, "length": -0.5}
+    assert all(isinstance(v, float) for v in cfg.rewards.weights.values())
+    assert cfg.rewards.functions[1] == "mymod:length_score"
+    assert cfg.algo.clip_high == 0.28 and cfg.algo.dual_clip is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["algo.estimator=ppo"], "algo.estimator='ppo' is not one of grpo"),
+    (["algo.loss=dpo"], "algo.loss='dpo'"),
+    (["algo.agg=mean"], "algo.agg='mean'"),
+    (["algo.kl_in=advantage"], "algo.kl_in='advantage'"),
+    (["algo.filter_low=0.8", "algo.filter_high=0.2"], "algo.filter_low=0.8"),
+    (["algo.clip_low=1.0"], "algo.clip_low=1.0 must be in [0, 1)"),
+    (["algo.dual_clip=0.5"], "algo.dual_clip=0.5 must be > 1"),
+    (["algo.kl_coef=-1"], "must be >= 0"),
+    (["algo.overlong_buffer=-4"], "algo.overlong_buffer=-4"),
+    (["rewards.functions=[just_a_module]"], "rewards.functions[0]='just_a_module'"),
+    (["rewards.functions=[]"], "at least one"),
+    (["rewards.weights={accuracy: high}"], "rewards.weights.accuracy: expected a number"),
+    (["rewards.weights=[1, 2]"], "rewards.weights: expected a mapping"),
+    (["rewards.timeout=0"], "rewards.timeout=0.0 must be > 0"),
+    (["rewards.num_workers=0"], "rewards.num_workers=0"),
+    (["algo.clip=0.2"], "unknown config key algo.clip"),
+])
+def test_bad_algo_and_reward_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
