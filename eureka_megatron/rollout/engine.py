@@ -1,0 +1,102 @@
+"""The `RolloutEngine` seam: what the trainer asks of any generation backend (HF, SGLang).
+
+Prompts go in already tokenized by the family's processor (the same ids the trainer will score);
+each engine returns n samples per prompt with its own per-token log-probs, and accepts new
+weights as buckets of HF-named full tensors. Every engine reports the version of the weights it
+serves; `None` means a sync started and did not finish, and such an engine refuses to generate
+(`StaleWeightsError`) until a complete sync (usually after `restart()`): stale or half-updated
+weights are never served silently.
+
+Log-prob contract: `Sample.logprobs[t]` is log softmax(logits_t / temperature)[token_t] over the
+full vocabulary, before top-k / top-p truncation -- the quantity the trainer's fused kernel
+computes, so the two are directly comparable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import torch
+
+NamedTensors = list[tuple[str, torch.Tensor]]  # one bucket: (HF name, full tensor) pairs
+
+
+class StaleWeightsError(RuntimeError):
+    """The engine's weights are not a complete, known version (an interrupted sync)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone or does not answer; `restart()` then re-sync."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop strings (kept in the text, as SGLang)
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's EOS ids
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+@dataclass
+class Prompt:
+    """One prompt as the family's processor produced it.
+
+    input_ids: the prompt token ids, image placeholders already expanded.
+    mm_inputs: the processor's tensors for this prompt other than ids (Qwen2.5-VL:
+        pixel_values, image_grid_thw; InternVL: pixel_values), for in-process engines.
+    images: the original images (PIL or paths), for engines that preprocess themselves (SGLang).
+    text: the chat-templated prompt text, for engines that take text.
+    """
+    input_ids: list[int]
+    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: list[Any] = field(default_factory=list)
+    text: str | None = None
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    token_ids: list[int]     # generated tokens, the stop / EOS token included when hit
+    text: str                # decoded generated text (special tokens skipped)
+    logprobs: list[float]    # one per token_ids entry; see the module docstring
+    finish_reason: str       # "stop" (EOS / stop token / stop string) or "length"
+    weight_version: int
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    weight_layout: str  # the HF naming layout its update_weights expects (see convert/)
+
+    @property
+    def weight_version(self) -> int | None: ...
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Sample]:
+        """n samples per prompt; prompt i's samples are [i*n, (i+1)*n) of the result."""
+
+    def update_weights(self, buckets: Iterable[NamedTensors], version: int) -> None:
+        """Load every bucket, then serve `version`; on failure the version becomes None."""
+
+    def release_memory(self) -> None:
+        """Free weights / KV cache memory (colocated training); generate refuses until resumed."""
+
+    def resume_memory(self) -> None: ...
+
+    def health(self) -> bool:
+        """True when the engine answers and can generate."""
+
+    def restart(self) -> None:
+        """Replace a dead or poisoned engine; its weights are then unknown until the next sync."""
