@@ -52,7 +52,7 @@ def _skeleton_rank(family_name: str, cfg) -> Skeleton:
 
     from eureka_megatron.config import ParallelConfig
     from eureka_megatron.convert.families import FAMILIES
-    from eureka_megatron.models.init import _iter_values
+    from eureka_megatron.models.init import iter_leaves
     from eureka_megatron.runtime.distributed import init_distributed
 
     fam = next(f for f in FAMILIES if f.name == family_name)
@@ -64,7 +64,7 @@ def _skeleton_rank(family_name: str, cfg) -> Skeleton:
     for chunk in chunks:
         sd = chunk.sharded_state_dict()
         apply_factories(sd)
-        for v in _iter_values(sd):
+        for v in iter_leaves(sd):
             if isinstance(v, ShardedTensor):
                 tensors[v.key] = (tuple(v.global_shape), v.prepend_axis_num)
             elif isinstance(v, ShardedObject):

@@ -30,7 +30,7 @@ def fill_global_tensors(chunks: list[torch.nn.Module], source: Source) -> list[s
         for chunk in chunks:
             sd = chunk.sharded_state_dict()
             apply_factories(sd)
-            for sh in _iter_values(sd):
+            for sh in iter_leaves(sd):
                 if not isinstance(sh, ShardedTensor):
                     continue
                 pre = sh.prepend_axis_num
@@ -56,12 +56,12 @@ def layout_invariant_init(chunks: list[torch.nn.Module], seed: int, std: float) 
     fill_global_tensors(chunks, source)
 
 
-def _iter_values(tree):
+def iter_leaves(tree):
     if isinstance(tree, dict):
         for v in tree.values():
-            yield from _iter_values(v)
+            yield from iter_leaves(v)
     elif isinstance(tree, list):
         for v in tree:
-            yield from _iter_values(v)
+            yield from iter_leaves(v)
     else:
         yield tree
