@@ -1,4 +1,4 @@
-"""One forward-only micro-batch through megatron's pipeline schedule, returning full logits."""
+"""Forward-only passes through megatron's pipeline schedule: full logits (checks) or token log-probs."""
 from __future__ import annotations
 
 from typing import Callable
@@ -30,3 +30,48 @@ def forward_logits(chunks: list[torch.nn.Module], micro_batch: dict,
             model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1,
             seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True)
     return out[0] if out else None
+
+
+def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[dict],
+                           call: Callable[[torch.nn.Module, dict], torch.Tensor], vocab_size: int,
+                           temperature: float = 1.0, backend: str | None = None) -> list[torch.Tensor]:
+    """Log-probs [B, S] (float32) of each micro-batch's `labels` through the fused kernel, never
+    building logits; forward only, any TP/PP/VPP; returned on every rank (broadcast over PP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
+                                                 token_logprobs, unwrap)
+
+    out = []
+
+    def step(it, chunk):
+        mb = next(it)
+        model = unwrap(chunk)
+        if not is_last_stage_chunk(model):
+            return call(chunk, mb), lambda o: (o.sum() * 0, torch.tensor(1), {})
+        with final_hidden_states(model):
+            hidden = call(chunk, mb)
+
+        def record(h):
+            lp, _ = token_logprobs(model, h, mb["labels"], vocab_size, temperature, backend)
+            out.append(lp.detach().float())
+            return h.sum() * 0, torch.tensor(1), {}
+
+        return hidden, record
+
+    mb0 = micro_batches[0]["input_ids"]
+    iters = [iter(micro_batches) for _ in chunks]
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters if len(chunks) > 1 else iters[0],
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro_batches),
+            seq_length=mb0.shape[1], micro_batch_size=mb0.shape[0], forward_only=True)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        src = ps.get_pipeline_model_parallel_last_rank()
+        group = ps.get_pipeline_model_parallel_group()
+        if not out:
+            out = [torch.empty(mb["labels"].shape, dtype=torch.float32) for mb in micro_batches]
+        for t in out:
+            torch.distributed.broadcast(t, src=src, group=group)
+    return out

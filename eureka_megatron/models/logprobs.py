@@ -13,6 +13,18 @@ from contextlib import contextmanager
 import torch
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def is_last_stage_chunk(model: torch.nn.Module) -> bool:
+    """Whether this (unwrapped) chunk ends in the output layer."""
+    return bool(getattr(_gpt(model), "post_process", True))
+
+
 def _gpt(model: torch.nn.Module):
     """The GPTModel inside one of our chunks (the chunk itself for the plain LLM)."""
     return getattr(model, "language_model", model)

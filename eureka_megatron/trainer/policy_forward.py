@@ -19,13 +19,6 @@ import torch
 from eureka_megatron.config import AlgoConfig
 
 
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def gpt_call(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
     return chunk(mb["input_ids"], mb.get("position_ids"), attention_mask=None)
 
@@ -39,11 +32,12 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
     `call(chunk, micro_batch)` runs one model chunk (the default: our GPT; VLM actors pass their
     own); `temperature` must be the rollout's sampling temperature."""
     from eureka_megatron.algo.policy_loss import policy_loss_sums
-    from eureka_megatron.models.logprobs import _gpt, final_hidden_states, token_logprobs
+    from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
+                                                 token_logprobs, unwrap)
 
     def forward(chunk, mb):
         model = unwrap(chunk)
-        if not getattr(_gpt(model), "post_process", True):
+        if not is_last_stage_chunk(model):
             return call(chunk, mb), None
         with final_hidden_states(model):
             hidden = call(chunk, mb)

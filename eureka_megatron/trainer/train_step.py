@@ -36,12 +36,9 @@ class TrainableModel:
     @property
     def unwrapped(self) -> list[torch.nn.Module]:
         """The bare GPTModel-like chunks (inside DDP and Float16Module)."""
-        out = []
-        for c in self.chunks:
-            while hasattr(c, "module"):
-                c = c.module
-            out.append(c)
-        return out
+        from eureka_megatron.models.logprobs import unwrap
+
+        return [unwrap(c) for c in self.chunks]
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], cfg: Config) -> TrainableModel:
