@@ -26,6 +26,7 @@ examples:
   eureka-megatron convert megatron-to-hf --megatron runs/x/step_00000100 --out hf_out
   eureka-megatron bench lm-step --quick
   eureka-megatron bench rewards --quick                          # reward pool responses/s
+  eureka-megatron bench sync                                     # Megatron -> engine weight sync GB/s
 
 Config keys are dotted paths into the YAML (model.*, parallel.*, optim.*, train.*,
 checkpoint.*, algo.*, rewards.*); values are parsed as YAML. See README.md for every key.
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_forward)
 
     b = sub.add_parser("bench", help="benchmarks that print markdown tables and write JSON")
-    b.add_argument("what", choices=["lm-step", "kernels", "convert", "rewards", "all"],
+    b.add_argument("what", choices=["lm-step", "kernels", "convert", "rewards", "sync", "all"],
                    help="which benchmark")
     b.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 4 min)")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -5,12 +5,12 @@ from pathlib import Path
 
 
 def run_bench(what: str, quick: bool = False, out: Path | None = None) -> int:
-    from eureka_megatron.bench import convert, kernels, lm_step, rewards
+    from eureka_megatron.bench import convert, kernels, lm_step, rewards, sync
     from eureka_megatron.bench.hardware import describe_machine
     from eureka_megatron.bench.report import markdown_table, write_json
 
     benches = {"lm-step": lm_step.run, "kernels": kernels.run, "convert": convert.run,
-               "rewards": rewards.run}
+               "rewards": rewards.run, "sync": sync.run}
     names = list(benches) if what == "all" else [what]
     machine = describe_machine()
     for name in names:

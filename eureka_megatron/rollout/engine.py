@@ -99,4 +99,5 @@ class RolloutEngine(Protocol):
         """True when the engine answers and can generate."""
 
     def restart(self) -> None:
-        """Replace a dead or poisoned engine; its weights are then unknown until the next sync."""
+        """Replace a dead or poisoned engine. Its version is then that of what it reloaded (0 for
+        the original checkpoint) or None (nothing known) until the next complete sync."""

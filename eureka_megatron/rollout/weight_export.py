@@ -105,9 +105,17 @@ class _Assembler:
                            "model disagree: wrong family config or layout?)")
         g = self.plan[key]
         mine = iter(self.local.get(key, []))
-        full = (torch.empty(g.shape, dtype=g.dtype, device=self._device())
-                if self.me == self.root else None)
-        for p in g.pieces:
+        whole_on_root = len(g.pieces) == 1 and g.pieces[0].rank == self.root
+        if whole_on_root and self.me == self.root:
+            # No assembly: the root's own shard is the whole tensor (TP1 or TP-replicated). It is
+            # a view of the live parameter; consumers copy it (engines never keep references).
+            full = next(mine)[2].detach()
+            pieces = ()
+        else:
+            full = (torch.empty(g.shape, dtype=g.dtype, device=self._device())
+                    if self.me == self.root else None)
+            pieces = g.pieces
+        for p in pieces:
             index = tuple(slice(o, o + n) for o, n in zip(p.offset, p.shape))
             if p.rank == self.me:
                 _, _, data = next(mine)
