@@ -23,6 +23,7 @@ examples:
   torchrun --nproc-per-node 8 -m eureka_megatron.cli train-lm CFG.yaml parallel.tensor_parallel=8
   eureka-megatron convert hf-to-megatron --hf Qwen2.5-VL-7B-Instruct --out ckpt/qwen25vl7b
   eureka-megatron forward --megatron ckpt/qwen25vl7b --inputs in.pt --out out.pt --tp 2 --pp 2
+  eureka-megatron forward --megatron runs/x/step_00000100 --inputs in.pt --out e.pt --tp 2 --engine hf
   eureka-megatron convert megatron-to-hf --megatron runs/x/step_00000100 --out hf_out
   eureka-megatron bench lm-step --quick
   eureka-megatron bench rewards --quick                          # reward pool responses/s
@@ -109,8 +110,9 @@ def cmd_forward(args) -> int:
     from eureka_megatron.convert.forward import run_forward
 
     logits = run_forward(args.megatron, args.inputs, args.out, tp=args.tp, pp=args.pp,
-                         hf_config_dir=args.hf_config)
-    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (TP{args.tp} x PP{args.pp})")
+                         hf_config_dir=args.hf_config, engine=args.engine)
+    via = f", synced into the {args.engine} engine" if args.engine else ""
+    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (TP{args.tp} x PP{args.pp}{via})")
     return 0
 
 
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     f.add_argument("--hf-config", type=Path, default=None,
                    help="dir with config.json (default: MEGATRON/hf)")
+    f.add_argument("--engine", choices=["hf"], default=None,
+                   help="sync the loaded weights into this rollout engine and return ITS logits "
+                        "(checks that an engine runs exactly the trained weights)")
     f.set_defaults(func=cmd_forward)
 
     b = sub.add_parser("bench", help="benchmarks that print markdown tables and write JSON")

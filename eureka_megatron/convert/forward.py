@@ -3,7 +3,9 @@
 The check a user runs on a converted checkpoint: feed the dict an HF processor returned (saved
 with `torch.save`) through the megatron model, loaded by megatron's own dist_checkpointing at the
 requested layout, and compare the logits with transformers'. Returns `{"logits": [B, S, vocab]}`
-in float32 with the vocab padding removed.
+in float32 with the vocab padding removed. `--engine hf` instead syncs the loaded weights into a
+rollout engine (the same export as training's weight sync) and returns the engine's logits: the
+check that an engine runs exactly the trained weights.
 """
 from __future__ import annotations
 
@@ -57,35 +59,69 @@ def check_layout(cfg, tp: int, pp: int) -> ParallelConfig:
     return par
 
 
-def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dict):
+ENGINES = ("hf",)
+
+
+def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dict,
+                  engine: str | None = None, raw_inputs: dict | None = None):
     from megatron.core import dist_checkpointing
 
     from eureka_megatron.models.forward import forward_logits
     from eureka_megatron.runtime.distributed import init_distributed
 
-    fam, cfg, _, _ = read_conversion(Path(megatron_dir), hf_config_dir)
+    fam, cfg, _, side = read_conversion(Path(megatron_dir), hf_config_dir)
     init_distributed(par)
     chunks = fam.build_chunks(cfg, par)
     (chunk,) = chunks
     loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, megatron_dir)
     chunk.load_state_dict(loaded["model"], strict=True)
     chunk.eval()
+    if engine is not None:
+        return _engine_logits(fam, cfg, chunks, side, raw_inputs)
     logits = forward_logits(chunks, mb, lambda c, b: fam.call(cfg, c, b))
     if logits is None:
         return None
     return logits[..., : _text(cfg).vocab_size].float().cpu()
 
 
+def _engine_logits(fam, cfg, chunks, side: Path, inputs: dict):
+    """Sync the loaded megatron weights into an HF engine (rank 0) and return its logits."""
+    import torch.distributed as dist
+
+    from eureka_megatron.rollout.hf_engine import HFEngine
+    from eureka_megatron.rollout.weight_sync import sync_weights
+
+    engine, layout = None, [None]
+    if dist.get_rank() == 0:
+        engine = HFEngine.from_config(side, dtype=torch.float32, device="cpu")
+        layout = [engine.weight_layout]
+    dist.broadcast_object_list(layout, src=0)
+    result = sync_weights(chunks, fam.mapping(cfg, layout[0]), engine, version=1)
+    if not result.ok:
+        raise RuntimeError(f"weight sync into the HF engine failed: {result.error}")
+    if engine is None:
+        return None
+    return engine.logits(**inputs)[..., : _text(cfg).vocab_size].float().cpu()
+
+
 def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, tp: int = 1,
-                pp: int = 1, hf_config_dir: str | Path | None = None) -> torch.Tensor:
+                pp: int = 1, hf_config_dir: str | Path | None = None,
+                engine: str | None = None) -> torch.Tensor:
+    """Logits of the megatron checkpoint at TP x PP; with `engine="hf"`, the logits of an HF
+    engine after a weight sync from that megatron model (the engine runs the trained weights)."""
     from eureka_megatron.runtime.launcher import launch
     from eureka_megatron.trainer.checkpoint import resolve_checkpoint
 
+    if engine is not None and engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: available engines: {', '.join(ENGINES)} "
+                          "(SGLang needs a GPU server; see README)")
     megatron_dir = resolve_checkpoint(megatron_dir)
     fam, cfg, _, _ = read_conversion(megatron_dir, hf_config_dir)
     par = check_layout(cfg, tp, pp)
-    mb = fam.prepare(cfg, load_inputs(inputs))
-    results = launch(_forward_rank, par.nproc, str(megatron_dir), hf_config_dir, par, mb)
+    raw = load_inputs(inputs)
+    mb = fam.prepare(cfg, raw)
+    results = launch(_forward_rank, par.nproc, str(megatron_dir), hf_config_dir, par, mb,
+                     engine, raw)
     logits = next(r for r in results if r is not None)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

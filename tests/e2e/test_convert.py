@@ -55,10 +55,10 @@ def test_qwen2_5_vl_convert_forward_and_back(qwen_vl_dir, tmp_path):
     info = json.loads((mg / "conversion.json").read_text())
     assert info["layout"] == "disk" and info["family"] == "qwen2_5_vl"
 
-    for tp, pp in ((2, 1), (1, 2)):
-        out = tmp_path / f"logits_tp{tp}_pp{pp}.pt"
+    for tp, pp, engine in ((2, 1, []), (1, 2, []), (2, 2, ["--engine", "hf"])):
+        out = tmp_path / f"logits_tp{tp}_pp{pp}{'_engine' if engine else ''}.pt"
         assert main(["forward", "--megatron", str(mg), "--inputs", str(src.parent / "in.pt"),
-                     "--out", str(out), "--tp", str(tp), "--pp", str(pp)]) == 0
+                     "--out", str(out), "--tp", str(tp), "--pp", str(pp), *engine]) == 0
         logits = torch.load(out)["logits"]
         assert logits.shape == ref.shape and logits.dtype == torch.float32
         rel = (logits - ref)[keep].abs().max() / ref[keep].abs().max()
@@ -173,6 +173,10 @@ def test_qwen2_tied_text_model(tmp_path):
                  "--out", str(tmp_path / "out.pt"), "--tp", "2"]) == 0
     logits = torch.load(tmp_path / "out.pt")["logits"]
     assert (logits - ref).abs().max() / ref.abs().max() < 1e-5
+    assert main(["forward", "--megatron", str(tmp_path / "mg"), "--inputs", str(tmp_path / "in.pt"),
+                 "--out", str(tmp_path / "engine.pt"), "--tp", "2", "--engine", "hf"]) == 0
+    synced = torch.load(tmp_path / "engine.pt")["logits"]  # tied embeddings through the sync
+    assert (synced - ref).abs().max() / ref.abs().max() < 1e-5
     assert convert("megatron-to-hf", "--megatron", tmp_path / "mg", "--out", tmp_path / "back") == 0
     a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
