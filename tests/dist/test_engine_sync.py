@@ -79,7 +79,6 @@ def sync_rank(family_name, cfg, par, tensors, hf_config, logits_inputs, prompt, 
     engine = None
     if rank0:
         engine = HFEngine.from_config(hf_config, dtype=torch.float32, device="cpu")
-        engine.generate  # noqa: B018 -- the real engine, wrapped below when a failure is injected
         if fail_after is not None:
             engine = FlakyEngine(engine, fail_after)
     layout = "memory" if family_name == "qwen2_5_vl" else (
