@@ -1,0 +1,79 @@
+"""Prompt text in the ChatML layout both families use, with image placeholders expanded.
+
+The prompt is rendered here (not with the tokenizer's chat template) so the trainer controls
+exactly how many image tokens each image gets -- the count must equal what the vision tower
+emits -- and so the same code serves checkpoints whose templates differ or are missing.
+
+Layout (system turn only when a system prompt is given):
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{images}{question}<|im_end|>\\n
+    <|im_start|>assistant\\n
+One image is `image_start + image_pad * n + image_end` (Qwen2.5-VL: <|vision_start|>
+<|image_pad|>... <|vision_end|>; InternVL: <img><IMG_CONTEXT>...</img>). Images go in front of
+the question, InternVL followed by "\\n" (its "<image>\\n{question}" convention); a question with
+literal "<image>" placeholders gets its images there instead, one per placeholder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ChatTokens", "QWEN_CHAT", "INTERNVL_CHAT", "R1_SYSTEM_PROMPT", "IMAGE_PLACEHOLDER",
+           "render_prompt", "chat_for_family"]
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# Our wording, in the spirit of MM-Eureka's SYSTEM_PROMPT_7B (R1-style think-then-answer); the
+# format reward checks for exactly these tags.
+R1_SYSTEM_PROMPT = (
+    "You are a careful assistant who solves problems about images. First work through the "
+    "problem step by step inside <think> </think> tags: look at the image, note what matters, "
+    "and reason to a result. Then give only the final answer inside <answer> </answer> tags, "
+    "as a number, expression or option letter, with math in LaTeX, for example "
+    "<think> The picture shows 1 apple and 1 more apple, so there are 1+1=2. </think>"
+    "<answer>$2$</answer>."
+)
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """The special strings of one model family's chat and image markup."""
+    im_start: str
+    im_end: str
+    image_start: str
+    image_pad: str      # repeated once per LLM token of the image
+    image_end: str
+    image_sep: str = ""  # after an image placed in front of the question
+
+
+QWEN_CHAT = ChatTokens("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
+                       "<|vision_end|>")
+INTERNVL_CHAT = ChatTokens("<|im_start|>", "<|im_end|>", "<img>", "<IMG_CONTEXT>", "</img>",
+                           image_sep="\n")
+
+_FAMILIES = {"qwen2_5_vl": QWEN_CHAT, "internvl": INTERNVL_CHAT}
+
+
+def chat_for_family(family: str) -> ChatTokens:
+    try:
+        return _FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_FAMILIES)}") from None
+
+
+def render_prompt(chat: ChatTokens, question: str, image_tokens: list[int],
+                  system_prompt: str | None) -> str:
+    """The generation prompt for one question with len(image_tokens) images."""
+    if any(n < 1 for n in image_tokens):
+        raise ValueError(f"every image needs at least one token, got {image_tokens}")
+    blocks = [chat.image_start + chat.image_pad * n + chat.image_end for n in image_tokens]
+    marks = question.count(IMAGE_PLACEHOLDER)
+    if marks:
+        if marks != len(blocks):
+            raise ValueError(f"question has {marks} {IMAGE_PLACEHOLDER} placeholders for "
+                             f"{len(blocks)} images")
+        pieces = question.split(IMAGE_PLACEHOLDER)
+        user = pieces[0] + "".join(b + rest for b, rest in zip(blocks, pieces[1:]))
+    else:
+        user = "".join(b + chat.image_sep for b in blocks) + question
+    system = "" if system_prompt is None else (
+        f"{chat.im_start}system\n{system_prompt}{chat.im_end}\n")
+    return f"{system}{chat.im_start}user\n{user}{chat.im_end}\n{chat.im_start}assistant\n"
