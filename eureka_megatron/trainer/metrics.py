@@ -1,6 +1,6 @@
-"""Per-step metrics of the RL trainer: a crash-safe JSONL log, TensorBoard scalars and a progress bar.
+"""Per-step metrics of the RL trainer: crash-safe JSONL log, TensorBoard scalars, progress bar.
 
-`out_dir/metrics.jsonl` holds one JSON object per logged step, `{"step": N, "<metric>": value, ...}`.
+`out_dir/metrics.jsonl` holds one JSON object per logged step: `{"step": N, "<metric>": value}`.
 Steps are 1-based (step N is logged after the N-th update; a checkpoint at step N covers steps
 1..N). Each line is flushed and fsynced before `log` returns, so a killed run loses at most the
 line being written; that torn last line is ignored by `read_metrics` and dropped by
@@ -111,8 +111,9 @@ class MetricsWriter:
             finite = [self._tb_summary.Summary.Value(tag=k, simple_value=float(v))
                       for k, v in values.items() if math.isfinite(v)]
             if finite:
-                self._tb.add_event(self._tb_event.Event(
-                    wall_time=time.time(), step=step, summary=self._tb_summary.Summary(value=finite)))
+                summary = self._tb_summary.Summary(value=finite)
+                self._tb.add_event(self._tb_event.Event(wall_time=time.time(), step=step,
+                                                        summary=summary))
                 self._tb.flush()  # a step takes seconds; keep TensorBoard as current as the JSONL
 
         if self._bar is not None:
