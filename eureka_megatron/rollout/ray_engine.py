@@ -1,0 +1,332 @@
+"""Rollout engines in Ray actors: `EngineActor` holds any `RolloutEngine`, `RemoteEngine` is the
+`RolloutEngine` the trainer talks to.
+
+Disaggregated engines (their own GPUs, possibly another node) and every engine on a multi-node
+cluster live in a Ray actor. The trainer keeps the protocol it has with a local engine:
+`RemoteEngine` forwards each call with a timeout, an actor that died or stopped answering raises
+`EngineDeadError` (and `health()` says False), and `restart()` rebuilds the engine in place or,
+if the actor is gone, starts a new actor in the same placement.
+
+Weight sync streams: `update_weights` ships one bucket per actor call through the object store,
+so neither side ever holds the whole model in flight. The actor feeds the buckets to the engine's
+own `update_weights` from a thread (`begin_update` / `load_bucket` / `finish_update`), so the
+engine's checks apply unchanged; if the trainer's bucket stream or the engine fails half-way,
+the engine's sync is aborted and it is left at weight version None, exactly like a local engine.
+Ray is imported lazily.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterable
+
+from eureka_megatron.rollout.engine import EngineDeadError, NamedTensors, Prompt, Sample, SamplingParams
+
+_END, _ABORT = object(), object()
+
+
+class SyncAborted(RuntimeError):
+    """The trainer stopped a weight sync half-way (its bucket stream failed)."""
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """"module:function" or "module:Class.method" -> the callable."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"engine factory must be 'module:function' or 'module:Class.method', got {spec!r}")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"engine factory {spec!r} is not callable")
+    return obj
+
+
+class _StreamedUpdate:
+    """Runs `engine.update_weights(<buckets as they arrive>, version)` in a thread; `push` returns
+    once the engine has taken the bucket and asked for the next one (or failed)."""
+
+    def __init__(self, engine, version: int, kw: dict):
+        self._in: queue.Queue = queue.Queue()
+        self._out: queue.Queue = queue.Queue()
+        self.buckets = 0
+        self.finished = False
+        self._thread = threading.Thread(target=self._run, args=(engine, version, kw), daemon=True,
+                                         name=f"weight-sync-v{version}")
+        self._thread.start()
+
+    def _feed(self):
+        while True:
+            item = self._in.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise SyncAborted("weight sync aborted: the trainer's bucket stream failed")
+            yield item
+            self._out.put(("ack", None))
+
+    def _run(self, engine, version, kw):
+        try:
+            engine.update_weights(self._feed(), version, **kw)
+            self._out.put(("done", None))
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller of push/finish
+            self._out.put(("failed", e))
+
+    def _wait(self, want: str):
+        kind, err = self._out.get()
+        if kind == "failed":
+            self.finished = True
+            raise err
+        if kind != want:  # the engine returned without asking for every bucket
+            self.finished = True
+            raise RuntimeError(f"engine sync ended early ({kind} while waiting for {want})")
+
+    def push(self, bucket: NamedTensors) -> None:
+        if self.finished:
+            raise RuntimeError("no weight sync in progress (it already ended)")
+        self.buckets += 1
+        self._in.put(bucket)
+        self._wait("ack")
+
+    def finish(self) -> None:
+        if self.finished:
+            raise RuntimeError("no weight sync in progress (it already ended)")
+        self._in.put(_END)
+        self._wait("done")
+        self.finished = True
+
+    def abort(self, timeout: float = 60.0) -> None:
+        if not self.finished:
+            self._in.put(_ABORT)
+            self._thread.join(timeout)
+            self.finished = True
+
+
+class EngineActor:
+    """Holds one engine built by `factory(**kwargs)` ("module:function" / "module:Class.method").
+
+    Becomes a Ray actor through `ray.remote(EngineActor)` at use time. `visible_devices` (GPU ids)
+    widens CUDA_VISIBLE_DEVICES before the engine is built: an engine spanning several bundles
+    sees all of its GPUs, not only the one Ray assigned to the actor's own bundle.
+    """
+
+    def __init__(self, factory: str, kwargs: dict, visible_devices: list[str] | None = None):
+        if visible_devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in visible_devices)
+        self.engine = resolve_factory(factory)(**(kwargs or {}))
+        self._sync: _StreamedUpdate | None = None
+        self.last_sync_buckets = 0
+
+    # --- protocol -------------------------------------------------------------------------------
+
+    def weight_layout(self) -> str:
+        return self.engine.weight_layout
+
+    def weight_version(self) -> int | None:
+        return self.engine.weight_version
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Sample]:
+        return self.engine.generate(prompts, n, sampling)
+
+    def update_weights(self, buckets: list[NamedTensors], version: int, partial: bool = False) -> None:
+        """All buckets in one call (small models); `RemoteEngine` streams with begin/load/finish."""
+        self.engine.update_weights(buckets, version, **({"partial": True} if partial else {}))
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
+    def health(self) -> bool:
+        return bool(self.engine.health())
+
+    def restart(self) -> None:
+        self.abort_update()
+        self.engine.restart()
+
+    # --- streamed sync --------------------------------------------------------------------------
+
+    def begin_update(self, version: int, partial: bool = False) -> None:
+        self.abort_update()
+        self._sync = _StreamedUpdate(self.engine, version, {"partial": True} if partial else {})
+
+    def load_bucket(self, bucket: NamedTensors) -> None:
+        if self._sync is None:
+            raise RuntimeError("load_bucket without begin_update")
+        self._sync.push(bucket)
+
+    def finish_update(self) -> int | None:
+        if self._sync is None:
+            raise RuntimeError("finish_update without begin_update")
+        sync, self._sync = self._sync, None
+        self.last_sync_buckets = sync.buckets
+        sync.finish()
+        return self.engine.weight_version
+
+    def abort_update(self) -> None:
+        """Stop a sync in progress; the engine's update_weights fails, its version becomes None."""
+        if self._sync is not None:
+            sync, self._sync = self._sync, None
+            self.last_sync_buckets = sync.buckets
+            sync.abort()
+
+    # --- extras ---------------------------------------------------------------------------------
+
+    def call(self, method: str, *args, **kwargs):
+        """Any other engine method (e.g. HFEngine.logits)."""
+        return getattr(self.engine, method)(*args, **kwargs)
+
+    def node_info(self) -> dict:
+        import ray
+
+        return {"ip": ray.util.get_node_ip_address(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+                "last_sync_buckets": self.last_sync_buckets}
+
+
+class _Spawner:
+    """Picklable recipe for a new engine actor in the same place (RemoteEngine.restart)."""
+
+    def __init__(self, factory: str, kwargs: dict, options: dict, visible_devices):
+        self.factory, self.kwargs, self.options, self.visible_devices = factory, kwargs, options, visible_devices
+
+    def __call__(self):
+        import ray
+
+        return ray.remote(EngineActor).options(**self.options).remote(
+            self.factory, self.kwargs, self.visible_devices)
+
+
+def _dead_errors():
+    from ray.exceptions import (ActorPlacementGroupRemoved, ActorUnschedulableError, GetTimeoutError,
+                                RayActorError, WorkerCrashedError)
+
+    return (RayActorError, WorkerCrashedError, ActorPlacementGroupRemoved, ActorUnschedulableError,
+            GetTimeoutError)
+
+
+class RemoteEngine:
+    """A RolloutEngine whose engine lives in a Ray actor elsewhere (the disaggregated layout, or any
+    engine on another node): the same protocol; every call is a `ray.get` with `timeout`, a dead or
+    silent actor raises `EngineDeadError`, errors of the engine itself arrive as their own type."""
+
+    def __init__(self, handle, *, timeout: float = 600.0, health_timeout: float = 30.0,
+                 respawn: Callable[[], Any] | None = None, name: str | None = None):
+        self.handle = handle
+        self.timeout, self.health_timeout = timeout, health_timeout
+        self._respawn = respawn
+        self.name = name or f"engine actor {handle._actor_id.hex()[:12]}"
+        self.weight_layout: str = self._call("weight_layout")  # also waits for the engine to build
+
+    def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        import ray
+
+        timeout = self.timeout if timeout is None else timeout
+        ref = getattr(self.handle, method).remote(*args, **kwargs)
+        try:
+            return ray.get(ref, timeout=timeout)
+        except _dead_errors() as e:
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                ray.cancel(ref)
+                raise EngineDeadError(f"{self.name} did not answer {method} within {timeout:g}s") from None
+            raise EngineDeadError(f"{self.name} is dead ({method}): {type(e).__name__}: {e}") from None
+
+    # --- protocol -------------------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> int | None:
+        """The actor's version; None when it is dead (no known weights are served)."""
+        try:
+            return self._call("weight_version", timeout=self.health_timeout)
+        except EngineDeadError:
+            return None
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Sample]:
+        return self._call("generate", prompts, n, sampling)
+
+    def update_weights(self, buckets: Iterable[NamedTensors], version: int, *,
+                       partial: bool = False) -> None:
+        """Stream `buckets` one actor call each; any failure aborts the engine's sync (version
+        None) and is raised here."""
+        self._call("begin_update", version, partial)
+        try:
+            for bucket in buckets:
+                self._call("load_bucket", list(bucket))
+            self._call("finish_update")
+        except BaseException:
+            try:
+                self._call("abort_update", timeout=self.health_timeout)
+            except Exception:  # noqa: BLE001 -- the original failure is what matters
+                pass
+            raise
+
+    def release_memory(self) -> None:
+        self._call("release_memory")
+
+    def resume_memory(self) -> None:
+        self._call("resume_memory")
+
+    def health(self) -> bool:
+        try:
+            return bool(self._call("health", timeout=self.health_timeout))
+        except EngineDeadError:
+            return False
+
+    def restart(self) -> None:
+        """Restart the engine inside its actor; if the actor is dead, silent or cannot restart,
+        kill it and start a new one in the same place (only for engines from `spawn_engine` /
+        `placement.place_engines`)."""
+        import ray
+
+        try:
+            self._call("restart")
+            return
+        except Exception as e:  # noqa: BLE001 -- any failure: replace the actor if we can
+            if self._respawn is None:
+                raise EngineDeadError(f"{self.name} could not restart and cannot be respawned (not "
+                                      f"created by spawn_engine): {e}") from e
+        try:
+            ray.kill(self.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 -- already gone
+            pass
+        self.handle = self._respawn()
+        self.weight_layout = self._call("weight_layout")
+
+    # --- extras ---------------------------------------------------------------------------------
+
+    def call(self, method: str, *args, **kwargs):
+        """Any other method of the engine (e.g. HFEngine.logits)."""
+        return self._call("call", method, *args, **kwargs)
+
+    def node_info(self) -> dict:
+        """Where the actor runs: ip, Ray GPU ids, CUDA_VISIBLE_DEVICES, pid, last sync's buckets."""
+        return self._call("node_info", timeout=self.health_timeout)
+
+    def kill(self) -> None:
+        import ray
+
+        ray.kill(self.handle, no_restart=True)
+
+
+def spawn_engine(factory: str, kwargs: dict, *, num_cpus: float = 1, num_gpus: float = 0,
+                 scheduling_strategy=None, visible_devices: list[str] | None = None,
+                 timeout: float = 600.0, name: str | None = None) -> RemoteEngine:
+    """Start an `EngineActor` (Ray started locally if it is not yet) and wait for its engine."""
+    from eureka_megatron.trainer.placement import ray_init
+
+    ray_init()
+    options: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    spawner = _Spawner(factory, dict(kwargs or {}), options, visible_devices)
+    handle = spawner()
+    try:
+        return RemoteEngine(handle, timeout=timeout, respawn=spawner, name=name)
+    except BaseException:
+        import ray
+
+        ray.kill(handle, no_restart=True)
+        raise

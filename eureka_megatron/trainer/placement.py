@@ -1,0 +1,422 @@
+"""Ray placement: where trainer ranks and rollout engines run, and launching ranks on Ray.
+
+`plan_layout` is a pure function (no Ray): one placement group of identical bundles (one GPU each,
+or CPU slots without GPUs); trainer rank r gets bundle `actor_bundles[r]`, engine e the bundles
+`engine_bundles[e]` -- the same ones as its trainer ranks when colocated (trainer and engine take
+turns on each GPU), bundles after the trainer's when disaggregated (engines own their GPUs).
+
+`launch_on_ray` has the contract of `runtime.launcher.launch` (results in rank order, a failing
+rank raises `RankError` with its traceback and the others are killed) with ranks as Ray actors,
+so the same training function runs on a multi-node cluster. Ray does not promise that bundle i
+sits on node i // gpus_per_node, so plan indices go through `bundle_order` (bundles grouped by
+node, nodes in order of their first bundle): ranks fill nodes in order and LOCAL_RANK means what
+it means under torchrun. Ray is imported lazily: the plan is usable without it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK")
+# GPU shares of a bundle when trainer and engine share its GPU: Ray must fit both in one bundle,
+# and a little is left for `bundle_gpu_ids` probes. Disaggregated actors take the whole GPU.
+COLOCATED_ACTOR_GPU = 0.5
+COLOCATED_ENGINE_GPU = 0.4
+_PROBE_GPU = 0.01
+
+
+@dataclass
+class Layout:
+    """Where actor (trainer) ranks and rollout engines go: bundle indices into one placement group."""
+    bundles: list[dict[str, float]]        # e.g. {"GPU": 1, "CPU": 4}; on CPU-only {"CPU": n}
+    actor_bundles: list[int]               # bundle of each trainer rank (rank order)
+    engine_bundles: list[list[int]]        # bundles of each engine (TP-wide engines span several)
+    colocated: bool
+    strategy: str                          # "PACK" | "SPREAD" | "STRICT_PACK" (as ray)
+    gpus_per_node: int = field(default=8, compare=False)
+
+    @property
+    def use_gpus(self) -> bool:
+        return any(b.get("GPU", 0) > 0 for b in self.bundles)
+
+    def describe(self) -> str:
+        kind = "colocated" if self.colocated else "disaggregated"
+        unit = "GPU" if self.use_gpus else "CPU slot"
+        sizes = sorted({len(b) for b in self.engine_bundles})
+        return (f"{len(self.actor_bundles)} trainer ranks + {len(self.engine_bundles)} engines "
+                f"x {'/'.join(map(str, sizes)) or 0} {unit}(s), {kind}, {len(self.bundles)} bundles "
+                f"{self.bundles[0] if self.bundles else {}} ({self.strategy})")
+
+
+def plan_layout(*, actor_world: int, engines: int, gpus_per_engine: int, colocate: bool,
+                use_gpus: bool, gpus_per_node: int = 8, cpus_per_bundle: float = 1.0) -> Layout:
+    """One bundle per GPU (or CPU slot); trainer ranks first, then (disaggregated) the engines.
+
+    Colocated, engine e shares the bundles of ranks [e*g, (e+1)*g), so engines x gpus_per_engine
+    must equal the trainer world. With GPUs an engine's GPUs must sit on one node (its TP group
+    talks over NVLink), so gpus_per_engine divides gpus_per_node and no engine may straddle a node
+    boundary; a trainer world larger than a node fills whole nodes.
+    """
+    for name, value, low in (("actor_world", actor_world, 1), ("engines", engines, 0),
+                             ("gpus_per_engine", gpus_per_engine, 1), ("gpus_per_node", gpus_per_node, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if cpus_per_bundle < 0 or (not use_gpus and cpus_per_bundle <= 0):
+        raise ValueError(f"cpus_per_bundle must be > 0{' (or 0 with GPUs)' if use_gpus else ''}, "
+                         f"got {cpus_per_bundle}")
+    g = gpus_per_engine
+    if colocate and engines * g != actor_world:
+        raise ValueError(f"colocated layout: engines x gpus_per_engine = {engines} x {g} = {engines * g} "
+                         f"must equal the trainer world size {actor_world} (each engine shares the "
+                         f"GPUs of its trainer ranks)")
+    if use_gpus:
+        if gpus_per_node % g:
+            raise ValueError(f"gpus_per_engine {g} must divide gpus_per_node {gpus_per_node}: an "
+                             f"engine's GPUs must all be on one node")
+        if actor_world > gpus_per_node and actor_world % gpus_per_node:
+            raise ValueError(f"a trainer world of {actor_world} GPUs spans nodes, so it must fill "
+                             f"whole nodes: a multiple of gpus_per_node {gpus_per_node}")
+    bundle = {"GPU": 1.0} if use_gpus else {}
+    if cpus_per_bundle > 0:
+        bundle["CPU"] = float(cpus_per_bundle)
+    actor_bundles = list(range(actor_world))
+    first = 0 if colocate else actor_world
+    engine_bundles = [list(range(first + e * g, first + (e + 1) * g)) for e in range(engines)]
+    total = actor_world if colocate else actor_world + engines * g
+    if use_gpus:
+        for e, b in enumerate(engine_bundles):
+            if b[0] // gpus_per_node != b[-1] // gpus_per_node:
+                raise ValueError(
+                    f"engine {e} would span GPUs {b[0]}..{b[-1]} across nodes {b[0] // gpus_per_node} "
+                    f"and {b[-1] // gpus_per_node}: the trainer's {actor_world} GPUs leave "
+                    f"{gpus_per_node - actor_world % gpus_per_node} on its last node, not a multiple "
+                    f"of gpus_per_engine {g}")
+    strategy = "STRICT_PACK" if use_gpus and total <= gpus_per_node else "PACK"
+    return Layout([dict(bundle) for _ in range(total)], actor_bundles, engine_bundles, colocate,
+                  strategy, gpus_per_node)
+
+
+# --- Ray session ------------------------------------------------------------------------------
+
+_OWN_TEMP: str | None = None
+
+
+def ray_init(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+             temp_dir: str | None = None, object_store_memory: int | None = None) -> None:
+    """Start or join Ray once per process (later calls do nothing).
+
+    address None starts a local instance -- unless RAY_ADDRESS is set (inside `ray job submit`),
+    then that cluster is joined -- with token auth off (RAY_AUTH_MODE=disabled unless set: a local
+    instance needs no token, and auth would write ~/.ray), a short temp dir (Ray's unix socket
+    paths must stay under 108 bytes), no dashboard, and a 200 MB object store without CUDA (weight
+    buckets are shipped one by one). "auto" or "ray://host:port" joins a running cluster, whose
+    resources are the cluster's own (num_cpus/num_gpus are then ignored).
+    """
+    global _OWN_TEMP
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if temp_dir is None:
+        temp_dir = _OWN_TEMP = tempfile.mkdtemp(prefix="emray-", dir="/tmp")
+    if object_store_memory is None:
+        import torch
+
+        object_store_memory = None if torch.cuda.is_available() else 200 << 20
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             object_store_memory=object_store_memory, _temp_dir=temp_dir)
+
+
+def ray_shutdown() -> None:
+    """Stop Ray in this process and remove the temp dir `ray_init` made for it."""
+    global _OWN_TEMP
+    import ray
+
+    ray.shutdown()
+    if _OWN_TEMP:
+        shutil.rmtree(_OWN_TEMP, ignore_errors=True)
+        _OWN_TEMP = None
+
+
+# --- placement groups -------------------------------------------------------------------------
+
+def create_placement_group(layout: Layout, *, timeout: float = 300.0):
+    """The layout's placement group, ready; a TimeoutError says which resources are missing."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if layout.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {layout.strategy!r}")
+    pg = placement_group([dict(b) for b in layout.bundles], strategy=layout.strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if not ready:
+        remove_placement_group(pg)
+        raise TimeoutError(f"placement group not ready after {timeout:.0f}s: "
+                           f"{_missing_resources(layout)}")
+    return pg
+
+
+def _missing_resources(layout: Layout) -> str:
+    import ray
+
+    need: dict[str, float] = {}
+    for b in layout.bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    total, free = ray.cluster_resources(), ray.available_resources()
+    parts = [f"{k} {v:g} (cluster: {free.get(k, 0):g} free of {total.get(k, 0):g})"
+             for k, v in sorted(need.items())]
+    short = [k for k, v in need.items() if free.get(k, 0) < v]
+    nodes = [f"{n.get('NodeManagerAddress')}: " + ", ".join(
+        f"{k} {n['Resources'].get(k, 0):g}" for k in sorted(need)) for n in ray.nodes() if n.get("Alive")]
+    msg = (f"{layout.describe()} needs {'; '.join(parts)}"
+           + (f"; short of {', '.join(sorted(short))}" if short else "")
+           + f"; nodes: {' | '.join(nodes)}")
+    if layout.strategy == "STRICT_PACK":
+        msg += "; STRICT_PACK needs every bundle on one node"
+    return msg
+
+
+def bundle_nodes(pg) -> list[str]:
+    """The node id of each bundle of a ready placement group."""
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    return [table[i] for i in range(len(table))]
+
+
+def bundle_order(pg) -> list[int]:
+    """Placement-group bundle index for each plan index: bundles grouped by node (nodes ordered by
+    their first bundle), bundle order kept within a node. Identical bundles make this legal."""
+    nodes = bundle_nodes(pg)
+    first = {}
+    for i, n in enumerate(nodes):
+        first.setdefault(n, i)
+    return sorted(range(len(nodes)), key=lambda i: (first[nodes[i]], i))
+
+
+def _probe_gpus():
+    import ray
+
+    return [str(i) for i in ray.get_gpu_ids()]
+
+
+def bundle_gpu_ids(pg, bundles: list[int], *, timeout: float = 120.0) -> list[list[str]]:
+    """The GPU ids Ray gives each listed PG bundle, by a tiny GPU-share probe task in each."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InBundle
+
+    probe = ray.remote(_probe_gpus)
+    refs = [probe.options(num_cpus=0, num_gpus=_PROBE_GPU, scheduling_strategy=InBundle(
+        pg, placement_group_bundle_index=b)).remote() for b in bundles]
+    return ray.get(refs, timeout=timeout)
+
+
+# --- ranks on Ray -----------------------------------------------------------------------------
+
+_CURRENT: tuple[Layout, Any] | None = None
+
+
+def current_placement() -> tuple[Layout, Any] | None:
+    """Inside a rank started by `launch_on_ray`: (layout, placement group), e.g. for rank 0 to
+    `place_engines` into the trainer's own placement group; None elsewhere."""
+    return _CURRENT
+
+
+class _RankActor:
+    """One trainer rank: reports where Ray put it, then runs the training function once."""
+
+    def info(self) -> tuple[str, list[str]]:
+        import ray
+
+        return ray.util.get_node_ip_address(), [str(i) for i in ray.get_gpu_ids()]
+
+    def free_port(self) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def run(self, fn, args, kwargs, env: dict, threads: int, layout: Layout, pg):
+        global _CURRENT
+        import torch
+
+        os.environ.update({k: str(v) for k, v in env.items()})
+        torch.set_num_threads(max(1, threads))
+        _CURRENT = (layout, pg)
+        try:
+            return "ok", fn(*args, **kwargs)
+        except BaseException:  # noqa: BLE001 -- every failure must reach the driver
+            return "error", traceback.format_exc()
+        finally:
+            if torch.distributed.is_initialized():
+                try:
+                    from eureka_megatron.runtime.distributed import shutdown
+
+                    shutdown()
+                except Exception:  # noqa: BLE001 -- teardown after the result is made
+                    pass
+
+
+def _rank_envs(layout: Layout, infos: list[tuple[str, list[str]]], port: int,
+               extra: dict | None) -> list[dict]:
+    """torchrun's variables per rank: nodes in order of their first rank, local ranks in rank
+    order; with GPUs each rank sees its node's rank GPUs in local-rank order (device LOCAL_RANK
+    is its own), as torchrun would show them."""
+    node_of = [ip for ip, _ in infos]
+    nodes = list(dict.fromkeys(node_of))
+    envs = []
+    for r, (ip, gpus) in enumerate(infos):
+        peers = [q for q in range(len(infos)) if node_of[q] == ip]
+        env = dict(extra or {})
+        env.update(RANK=r, LOCAL_RANK=peers.index(r), WORLD_SIZE=len(infos),
+                   LOCAL_WORLD_SIZE=len(peers), NODE_RANK=nodes.index(ip), GROUP_RANK=nodes.index(ip),
+                   MASTER_ADDR=infos[0][0], MASTER_PORT=port)
+        if layout.use_gpus:
+            if len(gpus) != 1:
+                raise RuntimeError(f"rank {r} was given GPUs {gpus} by Ray, expected exactly one")
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(infos[q][1][0] for q in peers)
+        envs.append({k: str(v) for k, v in env.items()})
+    return envs
+
+
+def launch_on_ray(fn: Callable[..., Any], nproc: int, *args, layout: Layout | None = None,
+                  placement_group=None, timeout: float = 900.0, env: dict | None = None,
+                  **kwargs) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `nproc` ranks as Ray actors; results in rank order.
+
+    The layout defaults to `nproc` one-CPU bundles. Without `placement_group` one is created from
+    the layout and removed at the end; pass one (from `create_placement_group`) to share it with
+    engines placed beforehand. Each rank gets torchrun's env vars (MASTER_ADDR: rank 0's node,
+    MASTER_PORT: free there), `env`, and as many torch threads as its bundle has CPUs. A failing
+    or dead rank raises `RankError` at once and every rank actor is killed; `timeout` bounds the
+    whole run (TimeoutError).
+    """
+    import ray
+    from ray.exceptions import RayError
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InBundle
+
+    from eureka_megatron.runtime.launcher import RankError
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    layout = layout or plan_layout(actor_world=nproc, engines=0, gpus_per_engine=1, colocate=False,
+                                   use_gpus=False)
+    if len(layout.actor_bundles) != nproc:
+        raise ValueError(f"the layout has {len(layout.actor_bundles)} trainer ranks, nproc is {nproc}")
+    ray_init()
+    deadline = time.monotonic() + timeout
+    own_pg = placement_group is None
+    pg = placement_group or create_placement_group(layout, timeout=timeout)
+    actors = []
+    try:
+        order = bundle_order(pg)
+        cls = ray.remote(_RankActor)
+        for b in layout.actor_bundles:
+            res = layout.bundles[b]
+            gpu = res.get("GPU", 0) * (COLOCATED_ACTOR_GPU if layout.colocated else 1.0)
+            actors.append(cls.options(num_cpus=res.get("CPU", 0), num_gpus=gpu, max_restarts=0,
+                                      scheduling_strategy=InBundle(pg, order[b])).remote())
+
+        def get(refs):
+            left = deadline - time.monotonic()
+            try:
+                return ray.get(refs, timeout=max(left, 0.1))
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"rank actors did not start within {timeout:.0f}s") from None
+
+        try:
+            infos = get([a.info.remote() for a in actors])
+            port = get(actors[0].free_port.remote())
+        except RayError as e:
+            raise RankError(f"a rank actor failed to start: {e}") from e
+        envs = _rank_envs(layout, infos, port, env)
+        pending = {a.run.remote(fn, args, kwargs, envs[r], int(layout.bundles[b].get("CPU", 1)),
+                                layout, pg): r
+                   for r, (a, b) in enumerate(zip(actors, layout.actor_bundles))}
+        out: dict[int, Any] = {}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ranks {sorted(pending.values())} still running after {timeout:.0f}s")
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, 5.0))
+            for ref in done:
+                r = pending.pop(ref)
+                try:
+                    status, payload = ray.get(ref)
+                except RayError as e:
+                    raise RankError(f"rank {r} died before returning a result: {e}") from None
+                if status == "error":
+                    raise RankError(f"rank {r} failed:\n{payload}")
+                out[r] = payload
+        return [out[r] for r in range(nproc)]
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 -- already gone
+                pass
+        if own_pg:
+            remove_placement_group(pg)
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+def _engine_options(layout: Layout, pg, e: int, order: list[int]) -> dict:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InBundle
+
+    first = layout.engine_bundles[e][0]
+    res = layout.bundles[first]
+    if layout.colocated:  # the trainer rank of this bundle holds its CPUs; the engine takes turns
+        cpus, gpus = 0, res.get("GPU", 0) * COLOCATED_ENGINE_GPU
+    else:
+        cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+                scheduling_strategy=InBundle(pg, placement_group_bundle_index=order[first]))
+
+
+def place_engines(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_engine: int, *,
+                  timeout: float = 600.0) -> list:
+    """One engine actor per `layout.engine_bundles` entry, as `RemoteEngine`s that can respawn
+    their actor in the same bundle on `restart()`.
+
+    The actor sits in the engine's first bundle (a GPU share when colocated, the whole GPU
+    otherwise) and sees the GPUs of all its bundles (CUDA_VISIBLE_DEVICES), in bundle order: a
+    TP-wide SGLang server started there gets exactly the GPUs the plan gave the engine.
+    """
+    from eureka_megatron.rollout.ray_engine import spawn_engine
+
+    nodes, order = bundle_nodes(pg), bundle_order(pg)
+    devices: list[list[str] | None] = [None] * len(layout.engine_bundles)
+    if layout.use_gpus:
+        for e, bundles in enumerate(layout.engine_bundles):
+            if len(bundles) != num_gpus_per_engine:
+                raise ValueError(f"engine {e} has {len(bundles)} GPU bundles in the layout, "
+                                 f"num_gpus_per_engine is {num_gpus_per_engine}")
+            where = {nodes[order[b]] for b in bundles}
+            if len(where) > 1:
+                raise RuntimeError(f"engine {e}'s bundles {bundles} landed on {len(where)} nodes; "
+                                   f"are there gpus_per_node={layout.gpus_per_node} GPUs per node?")
+        flat = [b for bundles in layout.engine_bundles for b in bundles]
+        ids = dict(zip(flat, bundle_gpu_ids(pg, [order[b] for b in flat], timeout=timeout)))
+        devices = [[ids[b][0] for b in bundles] for bundles in layout.engine_bundles]
+    return [spawn_engine(factory, kwargs, timeout=timeout, visible_devices=devices[e],
+                         name=f"engine{e}", **_engine_options(layout, pg, e, order))
+            for e in range(len(layout.engine_bundles))]
+
+
+def place_engine_actors(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_engine: int) -> list:
+    """`place_engines`, as bare Ray actor handles (an `EngineActor` each). Prefer
+    `place_engines`: its `RemoteEngine`s can respawn a dead actor."""
+    return [e.handle for e in place_engines(layout, pg, factory, kwargs, num_gpus_per_engine)]
