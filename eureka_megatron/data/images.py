@@ -47,7 +47,9 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"corrupt or unsupported image {p}: not a format PIL can read") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"corrupt or unsupported image {p}: {e}") from None
 
 

@@ -1,0 +1,270 @@
+"""Chat rendering (exact strings), PromptBuilder (ids, pixels, image-token counts; the result is
+accepted by transformers' own Qwen2.5-VL / InternVL forward) and PromptStream (per-epoch
+shuffles, bad rows skipped once and counted, exact resume from a JSON state, no endless loop)."""
+from __future__ import annotations
+
+import json
+import string
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from eureka_megatron.data.chat import (INTERNVL_CHAT, QWEN_CHAT, R1_SYSTEM_PROMPT, ChatTokens,
+                                       render_prompt)
+from eureka_megatron.data.dataset import PromptBuilder, PromptItem, PromptStream
+from eureka_megatron.data.images import load_image
+from eureka_megatron.data.jsonl import DataError, Row, load_rows
+from eureka_megatron.data.processors import internvl_pixels, qwen2_5_vl_pixels
+from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
+from eureka_megatron.rollout.engine import Prompt
+from tests import rollout_fixtures as F
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+            "<img>", "<IMG_CONTEXT>", "</img>"]
+
+
+def char_tokenizer(family: str = "qwen2_5_vl", specials: bool = True):
+    """One token per character; chat/image markers as special tokens, the family's image pad at
+    the tiny test models' image id (255) and <|vision_start|> at theirs (253)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0}
+    for c in sorted(set(string.printable)):
+        vocab.setdefault(c, len(vocab))
+    pad = "<|image_pad|>" if family == "qwen2_5_vl" else "<IMG_CONTEXT>"
+    fixed = {pad: F.IMAGE, "<|vision_start|>": F.VSTART}
+    if specials:
+        free = iter(range(200, 250))
+        for s in SPECIALS:
+            vocab[s] = fixed.get(s) or next(free)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if specials:
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    write_jsonl(synthetic_dataset(10, seed=1), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(data_dir):
+    return load_rows(data_dir).rows
+
+
+# --- chat ----------------------------------------------------------------------------------
+
+
+def test_render_prompt_exact_strings():
+    q = render_prompt(QWEN_CHAT, "How many?", [2, 1], "SYS")
+    assert q == ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>"
+                 "<|vision_start|><|image_pad|><|vision_end|>How many?<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+    i = render_prompt(INTERNVL_CHAT, "Find x.", [3], None)  # no system turn at all
+    assert i == ("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT></img>\nFind x."
+                 "<|im_end|>\n<|im_start|>assistant\n")
+    # "<image>" placeholders put each image where it is (InternVL rows carry "<image>\n")
+    p = render_prompt(INTERNVL_CHAT, "A: <image>\nB: <image>\nSame?", [1, 2], None)
+    assert p == ("<|im_start|>user\nA: <img><IMG_CONTEXT></img>\n"
+                 "B: <img><IMG_CONTEXT><IMG_CONTEXT></img>\nSame?<|im_end|>\n<|im_start|>assistant\n")
+    assert render_prompt(QWEN_CHAT, "text only", [], None) == \
+        "<|im_start|>user\ntext only<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
+        render_prompt(QWEN_CHAT, "<image><image>", [4], None)
+    custom = ChatTokens("[s]", "[e]", "{", "*", "}", image_sep=" ")
+    assert render_prompt(custom, "q", [2], None) == "[s]user\n{**} q[e]\n[s]assistant\n"
+
+
+def test_r1_system_prompt_asks_for_both_tags():
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        assert tag in R1_SYSTEM_PROMPT
+
+
+# --- PromptBuilder ---------------------------------------------------------------------------
+
+
+def test_qwen_builder(rows):
+    tok = char_tokenizer("qwen2_5_vl")
+    b = PromptBuilder("qwen2_5_vl", tok, system_prompt="SYS", max_prompt_length=512,
+                      min_pixels=56 * 56, max_pixels=56 * 56)
+    row = rows[0]
+    item = b.build(row)
+    assert isinstance(item, PromptItem) and isinstance(item.prompt, Prompt)
+    assert (item.answer, item.row_id, item.source, item.meta) == (row.answer, row.id, row.source, {})
+    # a 56x56 image: a 4x4 patch grid, 2x2 merged -> 4 LLM tokens
+    expected_text = ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                     + "<|image_pad|>" * 4 + f"<|vision_end|>{row.question}<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+    assert item.prompt.text == expected_text
+    assert item.prompt.input_ids == tok(expected_text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(item.prompt.input_ids) == expected_text
+    assert item.prompt.input_ids.count(F.IMAGE) == 4
+    pv, grid = qwen2_5_vl_pixels([load_image(row.images[0])], min_pixels=56 * 56, max_pixels=56 * 56)
+    assert set(item.prompt.mm_inputs) == {"pixel_values", "image_grid_thw"}
+    assert torch.equal(item.prompt.mm_inputs["pixel_values"], pv)
+    assert item.prompt.mm_inputs["image_grid_thw"].tolist() == [[1, 4, 4]] == grid.tolist()
+    assert item.prompt.images == row.images
+
+
+def test_internvl_builder_tiles_and_placeholders(tmp_path):
+    Image.new("RGB", (112, 56), (9, 99, 199)).save(tmp_path / "wide.png")
+    tok = char_tokenizer("internvl")
+    b = PromptBuilder("internvl", tok, system_prompt=None, max_prompt_length=512, image_size=56,
+                      max_tiles=6, use_thumbnail=True)
+    row = Row(id="w", images=[str(tmp_path / "wide.png")], question="<image>\nWhat colour?",
+              answer="blue", source="x.jsonl:3", meta={"task": "colour"})
+    item = b.build(row)
+    # 2x1 tiles + thumbnail = 3 tiles; (56/14)^2 * 0.5^2 = 4 tokens each
+    assert item.prompt.text == ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 12 +
+                                "</img>\nWhat colour?<|im_end|>\n<|im_start|>assistant\n")
+    assert item.prompt.input_ids.count(F.IMAGE) == 12
+    pv, tiles = internvl_pixels([load_image(row.images[0])], image_size=56, max_tiles=6)
+    assert tiles == [3] and set(item.prompt.mm_inputs) == {"pixel_values"}
+    assert torch.equal(item.prompt.mm_inputs["pixel_values"], pv)
+    assert item.meta == {"task": "colour"}
+
+
+def test_row_system_prompt_wins(rows):
+    b = PromptBuilder("qwen2_5_vl", char_tokenizer(), system_prompt="BUILDER", max_prompt_length=512)
+    own = Row(**{**rows[0].__dict__, "system_prompt": "ROW"})
+    assert b.build(own).prompt.text.startswith("<|im_start|>system\nROW<|im_end|>\n")
+    assert b.build(rows[0]).prompt.text.startswith("<|im_start|>system\nBUILDER<|im_end|>\n")
+    none = PromptBuilder("qwen2_5_vl", char_tokenizer(), system_prompt=None, max_prompt_length=512)
+    assert none.build(rows[0]).prompt.text.startswith("<|im_start|>user\n")
+
+
+def test_builder_errors(rows, tmp_path):
+    tok = char_tokenizer()
+    with pytest.raises(DataError, match="over max_prompt_length 30"):
+        PromptBuilder("qwen2_5_vl", tok, system_prompt=None, max_prompt_length=30).build(rows[0])
+    big = PromptBuilder("qwen2_5_vl", tok, system_prompt=None, max_prompt_length=10,
+                        min_pixels=112 * 112, max_pixels=112 * 112)  # 16 image tokens
+    with pytest.raises(DataError, match="16 image tokens alone exceed"):
+        big.build(rows[0])
+    b = PromptBuilder("qwen2_5_vl", tok, system_prompt=None, max_prompt_length=512)
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG broken")
+    bad = Row(id="j", images=[str(tmp_path / "junk.png")], question="q", answer="a", source="f:1")
+    with pytest.raises(DataError, match="junk.png"):
+        b.build(bad)
+    sneaky = Row(**{**rows[0].__dict__, "question": "what is <|image_pad|>?"})
+    with pytest.raises(DataError, match="5 <\\|image_pad\\|> tokens in the prompt ids, expected 4"):
+        b.build(sneaky)
+    marks = Row(**{**rows[0].__dict__, "question": "<image> and <image>"})
+    with pytest.raises(DataError, match="placeholders"):
+        b.build(marks)
+    with pytest.raises(ValueError, match="does not have '<\\|image_pad\\|>' as one token"):
+        PromptBuilder("qwen2_5_vl", char_tokenizer(specials=False), system_prompt=None,
+                      max_prompt_length=512)
+    with pytest.raises(ValueError, match="unknown model family"):
+        PromptBuilder("llava", tok, system_prompt=None, max_prompt_length=512)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_built_prompt_runs_through_transformers(family, rows, tmp_path):
+    """transformers' own forward checks image features against image tokens: our ids, pixels
+    and grid must agree with the vision tower, and the pixels must reach the logits."""
+    Image.new("RGB", (112, 56), (250, 10, 10)).save(tmp_path / "wide.png")
+    kw = {"image_size": F.TILE, "max_tiles": 4} if family == "internvl" else {"max_pixels": 112 * 56}
+    b = PromptBuilder(family, char_tokenizer(family), system_prompt="S", max_prompt_length=512, **kw)
+    model = F.tiny_model(family)
+    two = Row(id="2", images=[rows[1].images[0], str(tmp_path / "wide.png")],
+              question="Which is red?", answer="2", source="t:1")
+    for row in (rows[0], two):
+        item = b.build(row)
+        logits = F.full_forward_logits(model, item.prompt.input_ids, item.prompt.mm_inputs)
+        assert logits.shape[0] == len(item.prompt.input_ids) and torch.isfinite(logits).all()
+        changed = {k: (v + 0.5 if k == "pixel_values" else v) for k, v in item.prompt.mm_inputs.items()}
+        other = F.full_forward_logits(model, item.prompt.input_ids, changed)
+        assert not torch.allclose(logits[-1], other[-1])
+
+
+# --- PromptStream ----------------------------------------------------------------------------
+
+
+class CountingBuilder(PromptBuilder):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls: dict[str, int] = {}
+
+    def build(self, row):
+        self.calls[row.id] = self.calls.get(row.id, 0) + 1
+        return super().build(row)
+
+
+def _builder(cls=PromptBuilder):
+    return cls("qwen2_5_vl", char_tokenizer(), system_prompt=None, max_prompt_length=512)
+
+
+@pytest.fixture
+def rows_with_bad(tmp_path):
+    write_jsonl(synthetic_dataset(10, seed=2), tmp_path)
+    rows = load_rows(tmp_path).rows
+    with open(rows[4].images[0], "wb") as f:
+        f.write(b"corrupted after loading")
+    return rows
+
+
+def test_stream_epochs_shuffle_and_skips(rows_with_bad):
+    rows = rows_with_bad
+    good = {r.id for i, r in enumerate(rows) if i != 4}
+    b = _builder(CountingBuilder)
+    s = PromptStream(rows, b, seed=5)
+    with pytest.warns(UserWarning, match=f"skipping prompt {rows[4].source}"):
+        items = [it for _ in range(7) for it in s.next_batch(3)]  # 21 = 9 + 9 + 3
+    ids = [it.row_id for it in items]
+    assert set(ids[:9]) == good and set(ids[9:18]) == good and len(set(ids[18:])) == 3
+    assert ids[:9] != ids[9:18] and s.epoch == 2  # a fresh shuffle each epoch
+    assert s.skipped == 1 and s.skipped_sources[0].source == rows[4].source
+    assert "corrupt" in s.skipped_sources[0].reason
+    assert b.calls[rows[4].id] == 1  # a failed row is not retried in later epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = PromptStream(rows, _builder(), seed=6)
+        assert [it.row_id for it in other.next_batch(9)] != ids[:9]
+        ordered = PromptStream(rows, _builder(), seed=5, shuffle=False)
+        assert [it.row_id for it in ordered.next_batch(9)] == [r.id for i, r in enumerate(rows) if i != 4]
+
+
+def test_stream_resume_is_exact(rows_with_bad):
+    rows = rows_with_bad
+    with pytest.warns(UserWarning):
+        full = PromptStream(rows, _builder(), seed=11)
+        reference = [[it.row_id for it in full.next_batch(4)] for _ in range(7)]
+    first = PromptStream(rows, _builder(), seed=11)
+    with pytest.warns(UserWarning):
+        got = [[it.row_id for it in first.next_batch(4)] for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
+    assert state["epoch"] == 1 and state["skipped"] == 1
+    resumed = PromptStream(rows, _builder(), seed=11)
+    resumed.load_state_dict(state)
+    got += [[it.row_id for it in resumed.next_batch(4)] for _ in range(4)]
+    assert got == reference
+    assert resumed.skipped == 1 and resumed.state_dict() == full.state_dict()
+
+    with pytest.raises(DataError, match="seed: saved 11, now 12"):
+        PromptStream(rows, _builder(), seed=12).load_state_dict(state)
+    with pytest.raises(DataError, match="num_rows"):
+        PromptStream(rows[:-1], _builder(), seed=11).load_state_dict(state)
+
+
+def test_stream_with_no_valid_rows_raises(tmp_path):
+    rows = []
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"junk")
+        rows.append(Row(id=str(i), images=[str(tmp_path / f"{i}.png")], question="q", answer="a",
+                        source=f"d.jsonl:{i + 1}"))
+    s = PromptStream(rows, _builder(), seed=0)
+    with pytest.warns(UserWarning, match="d.jsonl"), pytest.raises(DataError, match="whole epoch of 3 rows"):
+        s.next_batch(2)
+    assert s.skipped == 3
+    with pytest.raises(DataError):
+        PromptStream([], _builder(), seed=0)
