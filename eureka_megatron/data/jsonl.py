@@ -81,12 +81,16 @@ def load_rows(path: str | os.PathLike, fmt: str = "auto") -> LoadResult:
     base = file.parent.resolve()
     rows: list[Row] = []
     skipped: list[SkippedRow] = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(file, "rb") as f:  # decoded per line: one bad byte costs one row, not the file
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             source = f"{file}:{lineno}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _BadRow(f"not valid UTF-8 (byte {e.start})") from None
                 rows.append(_parse_line(line, fmt, base, source))
             except _BadRow as e:
                 skipped.append(SkippedRow(source, str(e)))

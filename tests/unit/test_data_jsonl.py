@@ -144,11 +144,15 @@ def test_bad_rows_are_skipped_with_file_line_and_reason(tmp_path, caplog):
     ]
     lines = [good] + [c for c, _ in cases] + ["", good]  # a blank line is ignored, not counted
     f = _write(tmp_path / "d.jsonl", lines)
+    cases.append(("", "not valid UTF-8"))  # a latin-1 byte in an otherwise fine row
+    with open(f, "ab") as fh:
+        fh.write(b'{"question": "caf\xe9", "answer": "A"}\n')
     with caplog.at_level(logging.WARNING, logger="eureka_megatron.data.jsonl"), \
             pytest.warns(UserWarning, match=f"skipped {len(cases)} of {len(cases) + 2} rows"):
         res = load_rows(f)
-    assert [r.source for r in res.rows] == [f"{f}:1", f"{f}:{len(cases) + 3}"]
-    assert [s.source for s in res.skipped] == [f"{f}:{i + 2}" for i in range(len(cases))]
+    assert [r.source for r in res.rows] == [f"{f}:1", f"{f}:{len(cases) + 2}"]
+    assert [s.source for s in res.skipped] == \
+        [f"{f}:{i + 2}" for i in range(len(cases) - 1)] + [f"{f}:{len(cases) + 3}"]
     for skipped, (_, reason) in zip(res.skipped, cases):
         assert reason in skipped.reason, (skipped, reason)
     logged = "\n".join(r.getMessage() for r in caplog.records)
