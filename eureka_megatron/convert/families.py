@@ -108,7 +108,8 @@ def _qwen2_5_vl_prepare(cfg, inputs: dict) -> dict:
 
 def _qwen2_5_vl_call(cfg, chunk, mb):
     return chunk(mb["input_ids"], mb["position_ids"], attention_mask=_padding_mask(mb["attention_mask"]),
-                 pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"])
+                 pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"],
+                 image_index=mb.get("image_index"))
 
 
 # --- InternVL -----------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _internvl_prepare(cfg, inputs: dict) -> dict:
 
 def _internvl_call(cfg, chunk, mb):
     return chunk(mb["input_ids"], mb["position_ids"], attention_mask=_padding_mask(mb["attention_mask"]),
-                 pixel_values=mb["pixel_values"])
+                 pixel_values=mb["pixel_values"], image_index=mb.get("image_index"))
 
 
 FAMILIES = [

@@ -263,10 +263,15 @@ class InternVLModel(MegatronModule):
         x = pixel_shuffle(x, self.cfg.downsample_ratio)
         return self.vision_projection(x.reshape(-1, 1, x.shape[-1]))[:, 0]
 
-    def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, labels=None):
+    def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, labels=None,
+                image_index=None):
+        """`image_index` (optional): rows share images -- the tower runs once per distinct tile
+        and row r's image tokens are `embeddings[image_index]` in order (see trainer.batches)."""
         decoder_input = None
         if self.pre_process:
             images = self.image_embeddings(pixel_values) if pixel_values is not None else None
+            if images is not None and image_index is not None:
+                images = images[image_index.to(images.device)]
             decoder_input = embed_with_images(
                 self.language_model, input_ids, self.cfg.image_token_id, images,
                 f"{pixel_values.shape[0]} tiles" if pixel_values is not None else "")

@@ -177,6 +177,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
     torch.distributed.barrier()
     t0 = time.perf_counter()
     state = _model_sd(model)
+    for opt in _inner_optimizers(model.optimizer):
+        # Nothing trained yet (e.g. an RL run whose first batches were all filtered out): torch
+        # Adam has no state to save. A zero-gradient step creates it and leaves the weights as is.
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
     state["optimizer"] = model.optimizer.sharded_state_dict(state, metadata=_OPT_META)
     state["rng_state"] = _rng_object(_rng_state())
     state["scheduler"] = model.scheduler.state_dict()

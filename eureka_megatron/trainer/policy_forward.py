@@ -8,7 +8,8 @@ micro-batches and DP ranks. Reported metrics are token-weighted sums (`*_tsum` /
 
 Micro-batch keys: input_ids [B, S], labels [B, S] (the token scored at each position, < 0 for
 none), loss_mask [B, S] (1 on response tokens), old_logprobs [B, S], advantages [B] (or [B, S]);
-optional position_ids, ref_logprobs [B, S].
+optional position_ids, ref_logprobs [B, S], rollout_logprobs [B, S] (the engine's; reported as
+`rollout_logprob_abs_diff`); without old_logprobs the current log-probs, detached, are used.
 """
 from __future__ import annotations
 
@@ -45,13 +46,20 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
         def loss_fn(hidden):
             lp, ent = token_logprobs(model, hidden, mb["labels"], vocab_size, temperature, backend)
             mask = mb["loss_mask"]
+            # No old log-probs: the batch is trained on once (one epoch, one mini-batch), so the
+            # old policy *is* the current one -- its log-probs are these, detached (ratio 1).
+            old = mb["old_logprobs"] if mb.get("old_logprobs") is not None else lp.detach()
             numerator, count, metrics = policy_loss_sums(
-                algo, lp, mb["old_logprobs"], mb["advantages"], mask,
+                algo, lp, old, mb["advantages"], mask,
                 ref_logprobs=mb.get("ref_logprobs"), entropy=ent,
                 sum_norm_length=sum_norm_length, backend=backend)
             tokens = (mask != 0).sum().double()
             report = {"loss_sum": numerator.detach().double(), "count": count.detach().double(),
                       "tokens": tokens}
+            if mb.get("rollout_logprobs") is not None:  # engine vs trainer agreement
+                diff = (lp.detach() - mb["rollout_logprobs"]).abs() * (mask != 0)
+                report["rollout_logprob_abs_diff_tsum"] = diff.sum().double()
+                report["rollout_logprob_abs_diff_max"] = diff.max().double()
             for k, v in metrics.items():
                 if k.endswith(("_max", "_min")):
                     report[k] = v.detach().double()

@@ -1,0 +1,52 @@
+"""Where a run's rows come from: the configured JSONL, or the embedded synthetic dataset
+(materialised once as plain JSONL + PNGs under the run directory, so both paths are the same
+loader), and the prompt builder configured for the model family."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eureka_megatron.rl_config import RLConfig
+
+
+def _synthetic(cfg: RLConfig, split: str, n: int) -> Path:
+    from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
+
+    d = cfg.data
+    out = Path(cfg.output.dir) / "data" / f"{split}-{n}-{'+'.join(d.synthetic_tasks)}-{d.image_size}"
+    if not (out / "data.jsonl").is_file():
+        write_jsonl(synthetic_dataset(n, split, seed=cfg.train.seed, tasks=d.synthetic_tasks,
+                                      image_size=d.image_size), out)
+    return out
+
+
+def train_rows(cfg: RLConfig):
+    from eureka_megatron.data.jsonl import load_rows
+
+    src = cfg.data.train or _synthetic(cfg, "train", cfg.data.synthetic_size)
+    return load_rows(src, cfg.data.format)  # rows + the rows skipped as bad
+
+
+def eval_rows(cfg: RLConfig):
+    from eureka_megatron.data.jsonl import load_rows
+
+    if cfg.eval.interval <= 0:
+        return []
+    src = cfg.eval.data or _synthetic(cfg, "heldout", cfg.eval.size)
+    return load_rows(src, cfg.data.format).rows[:cfg.eval.size]
+
+
+def system_prompt(cfg: RLConfig) -> str | None:
+    from eureka_megatron.data.chat import R1_SYSTEM_PROMPT
+
+    sp = cfg.data.system_prompt
+    return R1_SYSTEM_PROMPT if sp == "r1" else sp
+
+
+def prompt_builder(cfg: RLConfig, family: str, tokenizer):
+    from eureka_megatron.data.dataset import PromptBuilder
+
+    d = cfg.data
+    return PromptBuilder(family, tokenizer, system_prompt=system_prompt(cfg),
+                         max_prompt_length=d.max_prompt_length, min_pixels=d.min_pixels,
+                         max_pixels=d.max_pixels, max_tiles=d.max_tiles,
+                         use_thumbnail=d.use_thumbnail)

@@ -1,0 +1,127 @@
+"""Rollout collection on the driver rank: generate -> rewards -> online filter, until the batch is full.
+
+MM-Eureka keeps sampling until the train batch holds `rollout_batch_size` groups whose accuracy
+passes the online filter; each round here samples a full batch of fresh prompts and keeps the
+passing groups in order. After `max_filter_rounds` rounds the step trains on what it has (its
+`filter/underfull` metric says so). Reward and reflection metrics cover every generated sample,
+not only the kept ones, so they show the policy rather than the filter.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from eureka_megatron.algo.filtering import online_filter
+from eureka_megatron.rewards.reflection import DEFAULT_REFLECTION_PHRASES, reflection_metrics
+from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.rollout.engine import Prompt, SamplingParams
+
+
+@dataclass
+class Group:
+    """One prompt and its n responses (what the trainer needs of them; no images)."""
+
+    prompt_ids: list[int]
+    mm_inputs: dict
+    answer: str
+    response_ids: list[list[int]]
+    rollout_logprobs: list[list[float]]
+    rewards: list[float]
+    accuracy: list[float]
+
+
+@dataclass
+class RolloutBatch:
+    groups: list[Group]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class EngineFailure(RuntimeError):
+    """The rollout engine failed mid-generation; it was restarted and needs a weight sync."""
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+class Collector:
+    """Driver-rank rollout: owns the engine, the reward pool and the prompt stream."""
+
+    def __init__(self, cfg: RLConfig, engine, pool, stream, skipped_at_load: int = 0):
+        self.cfg, self.engine, self.pool, self.stream = cfg, engine, pool, stream
+        self.skipped_at_load = skipped_at_load
+        self.phrases = tuple(cfg.rewards.reflection_phrases or DEFAULT_REFLECTION_PHRASES)
+
+    def sampling(self, step: int, round_: int) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens,
+                              seed=(self.cfg.train.seed * 1_000_003 + step * 101 + round_) % 2**63)
+
+    def collect(self, step: int) -> RolloutBatch:
+        cfg = self.cfg
+        n, want = cfg.rollout.n_samples, cfg.train.rollout_batch_size
+        t0 = time.perf_counter()
+        kept: list[Group] = []
+        texts, accs, fmts, totals, lengths, rounds, generated = [], [], [], [], [], 0, 0
+        counters: dict[str, float] = {}
+        while len(kept) < want and rounds < cfg.rollout.max_filter_rounds:
+            items = self.stream.next_batch(want)
+            prompts = [Prompt(input_ids=list(it.prompt.input_ids), mm_inputs=it.prompt.mm_inputs,
+                              images=it.prompt.images, text=it.prompt.text) for it in items]
+            try:
+                samples = self.engine.generate(prompts, n, self.sampling(step, rounds))
+            except Exception as e:  # noqa: BLE001 -- any engine failure: restart, resync, retry
+                self.engine.restart()
+                raise EngineFailure(f"{type(e).__name__}: {e}") from e
+            rounds += 1
+            generated += len(items)
+            answers = [items[s.prompt_index].answer for s in samples]
+            metas = [items[s.prompt_index].meta for s in samples]
+            scored = self.pool.score([s.text for s in samples], answers, metas)
+            for k, v in scored.counters.items():
+                counters[k] = counters.get(k, 0) + v
+            acc = scored.scores.get("accuracy", [0.0] * len(samples))
+            texts += [s.text for s in samples]
+            accs += acc
+            fmts += scored.scores.get("format", [])
+            totals += scored.total
+            lengths += [len(s.token_ids) for s in samples]
+            if cfg.algo.online_filter:
+                keep = online_filter(acc, n, cfg.algo.filter_low, cfg.algo.filter_high).tolist()
+            else:
+                keep = [True] * len(samples)
+            for g, item in enumerate(items):
+                if len(kept) == want or not keep[g * n]:
+                    continue
+                rows = samples[g * n:(g + 1) * n]
+                kept.append(Group(prompt_ids=list(item.prompt.input_ids),
+                                  mm_inputs=item.prompt.mm_inputs, answer=item.answer,
+                                  response_ids=[s.token_ids for s in rows],
+                                  rollout_logprobs=[s.logprobs for s in rows],
+                                  rewards=scored.total[g * n:(g + 1) * n],
+                                  accuracy=acc[g * n:(g + 1) * n]))
+        metrics = {"rewards/total": _mean(totals), "rewards/accuracy": _mean(accs),
+                   "rewards/format": _mean(fmts), "filter/rounds": float(rounds),
+                   "filter/keep_rate": len(kept) / max(generated, 1),
+                   "filter/groups": float(len(kept)),
+                   "filter/underfull": float(len(kept) < want),
+                   "data/skipped_rows": float(self.skipped_at_load + self.stream.skipped),
+                   "time/rollout_s": time.perf_counter() - t0}
+        metrics.update({k: float(v) for k, v in counters.items()})
+        metrics.update(reflection_metrics(texts, accs, lengths, cfg.rollout.max_new_tokens,
+                                          self.phrases))
+        return RolloutBatch(kept, metrics)
+
+
+def greedy_accuracy(engine, pool, items, max_new_tokens: int) -> dict[str, float]:
+    """Held-out greedy accuracy and format rate (one response per prompt, temperature 0)."""
+    prompts = [it.prompt for it in items]
+    samples = engine.generate(prompts, 1, SamplingParams(temperature=0.0,
+                                                         max_new_tokens=max_new_tokens))
+    scored = pool.score([s.text for s in samples], [it.answer for it in items],
+                        [it.meta for it in items])
+    return {"eval/accuracy": _mean(scored.scores.get("accuracy", [])),
+            "eval/format": _mean(scored.scores.get("format", [])),
+            "eval/response_length": _mean(len(s.token_ids) for s in samples)}
