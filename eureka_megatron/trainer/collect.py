@@ -65,6 +65,7 @@ class Collector:
         t0 = time.perf_counter()
         kept: list[Group] = []
         texts, accs, fmts, totals, lengths, rounds, generated = [], [], [], [], [], 0, 0
+        versions: list[int] = []
         counters: dict[str, float] = {}
         while len(kept) < want and rounds < cfg.rollout.max_filter_rounds:
             items = self.stream.next_batch(want)
@@ -77,6 +78,7 @@ class Collector:
                 raise EngineFailure(f"{type(e).__name__}: {e}") from e
             rounds += 1
             generated += len(items)
+            versions += [s.weight_version for s in samples]
             answers = [items[s.prompt_index].answer for s in samples]
             metas = [items[s.prompt_index].meta for s in samples]
             scored = self.pool.score([s.text for s in samples], answers, metas)
@@ -104,6 +106,8 @@ class Collector:
                                   accuracy=acc[g * n:(g + 1) * n]))
         metrics = {"rewards/total": _mean(totals), "rewards/accuracy": _mean(accs),
                    "rewards/format": _mean(fmts), "filter/rounds": float(rounds),
+                   # weights the samples came from: step - 1 on-policy, step - 2 off-policy
+                   "rollout/weight_version": float(min(versions)) if versions else float("nan"),
                    "filter/keep_rate": len(kept) / max(generated, 1),
                    "filter/groups": float(len(kept)),
                    "filter/underfull": float(len(kept) < want),
