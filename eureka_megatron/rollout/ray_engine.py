@@ -20,9 +20,10 @@ import importlib
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from eureka_megatron.rollout.engine import EngineDeadError, NamedTensors, Prompt, Sample, SamplingParams
+if TYPE_CHECKING:  # the actor side imports no torch until the engine's factory does
+    from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
 
 _END, _ABORT = object(), object()
 
@@ -224,6 +225,8 @@ class RemoteEngine:
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
         import ray
 
+        from eureka_megatron.rollout.engine import EngineDeadError
+
         timeout = self.timeout if timeout is None else timeout
         ref = getattr(self.handle, method).remote(*args, **kwargs)
         try:
@@ -239,6 +242,8 @@ class RemoteEngine:
     @property
     def weight_version(self) -> int | None:
         """The actor's version; None when it is dead (no known weights are served)."""
+        from eureka_megatron.rollout.engine import EngineDeadError
+
         try:
             return self._call("weight_version", timeout=self.health_timeout)
         except EngineDeadError:
@@ -270,6 +275,8 @@ class RemoteEngine:
         self._call("resume_memory")
 
     def health(self) -> bool:
+        from eureka_megatron.rollout.engine import EngineDeadError
+
         try:
             return bool(self._call("health", timeout=self.health_timeout))
         except EngineDeadError:
@@ -280,6 +287,8 @@ class RemoteEngine:
         kill it and start a new one in the same place (only for engines from `spawn_engine` /
         `placement.place_engines`)."""
         import ray
+
+        from eureka_megatron.rollout.engine import EngineDeadError
 
         try:
             self._call("restart")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -48,9 +49,10 @@ class Layout:
     def describe(self) -> str:
         kind = "colocated" if self.colocated else "disaggregated"
         unit = "GPU" if self.use_gpus else "CPU slot"
-        sizes = sorted({len(b) for b in self.engine_bundles})
-        return (f"{len(self.actor_bundles)} trainer ranks + {len(self.engine_bundles)} engines "
-                f"x {'/'.join(map(str, sizes)) or 0} {unit}(s), {kind}, {len(self.bundles)} bundles "
+        sizes = "/".join(map(str, sorted({len(b) for b in self.engine_bundles})))
+        engines = (f"{len(self.engine_bundles)} engines x {sizes} {unit}(s), {kind}"
+                   if self.engine_bundles else "no engines")
+        return (f"{len(self.actor_bundles)} trainer ranks + {engines}, {len(self.bundles)} bundles "
                 f"{self.bundles[0] if self.bundles else {}} ({self.strategy})")
 
 
@@ -249,17 +251,19 @@ class _RankActor:
 
     def run(self, fn, args, kwargs, env: dict, threads: int, layout: Layout, pg):
         global _CURRENT
-        import torch
-
         os.environ.update({k: str(v) for k, v in env.items()})
-        torch.set_num_threads(max(1, threads))
+        threads = max(1, threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # torch reads it when first imported
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
         _CURRENT = (layout, pg)
         try:
             return "ok", fn(*args, **kwargs)
         except BaseException:  # noqa: BLE001 -- every failure must reach the driver
             return "error", traceback.format_exc()
         finally:
-            if torch.distributed.is_initialized():
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.distributed.is_initialized():
                 try:
                     from eureka_megatron.runtime.distributed import shutdown
 
@@ -382,7 +386,7 @@ def _engine_options(layout: Layout, pg, e: int, order: list[int]) -> dict:
         cpus, gpus = 0, res.get("GPU", 0) * COLOCATED_ENGINE_GPU
     else:
         cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+    return dict(num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=InBundle(pg, placement_group_bundle_index=order[first]))
 
 
