@@ -415,7 +415,13 @@ def _settings(cfg: RLConfig, actor) -> dict:
 
 def describe(cfg: RLConfig) -> str:
     """The resolved layout, for `train --dry-run`."""
-    hf = json.loads((Path(cfg.model.hf) / "config.json").read_text())
+    from eureka_megatron.config import validate_layout
+    from eureka_megatron.convert.families import family_for
+
+    path = Path(cfg.model.hf) / "config.json"
+    hf = json.loads(path.read_text())
+    mcfg = family_for(hf, str(path)).config_from_hf(hf, Path(cfg.model.hf))
+    validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
     t, r = cfg.train, cfg.rollout
     lines = [f"model        {hf.get('model_type')} from {cfg.model.hf}",
              f"actor        {cfg.parallel.describe()} ({cfg.cluster.launcher} launcher)",
