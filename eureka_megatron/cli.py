@@ -113,9 +113,11 @@ def _launch_rl(cfg, say) -> list[dict]:
 
         use_gpus = _has_gpu()
         ray_init(cfg.cluster.address)
-        layout = plan_layout(actor_world=cfg.parallel.nproc, engines=cfg.rollout.engines,
+        # The HF engine lives inside rank 0's process; only SGLang servers need GPUs of their own.
+        engines = cfg.rollout.engines if cfg.rollout.engine == "sglang" else 0
+        layout = plan_layout(actor_world=cfg.parallel.nproc, engines=engines,
                              gpus_per_engine=cfg.rollout.gpus_per_engine,
-                             colocate=cfg.cluster.colocate, use_gpus=use_gpus,
+                             colocate=cfg.cluster.colocate and engines > 0, use_gpus=use_gpus,
                              gpus_per_node=cfg.cluster.gpus_per_node)
         return launch_on_ray(run_rl, cfg.parallel.nproc, cfg, layout=layout)[0]
     from eureka_megatron.runtime.launcher import launch

@@ -116,3 +116,14 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_hf)
                 assert g[k] is None, k
             else:
                 assert g[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (w["step"], k)
+
+
+def test_ray_launcher_runs_the_loop_at_tp2(tmp_path, tiny_hf):
+    """`cluster.launcher=ray`: the ranks are Ray actors in a placement group (Ray local here)."""
+    out = tmp_path / "ray"
+    r = cli("train", *small(out, tiny_hf, "train.steps=1", "eval.interval=0",
+                            "cluster.launcher=ray", "parallel.nproc=2",
+                            "parallel.tensor_parallel=2"), timeout=600)
+    assert r.returncode == 0, r.stderr
+    (rec,) = _metrics(out)
+    assert rec["step"] == 1 and rec["first/ratio_max"] == 1.0 and rec["weight_version"] == 1.0
