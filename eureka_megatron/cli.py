@@ -172,6 +172,7 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from eureka_megatron.trainer import checkpoint as ckpt
     from eureka_megatron.trainer.demo import demo_config, write_tiny_checkpoint
+    from eureka_megatron.trainer.loop import describe
 
     out = Path(args.out)
     overrides = list(args.overrides)
@@ -184,16 +185,10 @@ def cmd_demo(args) -> int:
     write_tiny_checkpoint(out / "tiny_init")
     print(f"demo: tiny Qwen2.5-VL ({_params(out / 'tiny_init') / 1e6:.2f}M parameters, in-repo "
           f"tokenizer), counting circles on 2-core-sized budgets; output in {out}")
-    print(describe_demo(cfg))
+    print(describe(cfg))
     history = _launch_rl(cfg, print)
     _rl_summary(history, cfg, print)
     return 0
-
-
-def describe_demo(cfg) -> str:
-    from eureka_megatron.trainer.loop import describe
-
-    return describe(cfg)
 
 
 def _params(hf_dir: Path) -> int:

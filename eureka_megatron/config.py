@@ -485,8 +485,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + overrides -> a validated Config."""
+def read_config_data(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """YAML file (optional) + dotted overrides -> the nested dict, before typing."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -498,8 +498,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-    apply_overrides(data, overrides or [])
-    return from_dict(Config, data).validate()
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + overrides -> a validated Config."""
+    return from_dict(Config, read_config_data(path, overrides)).validate()
 
 
 def to_dict(cfg) -> dict:

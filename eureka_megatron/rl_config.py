@@ -7,10 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from eureka_megatron.config import (AlgoConfig, CheckpointConfig, ConfigError, OptimConfig,
-                                    ParallelConfig, RewardConfig, apply_overrides, from_dict)
+                                    ParallelConfig, RewardConfig, from_dict, read_config_data)
 
 ENGINES = ("hf", "sglang")
 LAUNCHERS = ("local", "ray")
@@ -177,16 +175,4 @@ class RLConfig:
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:
     """YAML file (optional) + dotted overrides -> a validated RLConfig."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
-    apply_overrides(data, overrides or [])
-    return from_dict(RLConfig, data).validate()
+    return from_dict(RLConfig, read_config_data(path, overrides)).validate()
