@@ -34,7 +34,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, args, kwargs, rank, world, port, threads, results) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A rank outlives nothing: if the launching process dies (SIGTERM, SIGKILL, a crash) before
+    it could stop its ranks, they exit instead of training on as orphans."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _rank_main(fn, args, kwargs, rank, world, port, threads, results, parent=None) -> None:
+    if parent is not None:
+        _exit_with_parent(parent)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -74,7 +89,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args, timeout: float = 900.0,
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, args, kwargs, r, nproc, port, threads, results),
+        ctx.Process(target=_rank_main, args=(fn, args, kwargs, r, nproc, port, threads, results, os.getpid()),
                     name=f"rank{r}", daemon=False)
         for r in range(nproc)
     ]

@@ -45,3 +45,39 @@ def test_rank_that_dies_is_reported():
 def test_timeout_kills_ranks():
     with pytest.raises(TimeoutError, match="still running"):
         launch(_sleep, 2, timeout=3)
+
+
+def _report_pid_and_sleep(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL of the launching process (no finally runs) must not leave ranks training on."""
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "rank.pid"
+    script = ("from eureka_megatron.runtime.launcher import launch\n"
+              "from tests.unit.test_launcher import _report_pid_and_sleep\n"
+              f"launch(_report_pid_and_sleep, 1, {str(pid_file)!r})\n")
+    parent = subprocess.Popen([sys.executable, "-c", script],
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    rank_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(rank_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(rank_pid, signal.SIGKILL)
+    pytest.fail("the rank outlived its launcher")
