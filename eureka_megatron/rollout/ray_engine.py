@@ -233,7 +233,10 @@ class RemoteEngine:
             return ray.get(ref, timeout=timeout)
         except _dead_errors() as e:
             if isinstance(e, ray.exceptions.GetTimeoutError):
-                ray.cancel(ref)
+                try:
+                    ray.cancel(ref)  # drops it if still queued; a running call cannot be stopped
+                except Exception:  # noqa: BLE001
+                    pass
                 raise EngineDeadError(f"{self.name} did not answer {method} within {timeout:g}s") from None
             raise EngineDeadError(f"{self.name} is dead ({method}): {type(e).__name__}: {e}") from None
 
@@ -274,6 +277,16 @@ class RemoteEngine:
     def resume_memory(self) -> None:
         self._call("resume_memory")
 
+    def _answers(self) -> bool:
+        """The actor is alive and answers (its engine may still be released or poisoned)."""
+        from eureka_megatron.rollout.engine import EngineDeadError
+
+        try:
+            self._call("weight_layout", timeout=self.health_timeout)
+            return True
+        except EngineDeadError:
+            return False
+
     def health(self) -> bool:
         from eureka_megatron.rollout.engine import EngineDeadError
 
@@ -285,12 +298,15 @@ class RemoteEngine:
     def restart(self) -> None:
         """Restart the engine inside its actor; if the actor is dead, silent or cannot restart,
         kill it and start a new one in the same place (only for engines from `spawn_engine` /
-        `placement.place_engines`)."""
+        `placement.place_engines`). A silent actor is detected by `health()` (health_timeout),
+        not by waiting out the full call timeout."""
         import ray
 
         from eureka_megatron.rollout.engine import EngineDeadError
 
         try:
+            if self._respawn is not None and not self._answers():
+                raise EngineDeadError(f"{self.name} does not answer")
             self._call("restart")
             return
         except Exception as e:  # noqa: BLE001 -- any failure: replace the actor if we can
@@ -324,18 +340,38 @@ def spawn_engine(factory: str, kwargs: dict, *, num_cpus: float = 1, num_gpus: f
                  scheduling_strategy=None, visible_devices: list[str] | None = None,
                  timeout: float = 600.0, name: str | None = None) -> RemoteEngine:
     """Start an `EngineActor` (Ray started locally if it is not yet) and wait for its engine."""
+    return spawn_engines([dict(factory=factory, kwargs=kwargs, num_cpus=num_cpus, num_gpus=num_gpus,
+                               scheduling_strategy=scheduling_strategy,
+                               visible_devices=visible_devices, name=name)], timeout=timeout)[0]
+
+
+def spawn_engines(specs: list[dict], *, timeout: float = 600.0) -> list[RemoteEngine]:
+    """`spawn_engine` for several engines (dicts of its keyword arguments), which build in
+    parallel (an SGLang server takes minutes to start); if one fails, all are killed."""
+    import ray
+
     from eureka_megatron.trainer.placement import ray_init
 
     ray_init()
-    options: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0}
-    if scheduling_strategy is not None:
-        options["scheduling_strategy"] = scheduling_strategy
-    spawner = _Spawner(factory, dict(kwargs or {}), options, visible_devices)
-    handle = spawner()
+    spawners, handles, names = [], [], []
+    for spec in specs:
+        spec = dict(spec)
+        options: dict = {"num_cpus": spec.pop("num_cpus", 1), "num_gpus": spec.pop("num_gpus", 0),
+                         "max_restarts": 0}
+        strategy = spec.pop("scheduling_strategy", None)
+        if strategy is not None:
+            options["scheduling_strategy"] = strategy
+        spawner = _Spawner(spec.pop("factory"), dict(spec.pop("kwargs", None) or {}), options,
+                           spec.pop("visible_devices", None))
+        names.append(spec.pop("name", None))
+        if spec:
+            raise TypeError(f"spawn_engines: unknown keys {sorted(spec)}")
+        spawners.append(spawner)
+        handles.append(spawner())
     try:
-        return RemoteEngine(handle, timeout=timeout, respawn=spawner, name=name)
+        return [RemoteEngine(h, timeout=timeout, respawn=s, name=n)
+                for h, s, n in zip(handles, spawners, names)]
     except BaseException:
-        import ray
-
-        ray.kill(handle, no_restart=True)
+        for h in handles:
+            ray.kill(h, no_restart=True)
         raise

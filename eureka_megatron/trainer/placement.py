@@ -114,7 +114,8 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     """Start or join Ray once per process (later calls do nothing).
 
     address None starts a local instance -- unless RAY_ADDRESS is set (inside `ray job submit`),
-    then that cluster is joined -- with token auth off (RAY_AUTH_MODE=disabled unless set: a local
+    then that cluster is joined, as plain `ray.init()` does; "local" always starts one -- with
+    token auth off (RAY_AUTH_MODE=disabled unless set: a local
     instance needs no token, and auth would write ~/.ray), a short temp dir (Ray's unix socket
     paths must stay under 108 bytes), no dashboard, and a 200 MB object store without CUDA (weight
     buckets are shipped one by one). "auto" or "ray://host:port" joins a running cluster, whose
@@ -126,7 +127,7 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None:
+    if address is not None and address != "local":
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -315,6 +316,8 @@ def launch_on_ray(fn: Callable[..., Any], nproc: int, *args, layout: Layout | No
 
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if placement_group is not None and layout is None:
+        raise ValueError("launch_on_ray: pass the layout the placement group was made from")
     layout = layout or plan_layout(actor_world=nproc, engines=0, gpus_per_engine=1, colocate=False,
                                    use_gpus=False)
     if len(layout.actor_bundles) != nproc:
@@ -399,7 +402,7 @@ def place_engines(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_e
     otherwise) and sees the GPUs of all its bundles (CUDA_VISIBLE_DEVICES), in bundle order: a
     TP-wide SGLang server started there gets exactly the GPUs the plan gave the engine.
     """
-    from eureka_megatron.rollout.ray_engine import spawn_engine
+    from eureka_megatron.rollout.ray_engine import spawn_engines
 
     nodes, order = bundle_nodes(pg), bundle_order(pg)
     devices: list[list[str] | None] = [None] * len(layout.engine_bundles)
@@ -415,9 +418,9 @@ def place_engines(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_e
         flat = [b for bundles in layout.engine_bundles for b in bundles]
         ids = dict(zip(flat, bundle_gpu_ids(pg, [order[b] for b in flat], timeout=timeout)))
         devices = [[ids[b][0] for b in bundles] for bundles in layout.engine_bundles]
-    return [spawn_engine(factory, kwargs, timeout=timeout, visible_devices=devices[e],
-                         name=f"engine{e}", **_engine_options(layout, pg, e, order))
-            for e in range(len(layout.engine_bundles))]
+    return spawn_engines([dict(factory=factory, kwargs=kwargs, visible_devices=devices[e],
+                               name=f"engine{e}", **_engine_options(layout, pg, e, order))
+                          for e in range(len(layout.engine_bundles))], timeout=timeout)
 
 
 def place_engine_actors(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_engine: int) -> list:

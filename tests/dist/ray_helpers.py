@@ -36,7 +36,8 @@ def die_on_rank0():
     time.sleep(60)
 
 
-def where_am_i():
+def where_am_i(engines=()):
+    """Where Ray put this rank; `engines` (RemoteEngines handed to the ranks) answer from here."""
     import ray
 
     from eureka_megatron.trainer.placement import current_placement
@@ -44,7 +45,8 @@ def where_am_i():
     layout, pg = current_placement()
     return {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
             "visible": os.environ["CUDA_VISIBLE_DEVICES"], "ray_gpus": [str(i) for i in ray.get_gpu_ids()],
-            "engines_in_layout": len(layout.engine_bundles), "has_pg": pg is not None}
+            "engines_in_layout": len(layout.engine_bundles), "has_pg": pg is not None,
+            "engine_pids": [e.node_info()["pid"] for e in engines]}
 
 
 # --- engine factories --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ CPUS, GPUS = 4, 4
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    P.ray_init(num_cpus=CPUS, num_gpus=GPUS)
+    P.ray_init("local", num_cpus=CPUS, num_gpus=GPUS)  # never a cluster named by RAY_ADDRESS
     yield
     P.ray_shutdown()
 
@@ -97,13 +97,14 @@ def test_fake_gpus_ranks_and_engines(colocate):
     pg = P.create_placement_group(layout, timeout=30)
     try:
         engines = P.place_engines(layout, pg, f"{FACTORIES}:ProbeEngine", {"tag": "e0"}, 2)
-        ranks = P.launch_on_ray(where_am_i, 2, layout=layout, placement_group=pg, timeout=120)
+        ranks = P.launch_on_ray(where_am_i, 2, engines, layout=layout, placement_group=pg, timeout=120)
         rank_gpus = [r["ray_gpus"] for r in ranks]
         assert [len(g) for g in rank_gpus] == [1, 1] and rank_gpus[0] != rank_gpus[1]
         for r in ranks:  # torchrun's view: the node's rank GPUs, device LOCAL_RANK is its own
             assert r["visible"].split(",")[r["local_rank"]] == r["ray_gpus"][0]
             assert r["engines_in_layout"] == 1 and r["has_pg"]
         info = engines[0].node_info()
+        assert [r["engine_pids"] for r in ranks] == [[info["pid"]]] * 2  # engines travel to ranks
         engine_gpus = info["cuda_visible_devices"].split(",")
         assert len(engine_gpus) == 2 and info["gpu_ids"][0] == engine_gpus[0]
         trainer = {g[0] for g in rank_gpus}
