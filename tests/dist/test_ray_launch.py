@@ -21,7 +21,8 @@ from eureka_megatron.rollout.ray_engine import RemoteEngine, spawn_engine  # noq
 from eureka_megatron.runtime.launcher import RankError  # noqa: E402
 from eureka_megatron.trainer import placement as P  # noqa: E402
 from tests import rollout_fixtures as F  # noqa: E402
-from tests.dist.ray_helpers import allreduce_rank, die_on_rank0, fail_on_rank1, where_am_i  # noqa: E402
+from tests.dist.ray_helpers import (allreduce_rank, die_on_rank0, fail_on_rank1, sleep_long,  # noqa: E402
+                                    where_am_i)
 
 FACTORIES = "tests.dist.ray_helpers"
 CPUS, GPUS = 4, 4
@@ -29,6 +30,8 @@ CPUS, GPUS = 4, 4
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
+    if ray.is_initialized():  # another module's session: this one needs its own resources
+        P.ray_shutdown()
     P.ray_init("local", num_cpus=CPUS, num_gpus=GPUS)  # never a cluster named by RAY_ADDRESS
     yield
     P.ray_shutdown()
@@ -75,13 +78,17 @@ def test_failing_rank_raises_at_once_with_its_traceback():
     with pytest.raises(RankError, match="rank 0 died"):
         P.launch_on_ray(die_on_rank0, 2)
     assert wait_all_free()
+    # (on a very busy box the actors may not even start in time: the same TimeoutError)
+    with pytest.raises(TimeoutError, match=r"(ranks \[0, 1\] still running|did not start) .*8s"):
+        P.launch_on_ray(sleep_long, 2, timeout=8)
+    assert wait_all_free()
 
 
 def test_unplaceable_layout_names_the_missing_resources():
     layout = P.plan_layout(actor_world=8, engines=0, gpus_per_engine=1, colocate=False, use_gpus=True,
                            cpus_per_bundle=0)
     with pytest.raises(TimeoutError, match=r"needs GPU 8 \(cluster: 4 free of 4\); short of GPU;") as e:
-        P.launch_on_ray(where_am_i, 8, layout=layout, timeout=3)
+        P.launch_on_ray(where_am_i, 8, layout=layout, timeout=1)
     assert "STRICT_PACK" in str(e.value)
     assert wait_all_free()
 
