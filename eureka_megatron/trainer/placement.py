@@ -137,8 +137,12 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         import torch
 
         object_store_memory = None if torch.cuda.is_available() else 200 << 20
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             object_store_memory=object_store_memory, _temp_dir=temp_dir)
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 object_store_memory=object_store_memory, _temp_dir=temp_dir)
+    except BaseException:
+        ray_shutdown()  # a half-started instance and our temp dir must not outlive the error
+        raise
 
 
 def ray_shutdown() -> None:
