@@ -22,6 +22,7 @@ install_requires = [
     "antlr4-python3-runtime==4.13.2",
     "sympy",
     "tensorboard",
+    "matplotlib",  # the run report's PNG plots (the demo promises them)
     "pyyaml",
     "tqdm",
     "packaging",
@@ -42,7 +43,7 @@ setup(
     extras_require={
         # NVIDIA apex is a from-source CUDA build (see README); the PyPI package "apex" is unrelated.
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120", "sglang"],
-        "test": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["eureka-megatron=eureka_megatron.cli:main"]},
 )

@@ -1,8 +1,15 @@
 """Shared test setup: markers, and skipping GPU/SGLang tests where they cannot run."""
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter, which must be chosen before triton is
+# first imported -- and transformers' image processors import it. Set here, before any test module
+# is collected, so the kernel tests do not depend on collection order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -265,16 +265,13 @@ class InternVLModel(MegatronModule):
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, labels=None,
                 image_index=None):
-        """`image_index` (optional): rows share images -- the tower runs once per distinct tile
-        and row r's image tokens are `embeddings[image_index]` in order (see trainer.batches)."""
+        """`image_index`: see `vlm.embed_with_images` (rows sharing tiles; trainer.batches)."""
         decoder_input = None
         if self.pre_process:
             images = self.image_embeddings(pixel_values) if pixel_values is not None else None
-            if images is not None and image_index is not None:
-                images = images[image_index.to(images.device)]
             decoder_input = embed_with_images(
                 self.language_model, input_ids, self.cfg.image_token_id, images,
-                f"{pixel_values.shape[0]} tiles" if pixel_values is not None else "")
+                f"{pixel_values.shape[0]} tiles" if pixel_values is not None else "", image_index)
         return self.language_model(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
                                    labels=labels)

@@ -240,16 +240,14 @@ class Qwen25VLModel(MegatronModule):
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, labels=None, image_index=None):
-        """`image_index` (optional): rows share images (a GRPO group's n responses) -- the tower
-        runs once per distinct image and row r's image tokens are `embeddings[image_index]`."""
+        """`image_index`: see `vlm.embed_with_images` (rows sharing images; trainer.batches)."""
         decoder_input = None
         if self.pre_process:
             images = (self.vision_model(pixel_values, image_grid_thw)
                       if pixel_values is not None else None)
-            if images is not None and image_index is not None:
-                images = images[image_index.to(images.device)]
             decoder_input = embed_with_images(self.language_model, input_ids,
-                                              self.cfg.image_token_id, images)
+                                              self.cfg.image_token_id, images,
+                                              image_index=image_index)
         return self.language_model(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
                                    labels=labels)

@@ -6,12 +6,18 @@ import torch
 
 
 def embed_with_images(language_model, input_ids: torch.Tensor, image_token_id: int,
-                      images: torch.Tensor | None, source: str = "the images") -> torch.Tensor:
+                      images: torch.Tensor | None, source: str = "the images",
+                      image_index: torch.Tensor | None = None) -> torch.Tensor:
     """The LLM's token embeddings [S, B, H] with `images` [N, H] written, in order, over the N
-    positions of `image_token_id`; a count mismatch is an error, not a silent misalignment."""
+    positions of `image_token_id`; a count mismatch is an error, not a silent misalignment.
+
+    `image_index` (optional): rows share images (a GRPO group's n responses), so the tower ran
+    once per distinct image and the slots are filled with `images[image_index]` in order."""
     emb = language_model.embedding(input_ids=input_ids, position_ids=None)
     if images is None:
         return emb
+    if image_index is not None:
+        images = images[image_index.to(images.device)]
     slots = input_ids == image_token_id
     if int(slots.sum()) != images.shape[0]:
         raise ValueError(f"{int(slots.sum())} image tokens (id {image_token_id}) in input_ids "

@@ -49,6 +49,13 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_minutes: int
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (pickled; for small driver-side state)."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

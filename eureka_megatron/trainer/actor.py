@@ -142,11 +142,10 @@ class Actor:
     def sync_to(self, engine, version: int):
         """Collective: stream the policy's weights into `engine` (rank 0's; None elsewhere)."""
         from eureka_megatron.rollout.weight_sync import sync_with_restart
+        from eureka_megatron.runtime.distributed import broadcast_object
 
-        layout = engine.weight_layout if engine is not None else None
-        layouts = [layout]
-        torch.distributed.broadcast_object_list(layouts, src=0)
-        mapping = self.family.mapping(self.model_cfg, layouts[0])
+        layout = broadcast_object(engine.weight_layout if engine is not None else None)
+        mapping = self.family.mapping(self.model_cfg, layout)
         return sync_with_restart(self.model.unwrapped, mapping, engine, version,
                                  bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20)
 

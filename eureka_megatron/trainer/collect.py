@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from eureka_megatron.algo.filtering import online_filter
 from eureka_megatron.rewards.reflection import DEFAULT_REFLECTION_PHRASES, reflection_metrics
 from eureka_megatron.rl_config import RLConfig
-from eureka_megatron.rollout.engine import Prompt, SamplingParams
+from eureka_megatron.rollout.engine import SamplingParams
 
 
 @dataclass
@@ -69,10 +69,9 @@ class Collector:
         counters: dict[str, float] = {}
         while len(kept) < want and rounds < cfg.rollout.max_filter_rounds:
             items = self.stream.next_batch(want)
-            prompts = [Prompt(input_ids=list(it.prompt.input_ids), mm_inputs=it.prompt.mm_inputs,
-                              images=it.prompt.images, text=it.prompt.text) for it in items]
             try:
-                samples = self.engine.generate(prompts, n, self.sampling(step, rounds))
+                samples = self.engine.generate([it.prompt for it in items], n,
+                                               self.sampling(step, rounds))
             except Exception as e:  # noqa: BLE001 -- any engine failure: restart, resync, retry
                 self.engine.restart()
                 raise EngineFailure(f"{type(e).__name__}: {e}") from e

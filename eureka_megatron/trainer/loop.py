@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer.batches import Sequence, dp_share
 from eureka_megatron.trainer.collect import Collector, EngineFailure, RolloutBatch, greedy_accuracy
 
@@ -88,12 +89,6 @@ def build_driver(cfg: RLConfig, hf_dir: Path, family: str, start: int, wrap_engi
     return Driver(engine, tokenizer, pool, stream, items, Collector(cfg, engine, pool, stream, len(loaded.skipped)), writer)
 
 
-def _broadcast(obj):
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # --- one stage per function ---------------------------------------------------------------------
 
 
@@ -108,7 +103,7 @@ def rollout(driver: Driver | None, actor, step: int, pending: RolloutBatch | Non
             except EngineFailure as e:
                 result = e
         pending = None
-        result = _broadcast(result)
+        result = broadcast_object(result)
         if not isinstance(result, EngineFailure):
             result.metrics["rollout/engine_restarts"] = float(restarts[0])
             return result
@@ -228,7 +223,7 @@ def train(actor, minis, cfg: RLConfig) -> dict[str, float]:
     runs = []
     for _ in range(cfg.train.epochs):
         for mbs, _ in minis:
-            if not mbs:  # empty everywhere (batch smaller than DP is skipped by the caller)
+            if not mbs:  # this DP rank's share of the mini-batch is empty (fewer rows than DP)
                 continue
             runs.append(actor.train(mbs, forward))
     out = {}
@@ -305,12 +300,15 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
     start, extra = 0, {}
     if cfg.checkpoint.load:
         start, extra = ckpt.load_checkpoint(cfg.checkpoint.load, actor.model)
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
     rank0 = torch.distributed.get_rank() == 0
     driver = build_driver(cfg, hf_dir, actor.family.name, start, wrap_engine) if rank0 else None
     pending = extra.get("pending")
     if driver is not None and extra.get("stream"):
         driver.stream.load_state_dict(extra["stream"])
-    pad_id = _broadcast(_pad_id(driver) if driver else None)
+    pad_id = broadcast_object(_pad_id(driver) if driver else None)
     actor.sync_to(driver.engine if driver else None, version=start)
     history: list[dict] = []
     restarts = [int(extra.get("engine_restarts", 0))]
@@ -318,7 +316,7 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
         record = {"step": 0, **evaluate(driver, cfg)}
         if driver:
             driver.writer.log(0, {k: v for k, v in record.items() if k != "step"})
-        history.append(_broadcast(record))
+        history.append(broadcast_object(record))
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -329,9 +327,7 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
                 prefetch = Prefetch(driver.collector, step + 1)
             metrics = dict(batch.metrics)
             seqs, rewards = to_sequences(batch, cfg)
-            from megatron.core import parallel_state as ps
-
-            if len(seqs) >= ps.get_data_parallel_world_size():
+            if len(seqs) >= dp:
                 t1 = time.perf_counter()
                 minis = plan_micro_batches(seqs, cfg, actor, pad_id)
                 old, ref = logprobs(actor, minis, cfg)
@@ -357,7 +353,7 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
                 metrics.update(evaluate(driver, cfg))
             dt = time.perf_counter() - t0
             metrics.update({"time/step_s": dt, "tokens_per_s": tokens / dt})
-            metrics = _broadcast(metrics)
+            metrics = broadcast_object(metrics)
             if driver:
                 driver.writer.log(step, metrics)
             history.append({"step": step, **metrics})
@@ -393,7 +389,7 @@ def _maybe_save(cfg: RLConfig, actor, step: int, driver, pending, restarts) -> N
     c = cfg.checkpoint
     if not ((c.save_interval and step % c.save_interval == 0) or step == cfg.train.steps):
         return
-    extra = _broadcast({"stream": driver.stream.state_dict(), "pending": pending,
+    extra = broadcast_object({"stream": driver.stream.state_dict(), "pending": pending,
                         "engine_restarts": restarts[0]} if driver else None)
     ckpt.save_checkpoint(cfg.checkpoint_dir, step, actor.model, extra, c.keep_last)
 

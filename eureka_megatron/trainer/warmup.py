@@ -18,12 +18,6 @@ import torch
 from eureka_megatron.rl_config import RLConfig
 
 
-def _broadcast(obj):
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def format_target(think: str, answer: str) -> str:
     return f"<think> {think} </think> <answer> {answer} </answer>"
 
@@ -34,6 +28,7 @@ def format_warmup(cfg: RLConfig) -> Path:
 
     from eureka_megatron.data.dataset import PromptStream
     from eureka_megatron.data.sources import prompt_builder, train_rows
+    from eureka_megatron.runtime.distributed import broadcast_object
     from eureka_megatron.trainer.actor import Actor
     from eureka_megatron.trainer.batches import Sequence, dp_share
 
@@ -68,7 +63,7 @@ def format_warmup(cfg: RLConfig) -> Path:
                 target = tok(format_target(w.think, rng.choice(answers)),
                              add_special_tokens=False)["input_ids"] + [eos]
                 seqs.append(Sequence(list(item.prompt.input_ids), target, item.prompt.mm_inputs))
-        seqs, pad = _broadcast((seqs, pad_id))
+        seqs, pad = broadcast_object((seqs, pad_id))
         mbs = actor.micro_batches(dp_share(seqs, dp_rank, dp), pad)
         m = actor.train(mbs, forward)
         if rank0 and cfg.output.progress and (step % 25 == 0 or step in (1, w.steps)):

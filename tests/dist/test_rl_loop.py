@@ -123,8 +123,6 @@ def test_engine_failure_mid_run_is_survived(tmp_path, tiny_hf):
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_hf):
-    from PIL import Image
-
     from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
 
     d = write_jsonl(synthetic_dataset(12, "train", seed=3, tasks=["count_circles"]),
@@ -136,7 +134,6 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_hf):
            json.dumps({"question": "How many circles are in the image?", "answer": "2",
                        "images": ["broken.png"]})]
     (d / "data.jsonl").write_text("\n".join(rows[:6] + bad + rows[6:]) + "\n")
-    Image.new("RGB", (4, 4)).save(d / "unused.png")
     cfg = small_config(tmp_path / "run", tiny_hf, f"data.train={d}", "train.steps=2",
                        "eval.interval=0", "train.rollout_batch_size=8")
     hist = run(cfg)
