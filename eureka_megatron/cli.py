@@ -222,6 +222,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+BENCH_EPILOG = """\
+examples:
+  eureka-megatron bench all --quick --out bench.json             # every table, CPU sizes
+  eureka-megatron bench step                                     # one RL step: tokens/s, MFU, split
+  eureka-megatron bench kernels --out bench.json                 # real shapes when a GPU is present
+"""
+
+
 def cmd_forward(args) -> int:
     from eureka_megatron.convert.forward import run_forward
 
@@ -334,10 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(checks that an engine runs exactly the trained weights)")
     f.set_defaults(func=cmd_forward)
 
-    b = sub.add_parser("bench", help="benchmarks that print markdown tables and write JSON")
-    b.add_argument("what", choices=["lm-step", "kernels", "convert", "rewards", "sync", "all"],
-                   help="which benchmark")
-    b.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 4 min)")
+    b = sub.add_parser(
+        "bench", help="benchmarks that print markdown tables and write JSON",
+        description="Each benchmark prints a markdown table (what, size, time, throughput, % of "
+                    "the relevant hardware bound: measured matmul peak, memory-copy bandwidth or "
+                    "in-line scoring) and, with --out, merges its rows into a JSON file. Without "
+                    "a GPU the sizes are CPU-sized; --quick makes them smaller still.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EPILOG)
+    b.add_argument("what", choices=["kernels", "step", "sync", "rollout", "convert", "rewards",
+                                    "lm-step", "all"],
+                   help="kernels: fused log-prob kernel; step: one RL step (tokens/s, MFU, time "
+                        "split); sync: Megatron -> engine weights; rollout: engine generation; "
+                        "convert: HF <-> megatron; rewards: reward pool; lm-step: megatron LLM "
+                        "train step at TP/PP; all: every one")
+    b.add_argument("--quick", action="store_true",
+                   help="CPU-friendly sizes (`bench all --quick` < 4 min on 2 cores)")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     b.set_defaults(func=cmd_bench)
     return parser
