@@ -27,6 +27,8 @@ examples:
   eureka-megatron forward --megatron ckpt/qwen25vl7b --inputs in.pt --out out.pt --tp 2 --pp 2
   eureka-megatron forward --megatron runs/x/step_00000100 --inputs in.pt --out e.pt --tp 2 --engine hf
   eureka-megatron convert megatron-to-hf --megatron runs/x/step_00000100 --out hf_out
+  eureka-megatron eval --model runs/demo/hf --data heldout.jsonl --samples 8   # accuracy, pass@8
+  eureka-megatron bench all --quick                              # every benchmark table, CPU sizes
   eureka-megatron bench lm-step --quick
   eureka-megatron bench rewards --quick                          # reward pool responses/s
   eureka-megatron bench sync                                     # Megatron -> engine weight sync GB/s
@@ -222,6 +224,39 @@ def cmd_convert(args) -> int:
     return 0
 
 
+EVAL_EPILOG = """\
+examples:
+  eureka-megatron eval --model runs/demo/hf --data runs/demo/data/heldout-*/data.jsonl
+  eureka-megatron eval --model ckpt/Qwen2.5-VL-7B-Instruct --data mmk12_test.jsonl \\
+      --engine sglang --tp 2 --samples 8 --max-new-tokens 4096 --out evals/qwen7b-mmk12
+  eureka-megatron eval --model runs/rl/checkpoints --hf-config ckpt/Qwen2.5-VL-7B-Instruct \\
+      --data mathvista.jsonl mathverse.jsonl            # newest training step; one source per file
+
+Output: OUT/results.json (overall + by_source), OUT/results.md (the table printed here) and
+OUT/samples.jsonl (every response with its scores). The breakdown uses the rows' source, data_source,
+dataset, category, subject or task field (--group-by picks another), else one row per --data file.
+"""
+
+
+def cmd_eval(args) -> int:
+    from eureka_megatron.evaluate import markdown, run_eval
+
+    out = args.out or Path("runs/eval") / f"{Path(args.model).name}__{Path(args.data[0]).stem}"
+    results = run_eval(args.model, args.data, out, engine=args.engine, samples=args.samples,
+                       temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       system_prompt=None if args.system_prompt == "none" else args.system_prompt,
+                       group_by=args.group_by, limit=args.limit, judge=args.judge,
+                       hf_config=args.hf_config, sglang_url=args.sglang_url, tp=args.tp,
+                       max_prompt_length=args.max_prompt_length, workers=args.workers,
+                       seed=args.seed, progress=not args.quiet)
+    print(markdown(results))
+    skipped = f", {results['skipped_rows']} row(s) skipped" if results["skipped_rows"] else ""
+    print(f"\n{results['overall']['n']} prompts in {results['seconds']:.1f}s{skipped}; "
+          f"wrote {out}/results.json, results.md, samples.jsonl")
+    return 0
+
+
 BENCH_EPILOG = """\
 examples:
   eureka-megatron bench all --quick --out bench.json             # every table, CPU sizes
@@ -341,6 +376,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sync the loaded weights into this rollout engine and return ITS logits "
                         "(checks that an engine runs exactly the trained weights)")
     f.set_defaults(func=cmd_forward)
+
+    e = sub.add_parser(
+        "eval", help="greedy accuracy and pass@k of an HF or megatron checkpoint on JSONL sets",
+        description="Generate with a rollout engine (greedy, plus --samples draws at "
+                    "--temperature) and grade every response with the rule-based judge the "
+                    "rewards use. Reports greedy accuracy and format rate, pass@1 and pass@k "
+                    "(unbiased estimator), response length and the share cut at "
+                    "--max-new-tokens, overall and per source. Rows in any training format "
+                    "(MM-Eureka qwen/internvl, plain); bad rows are skipped and counted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EPILOG)
+    e.add_argument("--model", required=True, type=Path,
+                   help="HF checkpoint dir, or megatron: converted dir, step_* dir or run dir")
+    e.add_argument("--data", required=True, nargs="+", type=Path, metavar="FILE.jsonl",
+                   help="one or more JSONL files (several: one source each)")
+    e.add_argument("--engine", choices=["hf", "sglang"], default="hf",
+                   help="hf: transformers in this process (CPU or one GPU); sglang: launch a "
+                        "server (--tp GPUs) or use --sglang-url")
+    e.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="K >= 2 also draws K samples per prompt and reports pass@1 and pass@K")
+    e.add_argument("--temperature", type=float, default=1.0, help="for the K samples (default 1.0)")
+    e.add_argument("--top-p", type=float, default=1.0, help="for the K samples (default 1.0)")
+    e.add_argument("--max-new-tokens", type=int, default=1024, help="per response (default 1024)")
+    e.add_argument("--out", type=Path, default=None,
+                   help="output dir (default: runs/eval/MODEL__DATA)")
+    e.add_argument("--hf-config", type=Path, default=None,
+                   help="megatron checkpoints: dir with config.json + tokenizer (default: MODEL/hf)")
+    e.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="row field for the per-source breakdown (default: auto)")
+    e.add_argument("--system-prompt", default="r1",
+                   help="'r1' (MM-Eureka's reasoning prompt, the default), 'none', or the text")
+    e.add_argument("--judge", default="eureka_megatron.rewards:rule_based_scores",
+                   metavar="MODULE:FUNCTION",
+                   help="reward function returning {'accuracy': 0|1, 'format': 0|1}")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+    e.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    e.add_argument("--max-prompt-length", type=int, default=8192, help="longer prompts are skipped")
+    e.add_argument("--sglang-url", default=None, help="a running SGLang server serving MODEL")
+    e.add_argument("--tp", type=int, default=1, help="GPUs of a launched SGLang server")
+    e.add_argument("--workers", type=int, default=2, help="judge worker processes")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser(
         "bench", help="benchmarks that print markdown tables and write JSON",

@@ -219,6 +219,14 @@ def read_conversion(megatron_dir: Path, hf_config_dir: str | Path | None = None)
     return fam, fam.config_from_hf(hf_config, side), info.get("layout"), side
 
 
+def _side_layout(fam: Family, side: Path) -> str | None:
+    """The naming layout of the HF checkpoint in `side` (a training run's --hf-config is the
+    checkpoint it started from), or None when it holds no weights."""
+    if not any(side.glob("*.safetensors")):
+        return None
+    return fam.detect_layout(HFCheckpoint(side).names)
+
+
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                    layout: str | None = None, hf_config_dir: str | Path | None = None,
                    force: bool = False, progress: bool = True, max_shard_bytes: int = 5 << 30) -> dict:
@@ -227,9 +235,10 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, dtype: str | N
     mdir = Path(megatron_dir)
     reader = TorchDistReader(mdir)
     fam, cfg, source_layout, side = read_conversion(mdir, hf_config_dir)
-    layout = layout or source_layout
+    layout = layout or source_layout or _side_layout(fam, side)
     if layout is None:
-        raise MappingError(f"{mdir / CONVERSION} is missing: pass --layout (the HF naming to write)")
+        raise MappingError(f"{mdir / CONVERSION} is missing and {side} holds no HF weights to "
+                           "read the naming from: pass --layout (the HF naming to write)")
     mapping = fam.mapping(cfg, layout)
     cast = _dtype(dtype)
 

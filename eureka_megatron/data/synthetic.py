@@ -140,8 +140,9 @@ def synthetic_dataset(n: int, split: str = "train", seed: int = 0,
 def write_jsonl(examples: Sequence[Example], out_dir: str | os.PathLike) -> Path:
     """Save images as PNGs under out_dir/images/ and rows in out_dir/data.jsonl (atomically).
 
-    Rows use the plain format {"id", "images": ["images/<id>.png"], "question", "answer"},
-    image paths relative to the jsonl's directory, so the folder can be moved as a whole.
+    Rows use the plain format {"id", "images": ["images/<id>.png"], "question", "answer", "task"},
+    image paths relative to the jsonl's directory, so the folder can be moved as a whole (`task`
+    is what `eval` breaks results down by).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -150,7 +151,7 @@ def write_jsonl(examples: Sequence[Example], out_dir: str | os.PathLike) -> Path
         rel = f"images/{ex.id}.png"
         ex.image.save(out / rel, format="PNG")
         lines.append(json.dumps({"id": ex.id, "images": [rel], "question": ex.question,
-                                 "answer": ex.answer}))
+                                 "answer": ex.answer, "task": ex.task}))
     path = out / "data.jsonl"
     fd, tmp = tempfile.mkstemp(prefix=".data.jsonl.", dir=out)
     try:

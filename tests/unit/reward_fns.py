@@ -26,6 +26,12 @@ def toy_scores(response: str, answer: str, meta: dict | None) -> dict:
             "format": float(response.startswith("<"))}
 
 
+def parity_judge(response: str, answer: str, meta: dict | None) -> dict:
+    """An eval judge whose verdicts vary across random responses (a random tiny model never
+    writes a correct answer, so the real judge would score every response 0)."""
+    return {"accuracy": float(len(response) % 2 == 0), "format": float(response[:1] < "m")}
+
+
 def _sleep_ignoring_alarm(seconds: float) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_IGN)  # what a signal-based timeout cannot stop
     time.sleep(seconds)
