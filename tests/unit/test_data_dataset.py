@@ -17,7 +17,7 @@ from eureka_megatron.data.dataset import PromptBuilder, PromptItem, PromptStream
 from eureka_megatron.data.images import load_image
 from eureka_megatron.data.jsonl import DataError, Row, load_rows
 from eureka_megatron.data.processors import internvl_pixels, qwen2_5_vl_pixels
-from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
+from eureka_megatron.data.synthetic import TASKS, synthetic_dataset, write_jsonl
 from eureka_megatron.rollout.engine import Prompt
 from tests import rollout_fixtures as F
 
@@ -99,7 +99,9 @@ def test_qwen_builder(rows):
     row = rows[0]
     item = b.build(row)
     assert isinstance(item, PromptItem) and isinstance(item.prompt, Prompt)
-    assert (item.answer, item.row_id, item.source, item.meta) == (row.answer, row.id, row.source, {})
+    assert (item.answer, item.row_id, item.source, item.meta) == (row.answer, row.id, row.source,
+                                                                 row.meta)
+    assert item.meta["task"] in TASKS
     # a 56x56 image: a 4x4 patch grid, 2x2 merged -> 4 LLM tokens
     expected_text = ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<|vision_start|>"
                      + "<|image_pad|>" * 4 + f"<|vision_end|>{row.question}<|im_end|>\n"

@@ -47,7 +47,7 @@ def test_plain_rows_from_synthetic_directory(tmp_path):
     assert [r.id for r in res.rows] == [e.id for e in examples]
     for i, (row, ex) in enumerate(zip(res.rows, examples)):
         assert row.question == ex.question and row.answer == ex.answer
-        assert row.system_prompt is None and row.meta == {}
+        assert row.system_prompt is None and row.meta == {"task": ex.task}
         assert row.source == f"{tmp_path / 'syn' / 'data.jsonl'}:{i + 1}"
         (path,) = row.images
         assert os.path.isabs(path) and path == str(tmp_path / "syn" / "images" / f"{ex.id}.png")
