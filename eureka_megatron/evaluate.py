@@ -130,17 +130,17 @@ def load_items(data: list[Path], hf_dir: Path, *, system_prompt: str | None, gro
     from eureka_megatron.convert.families import family_for
     from eureka_megatron.data.dataset import FAMILIES, PromptBuilder
     from eureka_megatron.data.jsonl import load_rows
+    from eureka_megatron.data.sources import tile_size
 
     config = json.loads((hf_dir / "config.json").read_text())
     family = family_for(config, str(hf_dir / "config.json")).name
     if family not in FAMILIES:
         raise EvalError(f"{hf_dir}: eval serves the VLM families ({', '.join(FAMILIES)}); "
                         f"this checkpoint is {config.get('model_type')!r}")
-    image_size = config.get("force_image_size") or config.get("vision_config", {}).get("image_size")
+    size = tile_size(config) if family == "internvl" else None
     builder = PromptBuilder(family, AutoTokenizer.from_pretrained(str(hf_dir)),
                             system_prompt=system_prompt, max_prompt_length=max_prompt_length,
-                            **({"image_size": image_size} if family == "internvl" and image_size
-                               else {}))
+                            **({"image_size": size} if size else {}))
     loaded = [(path, load_rows(path)) for path in data]
     rows = [r for _, lr in loaded for r in lr.rows]
     skipped = [f"{s.source}: {s.reason}" for _, lr in loaded for s in lr.skipped]

@@ -42,11 +42,28 @@ def system_prompt(cfg: RLConfig) -> str | None:
     return R1_SYSTEM_PROMPT if sp == "r1" else sp
 
 
+def tile_size(hf_config: dict) -> int | None:
+    """InternVL's tile side in pixels (448 for InternVL2.5/3; `force_image_size` in internvl_chat
+    configs, `vision_config.image_size` in transformers-native ones), None when not given."""
+    size = hf_config.get("force_image_size") or hf_config.get("vision_config", {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else None
+
+
 def prompt_builder(cfg: RLConfig, family: str, tokenizer):
+    """The builder for `cfg.model.hf`'s family; InternVL tiles at the checkpoint's own size."""
+    import json
+
     from eureka_megatron.data.dataset import PromptBuilder
 
     d = cfg.data
+    extra = {}
+    config_file = Path(cfg.model.hf) / "config.json"
+    if family == "internvl" and config_file.is_file():
+        size = tile_size(json.loads(config_file.read_text()))
+        extra = {"image_size": size} if size else {}
     return PromptBuilder(family, tokenizer, system_prompt=system_prompt(cfg),
                          max_prompt_length=d.max_prompt_length, min_pixels=d.min_pixels,
                          max_pixels=d.max_pixels, max_tiles=d.max_tiles,
-                         use_thumbnail=d.use_thumbnail)
+                         use_thumbnail=d.use_thumbnail, **extra)

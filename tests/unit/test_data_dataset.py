@@ -270,3 +270,24 @@ def test_stream_with_no_valid_rows_raises(tmp_path):
     assert s.skipped == 3
     with pytest.raises(DataError):
         PromptStream([], _builder(), seed=0)
+
+
+@pytest.mark.parametrize("config", [{"model_type": "internvl_chat", "force_image_size": 56},
+                                    {"model_type": "internvl", "vision_config": {"image_size": [56, 56]}}])
+def test_rl_prompt_builder_tiles_at_the_checkpoints_size(tmp_path, config):
+    """The trainer's builder reads InternVL's tile size from model.hf's config.json (448 default
+    would give 256 tokens a tile; these checkpoints use 56 -> 4)."""
+    import json
+
+    from eureka_megatron.data.sources import prompt_builder
+    from eureka_megatron.rl_config import RLConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    Image.new("RGB", (112, 56), (9, 99, 199)).save(tmp_path / "wide.png")
+    cfg = RLConfig()
+    cfg.model.hf = str(tmp_path)
+    cfg.data.max_tiles, cfg.data.system_prompt = 6, None
+    b = prompt_builder(cfg, "internvl", char_tokenizer("internvl"))
+    row = Row(id="w", images=[str(tmp_path / "wide.png")], question="<image>\nWhat colour?",
+              answer="blue", source="x.jsonl:3")
+    assert b.build(row).prompt.input_ids.count(F.IMAGE) == 12  # 3 tiles x 4 tokens
