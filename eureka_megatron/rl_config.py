@@ -153,6 +153,8 @@ class RLConfig:
         if self.cluster.launcher not in LAUNCHERS:
             raise ConfigError(f"cluster.launcher={self.cluster.launcher!r}; expected one of "
                               f"{', '.join(LAUNCHERS)}")
+        if self.cluster.launcher == "ray" and r.engine == "sglang":
+            self._check_placement()
         if self.model.rollout_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"model.rollout_dtype={self.model.rollout_dtype!r}; expected fp32 or bf16")
         if r.n_samples < 2 and self.algo.estimator != "reinforce++":
@@ -171,6 +173,21 @@ class RLConfig:
             raise ConfigError("model.hf is required: an HF checkpoint directory (config.json, "
                               "weights, tokenizer)")
         return self
+
+    def _check_placement(self) -> None:
+        """The GPU plan the Ray launcher will make (trainer ranks + SGLang engines), checked at load
+        so that `--dry-run` refuses what `plan_layout` would refuse once the cluster is up."""
+        from eureka_megatron.trainer.placement import plan_layout
+
+        r, c, n = self.rollout, self.cluster, self.parallel.nproc
+        try:
+            plan_layout(actor_world=n, engines=r.engines, gpus_per_engine=r.gpus_per_engine,
+                        colocate=c.colocate, use_gpus=True, gpus_per_node=c.gpus_per_node)
+        except ValueError as e:
+            raise ConfigError(
+                f"cluster layout (parallel.nproc={n}, rollout.engines={r.engines}, "
+                f"rollout.gpus_per_engine={r.gpus_per_engine}, cluster.colocate={c.colocate}, "
+                f"cluster.gpus_per_node={c.gpus_per_node}): {e}") from None
 
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:

@@ -419,11 +419,16 @@ def describe(cfg: RLConfig) -> str:
     mcfg = family_for(hf, str(path)).config_from_hf(hf, Path(cfg.model.hf))
     validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
     t, r = cfg.train, cfg.rollout
+    engines = f"{r.engine} engine x{r.engines}"
+    where = "colocated" if cfg.cluster.colocate else "disaggregated"
+    if r.engine == "sglang":  # GPUs of their own unless colocated
+        engines += f" of TP{r.gpus_per_engine}"
+        extra = 0 if cfg.cluster.colocate else r.engines * r.gpus_per_engine
+        where += f", {cfg.parallel.nproc + extra} GPUs in all"
     lines = [f"model        {hf.get('model_type')} from {cfg.model.hf}",
              f"actor        {cfg.parallel.describe()} ({cfg.cluster.launcher} launcher)",
-             f"rollout      {r.engine} engine x{r.engines}, {r.n_samples} samples/prompt, "
-             f"T={r.temperature}, max {r.max_new_tokens} new tokens, "
-             f"{'colocated' if cfg.cluster.colocate else 'disaggregated'}",
+             f"rollout      {engines}, {r.n_samples} samples/prompt, "
+             f"T={r.temperature}, max {r.max_new_tokens} new tokens, {where}",
              f"batch        {t.rollout_batch_size} prompts x {r.n_samples} = "
              f"{t.rollout_batch_size * r.n_samples} sequences/step, {t.mini_batches} mini-batch(es), "
              f"{t.epochs} epoch(s), micro-batches <= {t.micro_batch_tokens} tokens",

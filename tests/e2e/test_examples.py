@@ -1,0 +1,191 @@
+"""Every config in examples/ dry-runs through the CLI against the real hub config.json of its model,
+with the layout its header promises; the numbers in the recipes' memory arithmetic follow from the
+config values; and the launch scripts parse, refuse missing paths and submit the right command."""
+import copy
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eureka_megatron import cli
+from eureka_megatron.bench.convert import INTERNVL2_5_38B, QWEN2_5_VL_7B, TOKENIZER_CONFIG
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+
+# Qwen/Qwen2.5-VL-32B-Instruct config.json (the fields our reader uses); models-and-conversion.md
+# section 1: 5120 / 64 layers / 40:8 heads / ffn 27648, vocab 152064, ViT MLP 3456.
+QWEN2_5_VL_32B = copy.deepcopy(QWEN2_5_VL_7B)
+QWEN2_5_VL_32B.update(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                      num_attention_heads=40, num_key_value_heads=8, vocab_size=152064)
+QWEN2_5_VL_32B["vision_config"].update(depth=32, hidden_size=1280, intermediate_size=3456,
+                                       num_heads=16, out_hidden_size=5120)
+
+# recipe -> (hub config, TP, PP, DP, engines, GPUs per engine, colocated, GPUs in all)
+RECIPES = {
+    "qwen2_5_vl_7b": (QWEN2_5_VL_7B, 2, 1, 4, 4, 2, True, 8),
+    "qwen2_5_vl_32b": (QWEN2_5_VL_32B, 8, 2, 2, 4, 4, False, 48),
+    "internvl2_5_38b": (INTERNVL2_5_38B, 8, 2, 2, 4, 8, True, 32),
+}
+
+
+def _model_dir(tmp_path: Path, hub: dict) -> Path:
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(hub))
+    if hub["model_type"] == "internvl_chat":  # the <IMG_CONTEXT> id lives there
+        (d / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    return d
+
+
+def _rows(tmp_path: Path) -> Path:
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n'
+                 '{"question": "What is 2 + 3?", "answer": "5"}\n')
+    return f
+
+
+def _dry_run(capsys, *argv) -> str:
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_cluster_recipe_dry_run_shows_its_layout(name, tmp_path, capsys):
+    hub, tp, pp, dp, engines, gpe, colocated, gpus = RECIPES[name]
+    out = _dry_run(capsys, "train", str(EXAMPLES / f"{name}.yaml"),
+                   f"model.hf={_model_dir(tmp_path, hub)}", f"data.train={_rows(tmp_path)}",
+                   f"output.dir={tmp_path / 'run'}", "--dry-run")
+    assert f"TP{tp} x PP{pp} x DP{dp} = {tp * pp * dp} ranks (ray launcher)" in out
+    where = "colocated" if colocated else "disaggregated"
+    assert f"sglang engine x{engines} of TP{gpe}" in out and f"{where}, {gpus} GPUs in all" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_memory_arithmetic_follows_the_config(name):
+    """The header's layout, KV-cache and activation figures are those the config values give."""
+    hub, tp, pp, dp, engines, gpe, colocated, _ = RECIPES[name]
+    text = (EXAMPLES / f"{name}.yaml").read_text()
+    header = " ".join(" ".join(line.lstrip("#").split()) for line in text.splitlines()
+                      if line.startswith("#"))  # the comment block as one line
+    cfg = yaml.safe_load(text)
+    p, r, t = cfg["parallel"], cfg["rollout"], cfg["train"]
+    assert (p["tensor_parallel"], p["pipeline_parallel"], p["nproc"] // (tp * pp)) == (tp, pp, dp)
+    assert (r["engines"], r["gpus_per_engine"], cfg["cluster"]["colocate"]) == (engines, gpe, colocated)
+    assert ("COLOCATED" if colocated else "DISAGGREGATED") in header
+    assert f"TP{tp} x PP{pp} x DP{dp}" in header
+    assert f"{engines} SGLang engines" in header and f"TP{gpe}" in header
+
+    llm = hub.get("llm_config", hub)
+    h, f, layers = llm["hidden_size"], llm["intermediate_size"], llm["num_hidden_layers"]
+    heads, kv, d = llm["num_attention_heads"], llm["num_key_value_heads"], 128
+    kv_bytes = 2 * layers * kv * d * 2
+    assert f"= {kv_bytes:,} ({kv_bytes // gpe:,} per GPU at TP{gpe})" in header
+    per_layer = 8 * h + (2 * ((heads + 2 * kv) * d + heads * d) + 6 * f) // tp
+    assert f"{per_layer:,} B" in header
+    mbt = t["micro_batch_tokens"]
+    assert mbt >= cfg["data"]["max_prompt_length"] + r["max_new_tokens"]  # one sequence fits
+    act = pp * (layers // pp) * per_layer * mbt / 1e9  # 1F1B: PP micro-batches on stage 0
+    assert f"x {mbt} tokens = {act:.2f}" in header
+    demand = t["rollout_batch_size"] * r["n_samples"] * (cfg["data"]["max_prompt_length"]
+                                                         + r["max_new_tokens"])
+    assert f"<= {demand / 1e6:.2f}M tokens" in header
+    assert t["rollout_batch_size"] * r["n_samples"] % t["mini_batches"] == 0
+
+
+def test_demo_config_dry_run(tmp_path, capsys):
+    from eureka_megatron.trainer.demo import tiny_qwen2_5_vl_config
+
+    hf = tmp_path / "tiny"
+    hf.mkdir()
+    (hf / "config.json").write_text(tiny_qwen2_5_vl_config().to_json_string())
+    out = _dry_run(capsys, "train", str(EXAMPLES / "demo_cpu.yaml"), f"model.hf={hf}",
+                   f"output.dir={tmp_path / 'run'}", "--dry-run")
+    assert "TP1 x PP1 x DP1 = 1 ranks (local launcher)" in out and "hf engine x1" in out
+
+
+def test_tiny_lm_config_dry_run(tmp_path, capsys):
+    out = _dry_run(capsys, "train-lm", str(EXAMPLES / "tiny_lm.yaml"),
+                   f"checkpoint.dir={tmp_path / 'ck'}", "--dry-run")
+    assert "layout: TP1 x PP1 x DP1 = 1 ranks" in out
+
+
+def test_every_example_config_is_covered():
+    names = {p.stem for p in EXAMPLES.glob("*.yaml")}
+    assert names == set(RECIPES) | {"demo_cpu", "tiny_lm"}
+
+
+# --- launch scripts ------------------------------------------------------------------------------
+
+SCRIPTS = sorted(EXAMPLES.rglob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_script_parses(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _run_script(script: str, tmp_path: Path, **env):
+    """The launch script with `ray` and the CLI replaced by stubs that print their arguments."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "ray").write_text('#!/usr/bin/env bash\necho "RAY $*"\n')
+    (stubs / "ray").chmod(0o755)
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("MODEL", "DATA", "EVAL_DATA", "RUN_DIR", "MODE", "DRY_RUN", "GPUS_PER_NODE",
+                         "NET_IF", "RAY_ADDRESS")}
+    full.update(PATH=f"{stubs}:{full['PATH']}", EUREKA_MEGATRON="echo CLI", **env)
+    return subprocess.run(["bash", str(EXAMPLES / "launch" / script)], capture_output=True,
+                          text=True, env=full, cwd=tmp_path, timeout=30)
+
+
+@pytest.mark.parametrize("script", ["qwen2_5_vl_7b.sh", "qwen2_5_vl_32b.sh", "internvl2_5_38b.sh"])
+def test_launch_script_names_what_is_missing(script, tmp_path):
+    r = _run_script(script, tmp_path)
+    assert r.returncode == 2 and "MODEL is not set" in r.stderr
+    r = _run_script(script, tmp_path, MODEL=str(tmp_path))
+    assert r.returncode == 2 and "has no config.json" in r.stderr
+    (tmp_path / "config.json").write_text("{}")
+    r = _run_script(script, tmp_path, MODEL=str(tmp_path))
+    assert r.returncode == 2 and "DATA is not set" in r.stderr
+    r = _run_script(script, tmp_path, MODEL=str(tmp_path), DATA="missing.jsonl")
+    assert r.returncode == 2 and f"DATA={tmp_path}/missing.jsonl does not exist" in r.stderr
+
+
+def test_launch_script_dry_runs_then_submits_to_ray(tmp_path):
+    hf = _model_dir(tmp_path, QWEN2_5_VL_32B)
+    rows = _rows(tmp_path)
+    env = dict(MODEL="hf", DATA=rows.name)  # relative to the caller's directory
+    r = _run_script("qwen2_5_vl_32b.sh", tmp_path, **env)
+    assert r.returncode == 2 and "RUN_DIR is not set" in r.stderr  # a cluster run needs shared storage
+    r = _run_script("qwen2_5_vl_32b.sh", tmp_path, RUN_DIR="runs/x", **env)
+    assert r.returncode == 0, r.stderr
+    args = f"model.hf={hf} data.train={rows} eval.interval=0 output.dir={tmp_path}/runs/x"
+    lines = r.stdout.splitlines()
+    assert f"CLI train examples/qwen2_5_vl_32b.yaml {args} --dry-run" in lines
+    submit = [x for x in lines if x.startswith("RAY ")]
+    assert len(submit) == 1 and submit[0].startswith("RAY job submit --working-dir .")
+    assert re.search(r"-- eureka-megatron train examples/qwen2_5_vl_32b.yaml cluster.launcher=ray "
+                     rf"cluster.address=auto cluster.gpus_per_node=8 {re.escape(args)}$", submit[0])
+
+
+def test_7b_launch_script_runs_on_this_node(tmp_path):
+    _model_dir(tmp_path, QWEN2_5_VL_7B)
+    _rows(tmp_path)
+    r = _run_script("qwen2_5_vl_7b.sh", tmp_path, MODEL="hf", DATA="train.jsonl",
+                    EVAL_DATA="train.jsonl")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("CLI ")]
+    assert len(lines) == 2 and lines[0] == lines[1] + " --dry-run"
+    assert f"eval.data={tmp_path}/train.jsonl" in lines[1]
+    assert f"output.dir={REPO}/runs/qwen2_5_vl_7b" in lines[1]
+    assert not any(x.startswith("RAY ") for x in r.stdout.splitlines())
