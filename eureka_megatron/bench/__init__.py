@@ -1,21 +1,52 @@
-"""Benchmarks behind `eureka-megatron bench`: each prints a markdown table and can write JSON."""
+"""Benchmarks behind `eureka-megatron bench`: each prints a markdown table and can write JSON.
+
+Every table starts with what / size / time (s) / throughput / % of bound / bound (see
+`report.LEAD`); `all` runs every bench in `ORDER`.
+"""
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
+
+ORDER = ["kernels", "step", "sync", "rollout", "convert", "rewards", "lm-step"]
+ABOUT = {"kernels": "fused log-prob + entropy kernel vs the torch reference",
+         "step": "one RL step of the real loop: tokens/s, MFU, time split",
+         "sync": "Megatron -> HF engine weight sync",
+         "rollout": "HF engine generation tokens/s",
+         "convert": "HF <-> Megatron checkpoint conversion",
+         "rewards": "reward pool responses/s",
+         "lm-step": "Megatron LLM train step at TP1 / TP2 / PP2"}
+
+
+def _benches() -> dict:
+    from eureka_megatron.bench import convert, kernels, lm_step, rewards, rollout, step, sync
+
+    return {"kernels": kernels.run, "step": step.run, "sync": sync.run, "rollout": rollout.run,
+            "convert": convert.run, "rewards": rewards.run, "lm-step": lm_step.run}
 
 
 def run_bench(what: str, quick: bool = False, out: Path | None = None) -> int:
-    from eureka_megatron.bench import convert, kernels, lm_step, rewards, sync
     from eureka_megatron.bench.hardware import describe_machine
     from eureka_megatron.bench.report import markdown_table, write_json
 
-    benches = {"lm-step": lm_step.run, "kernels": kernels.run, "convert": convert.run,
-               "rewards": rewards.run, "sync": sync.run}
-    names = list(benches) if what == "all" else [what]
+    benches = _benches()
+    names = ORDER if what == "all" else [what]
+    if any(name not in benches for name in names):
+        raise ValueError(f"unknown bench {what!r}; expected one of {', '.join(ORDER)}, all")
     machine = describe_machine()
-    for name in names:
+    t_all = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        print(f"[bench {i}/{len(names)}] {name}{' --quick' if quick else ''}: {ABOUT[name]} ...",
+              file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         rows, columns = benches[name](quick=quick)
         print(f"\n### {name} on {machine}\n")
         print(markdown_table(rows, columns), flush=True)
         write_json(out, name, machine, rows)
+        print(f"[bench {i}/{len(names)}] {name} took {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    if len(names) > 1:
+        print(f"[bench] all {len(names)} benches took {time.perf_counter() - t_all:.0f} s",
+              file=sys.stderr, flush=True)
     return 0

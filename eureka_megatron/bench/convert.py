@@ -5,7 +5,9 @@ The synthetic HF directory is written from the hub config (names and shapes come
 mapping run backwards on the model's meta-device skeleton), in 5 GB bf16 shards like the hub's.
 Each conversion runs as a separate `eureka-megatron convert` process, so its peak RSS (largest
 process, including the meta-device model it spawns) is measured cleanly. Models too large for the
-disk are built with fewer layers, and the full-model time is extrapolated by size.
+disk are built with fewer layers, and the full-model time is extrapolated by size. The bound is
+a plain file copy of the synthetic checkpoint's bytes (a converter reads and writes each once).
+`--quick` converts only Qwen2.5-VL-7B with one layer of each kind and a vocabulary of 8192.
 """
 from __future__ import annotations
 
@@ -120,12 +122,34 @@ def _timed(cmd: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 2**20  # the largest of the process and its children
 
 
+# `--quick`: only Qwen2.5-VL-7B, one LLM and one ViT layer of the real shapes, and the vocabulary
+# cut to QUICK_VOCAB rows (the embedding and output layer would be two thirds of the bytes)
+QUICK_LAYERS = (1, 1)
+QUICK_VOCAB = 8192
+VOCAB_PATHS = {"Qwen2.5-VL-7B": ("vocab_size",), "InternVL2.5-38B": ("llm_config", "vocab_size")}
+
+
+def copy_seconds(src: Path, dst: Path) -> float:
+    """Seconds to copy the safetensors files of `src` to `dst`: the bound of a converter, which
+    reads and writes every byte once (from and to the same page cache and disk)."""
+    dst.mkdir()
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        shutil.copyfile(f, dst / f.name)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(dst, ignore_errors=True)
+    return secs
+
+
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
+    from eureka_megatron.bench.report import LEAD, lead
+
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
     cli = [sys.executable, "-m", "eureka_megatron.cli", "convert"]
+    presets = {k: v for k, v in PRESETS.items() if not quick or k == "Qwen2.5-VL-7B"}
     try:
-        for name, (config, llm_path, vision_path) in PRESETS.items():
+        for name, (config, llm_path, vision_path) in presets.items():
             config = json.loads(json.dumps(config))
             full = (_get(config, llm_path), _get(config, vision_path))
             src, mg, back = work / "hf", work / "mg", work / "back"
@@ -133,9 +157,11 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
             (src / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
             full_bytes = model_bytes(config, src)
             # 38B (77 GB in bf16) does not fit a workstation disk three times: fewer layers.
-            layers = (2, 2) if quick else (full if name == "Qwen2.5-VL-7B" else (8, 6))
+            layers = QUICK_LAYERS if quick else (full if name == "Qwen2.5-VL-7B" else (8, 6))
             _set(config, llm_path, layers[0])
             _set(config, vision_path, layers[1])
+            if quick:
+                _set(config, VOCAB_PATHS[name], QUICK_VOCAB)
             if name == "Qwen2.5-VL-7B":  # full attention blocks must exist in the shorter tower
                 config["vision_config"]["fullatt_block_indexes"] = [
                     i for i in config["vision_config"]["fullatt_block_indexes"] if i < layers[1]]
@@ -147,20 +173,28 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             print(f"[bench convert] {name}: synthetic {size / 2**30:.1f} GiB in "
                   f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            copy_s = copy_seconds(src, work / "copy")
+            bound = size / 2**30 / copy_s
             to_mg = _timed(cli + ["hf-to-megatron", "--hf", str(src), "--out", str(mg), "--quiet"])
             to_hf = _timed(cli + ["megatron-to-hf", "--megatron", str(mg), "--out", str(back), "--quiet"])
             scale = full_bytes / size
+            vocab = f", vocab {QUICK_VOCAB}" if quick else ""
             for direction, (secs, peak) in (("hf -> megatron", to_mg), ("megatron -> hf", to_hf)):
-                rows.append({"model": name, "layers (LLM+ViT)": f"{layers[0]}+{layers[1]}",
+                rate = size / 2**30 / secs
+                rows.append({**lead(f"{name} {direction}",
+                                    f"{layers[0]}+{layers[1]} layers{vocab}, {size / 2**30:.2f} GiB",
+                                    secs, rate, "GiB/s", 100 * rate / bound,
+                                    f"file copy of the same bytes {bound:.3g} GiB/s"),
+                             "model": name, "layers (LLM+ViT)": f"{layers[0]}+{layers[1]}",
                              "direction": direction, "size (GiB)": round(size / 2**30, 2),
-                             "seconds": round(secs, 1), "GiB/s": round(size / 2**30 / secs, 3),
+                             "seconds": round(secs, 1), "GiB/s": round(rate, 3),
                              "peak RSS (GiB)": round(peak, 2),
                              "full model (s, est.)": round(secs * scale, 0)})
             for d in (src, mg, back):
                 shutil.rmtree(d, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return rows, list(rows[0])
+    return rows, LEAD + ["peak RSS (GiB)", "full model (s, est.)"]
 
 
 if __name__ == "__main__":  # python -m eureka_megatron.bench.convert DIR (with DIR/config.json)

@@ -58,6 +58,7 @@ def _time(fn, backward: bool, repeats: int, cuda: bool) -> tuple[float, float]:
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
     from eureka_megatron.bench.hardware import matmul_peak_tflops
+    from eureka_megatron.bench.report import LEAD, lead
 
     cuda = torch.cuda.is_available()
     shapes = GPU_SHAPES if cuda and not quick else CPU_SHAPES
@@ -65,14 +66,17 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
     device = "cuda" if cuda else "cpu"
     peak_tflops = matmul_peak_tflops()
     repeats = 3 if cuda else 1
+    bound = f"measured {str(dtype).removeprefix('torch.')} matmul peak {peak_tflops:.3g} TFLOP/s"
     rows = []
     for T, H, V in shapes:
+        size = f"T x H x V = {T} x {H} x {V}"
         gen = torch.Generator(device=device).manual_seed(0)
         hidden = (torch.randn(T, H, generator=gen, device=device) * 0.5).to(dtype)
         weight = (torch.randn(V, H, generator=gen, device=device) * 0.02).to(dtype)
         labels = torch.randint(0, V, (T,), generator=gen, device=device)
         for name, impl in _candidates(cuda).items():
             for backward in (False, True):
+                pass_ = "fwd+bwd" if backward else "fwd"
                 h = hidden.detach().requires_grad_(backward)
                 w = weight.detach().requires_grad_(backward)
                 try:
@@ -80,17 +84,20 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
                 except Exception as e:  # noqa: BLE001 -- OOM, or an optional peer's API drift
                     if not (isinstance(e, torch.cuda.OutOfMemoryError) or name.startswith("liger")):
                         raise
-                    rows.append({"T x H x V": f"{T} x {H} x {V}", "impl": name,
-                                 "pass": "fwd+bwd" if backward else "fwd",
-                                 "ms": "OOM" if isinstance(e, torch.cuda.OutOfMemoryError)
-                                 else f"failed: {type(e).__name__}"})
+                    why = ("OOM" if isinstance(e, torch.cuda.OutOfMemoryError)
+                           else f"failed: {type(e).__name__}")
+                    rows.append({**lead(f"{name} {pass_}: {why}", size, None, None, "TFLOP/s",
+                                        None, bound),
+                                 "T x H x V": f"{T} x {H} x {V}", "impl": name, "pass": pass_,
+                                 "ms": why})
                     continue
                 flops = (6 if backward else 2) * T * H * V
                 tflops = flops / secs / 1e12
-                rows.append({"T x H x V": f"{T} x {H} x {V}", "impl": name,
-                             "pass": "fwd+bwd" if backward else "fwd", "ms": round(secs * 1e3, 2),
+                rows.append({**lead(f"{name} {pass_}", size, secs, tflops, "TFLOP/s",
+                                    100 * tflops / peak_tflops, bound),
+                             "T x H x V": f"{T} x {H} x {V}", "impl": name,
+                             "pass": pass_, "ms": round(secs * 1e3, 2),
                              "TFLOP/s": round(tflops, 1 if cuda else 3),
                              "% of matmul peak": round(100 * tflops / peak_tflops, 1),
                              "peak extra mem (GiB)": round(extra, 3) if cuda else "n/a"})
-    return rows, ["T x H x V", "impl", "pass", "ms", "TFLOP/s", "% of matmul peak",
-                  "peak extra mem (GiB)"]
+    return rows, LEAD + ["peak extra mem (GiB)"]

@@ -2,6 +2,7 @@
 
 Every layout trains the same ~10M-parameter model (CPU) or ~1B-parameter model (GPU) from the
 same weights on the same batches; steps after the warm-up are timed and the median is reported.
+CPU: sequences of 256 tokens, 4 per step, 8 steps (2 warm-up); `--quick`: 128 tokens, 3 steps (1).
 """
 from __future__ import annotations
 
@@ -42,14 +43,15 @@ def _rank(cfg: Config, warmup: int) -> dict:
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
     from eureka_megatron.bench.hardware import matmul_peak_tflops
+    from eureka_megatron.bench.report import LEAD, lead
     from eureka_megatron.runtime.launcher import launch
 
     gpu = torch.cuda.is_available()
     model = GPU_MODEL if gpu else CPU_MODEL
-    seq = 2048 if gpu else 256
+    seq = 2048 if gpu else (128 if quick else 256)
     n_gpus = torch.cuda.device_count() if gpu else 0
     layouts = [(1, 1)] if gpu and n_gpus < 2 else [(1, 1), (2, 1), (1, 2)]
-    steps, warmup = (4, 1) if quick else (8, 2)
+    steps, warmup = (3, 1) if quick else (8, 2)
     peak_tflops = matmul_peak_tflops()
     rows = []
     for tp, pp in layouts:
@@ -65,7 +67,13 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
         r0 = max(res, key=lambda r: r["peak_gib"])
         tflops = res[0]["tokens_per_s"] * flops_per_token(model, seq) / 1e12
         bound = peak_tflops * (nproc if gpu else 1)  # CPU ranks share one machine's cores
+        tokens_step = cfg.train.global_batch_size * seq
         rows.append({
+            **lead(f"megatron LLM train step TP{tp} PP{pp}",
+                   f"{model.num_parameters() / 1e6:.1f}M params, {tokens_step} tokens/step",
+                   res[0]["seconds"], res[0]["tokens_per_s"], "tokens/s", 100 * tflops / bound,
+                   f"measured {'bf16' if gpu else 'fp32'} matmul peak {bound:.3g} TFLOP/s"
+                   + (f" ({nproc} GPUs)" if gpu else "")),
             "layout": f"TP{tp} PP{pp}", "ranks": nproc,
             "params (M)": round(model.num_parameters() / 1e6, 1),
             "tokens/step": cfg.train.global_batch_size * seq,
@@ -73,4 +81,4 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
             "TFLOP/s": round(tflops, 4), "% of matmul peak (MFU)": round(100 * tflops / bound, 1),
             "peak mem/rank (GiB)": round(r0["peak_gib"], 2),
         })
-    return rows, list(rows[0])
+    return rows, LEAD + ["ranks", "TFLOP/s", "peak mem/rank (GiB)"]

@@ -1,5 +1,6 @@
 """`bench rewards`: responses/s of the rule-based reward (math-verify) in the RewardPool with 1, 2
-and 4 workers, against the single-process in-line rate (no pool, no timeouts) as the bound.
+and 4 workers, against the bound: the single-process in-line rate (no pool, no timeouts) times
+min(workers, cores).
 
 The batch is a deterministic, MM-Eureka-like mix: 40% correct answers in <think>/<answer> format
 (fractions vs decimals, sqrt forms, decimals vs fractions, permuted sets, integers), 20% multiple
@@ -11,6 +12,7 @@ pathological rows are left out in-line: there nothing would bound them.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from fractions import Fraction
@@ -110,6 +112,7 @@ def _inline(functions: list[str], responses: list[str], answers: list[str]) -> l
 def run(quick: bool = False, functions: list[str] | None = None,
         workers: tuple[int, ...] = (1, 2, 4), timeout: float = 5.0) -> tuple[list[dict], list[str]]:
     """Rows for the table: in-line, then each pool size on the clean and the pathological mix."""
+    from eureka_megatron.bench.report import LEAD, lead
     from eureka_megatron.rewards.pool import RewardPool
 
     functions = functions or [DEFAULT_FUNCTION]
@@ -126,7 +129,11 @@ def run(quick: bool = False, functions: list[str] | None = None,
         expected = _inline(functions, *clean)
         inline_s = min(inline_s, time.perf_counter() - t0)
     names = sorted(expected[0])
-    rows = [{"mix": "clean", "workers": "in-line (no pool)", "responses": n,
+    cores = os.cpu_count() or 1
+    inline_rate = n / inline_s
+    rows = [{**lead("in-line reward (no pool), clean mix", f"{n} responses", inline_s,
+                    inline_rate, "responses/s", 100.0, "itself (the in-line rate)"),
+             "mix": "clean", "workers": "in-line (no pool)", "responses": n,
              "seconds": round(inline_s, 2), "responses/s": round(n / inline_s, 1),
              "mean accuracy": _mean(e.get("accuracy", 0.0) for e in expected)}]
     for k in workers:
@@ -141,7 +148,13 @@ def run(quick: bool = False, functions: list[str] | None = None,
                     t0 = time.perf_counter()
                     res = pool.score(*batch)
                     secs = min(secs, time.perf_counter() - t0)
-                row = {"mix": label, "workers": k, "responses": n, "seconds": round(secs, 2),
+                # k workers can at best run k in-line scorers on min(k, cores) cores
+                bound = inline_rate * min(k, cores)
+                row = {**lead(f"reward pool, {k} worker{'s' * (k > 1)}, {label} mix",
+                              f"{n} responses", secs, n / secs, "responses/s",
+                              100 * n / secs / bound,
+                              f"in-line rate x min(workers, {cores} cores) = {bound:.3g}/s"),
+                       "mix": label, "workers": k, "responses": n, "seconds": round(secs, 2),
                        "responses/s": round(n / secs, 1), "start-up s": round(start_s, 2),
                        "timeouts": res.counters["reward/timeouts"],
                        "errors": res.counters["reward/errors"],
@@ -151,8 +164,7 @@ def run(quick: bool = False, functions: list[str] | None = None,
                     row["equals in-line"] = "yes" if got == [{m: e[m] for m in names}
                                                              for e in expected] else "NO"
                 rows.append(row)
-    return rows, ["mix", "workers", "responses", "seconds", "responses/s", "start-up s",
-                  "timeouts", "errors", "mean accuracy", "equals in-line"]
+    return rows, LEAD + ["start-up s", "timeouts", "errors", "mean accuracy", "equals in-line"]
 
 
 def _mean(xs) -> float:

@@ -71,6 +71,7 @@ def _rank(model: LLMConfig, par: ParallelConfig, bucket_bytes: int):
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
+    from eureka_megatron.bench.report import LEAD, lead
     from eureka_megatron.runtime.launcher import launch
 
     gpu = torch.cuda.is_available()
@@ -81,11 +82,14 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
     for tp in layouts:
         par = ParallelConfig(tensor_parallel=tp, nproc=tp)
         res = next(r for r in launch(_rank, tp, model, par, 512 << 20) if r is not None)
+        name = f"Qwen2-shaped {model.num_parameters() / 1e9:.2f}B bf16"
         rows.append({
-            "model": f"Qwen2-shaped {model.num_parameters() / 1e9:.2f}B bf16",
+            **lead(f"weight sync TP{tp} -> hf engine", f"{name}, {res.bytes / 1e9:.3g} GB",
+                   res.seconds, res.gb_per_s, "GB/s", 100 * res.gb_per_s / bound,
+                   f"memory copy {bound:.3g} GB/s"),
+            "model": name,
             "layout": f"TP{tp}", "engine": "hf", "tensors": res.tensors,
             "GB": round(res.bytes / 1e9, 3), "sync (s)": round(res.seconds, 3),
             "GB/s": round(res.gb_per_s, 2), "copy bound GB/s": round(bound, 2),
-            "% of bound": round(100 * res.gb_per_s / bound, 1),
         })
-    return rows, list(rows[0])
+    return rows, LEAD + ["tensors"]

@@ -67,20 +67,25 @@ class Collector:
         texts, accs, fmts, totals, lengths, rounds, generated = [], [], [], [], [], 0, 0
         versions: list[int] = []
         counters: dict[str, float] = {}
+        generate_s = reward_s = 0.0
         while len(kept) < want and rounds < cfg.rollout.max_filter_rounds:
             items = self.stream.next_batch(want)
+            t_gen = time.perf_counter()
             try:
                 samples = self.engine.generate([it.prompt for it in items], n,
                                                self.sampling(step, rounds))
             except Exception as e:  # noqa: BLE001 -- any engine failure: restart, resync, retry
                 self.engine.restart()
                 raise EngineFailure(f"{type(e).__name__}: {e}") from e
+            generate_s += time.perf_counter() - t_gen
             rounds += 1
             generated += len(items)
             versions += [s.weight_version for s in samples]
             answers = [items[s.prompt_index].answer for s in samples]
             metas = [items[s.prompt_index].meta for s in samples]
+            t_score = time.perf_counter()
             scored = self.pool.score([s.text for s in samples], answers, metas)
+            reward_s += time.perf_counter() - t_score
             for k, v in scored.counters.items():
                 counters[k] = counters.get(k, 0) + v
             acc = scored.scores.get("accuracy", [0.0] * len(samples))
@@ -111,7 +116,9 @@ class Collector:
                    "filter/groups": float(len(kept)),
                    "filter/underfull": float(len(kept) < want),
                    "data/skipped_rows": float(self.skipped_at_load + self.stream.skipped),
-                   "time/rollout_s": time.perf_counter() - t0}
+                   "time/rollout_s": time.perf_counter() - t0,
+                   # parts of it, summed over filter rounds: engine.generate and pool.score
+                   "time/generate_s": generate_s, "time/reward_s": reward_s}
         metrics.update({k: float(v) for k, v in counters.items()})
         metrics.update(reflection_metrics(texts, accs, lengths, cfg.rollout.max_new_tokens,
                                           self.phrases))
