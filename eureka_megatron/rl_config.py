@@ -48,7 +48,8 @@ class RolloutConfig:
     sync_bucket_mb: int = 512
     engines: int = 1
     gpus_per_engine: int = 1
-    sglang_url: str | None = None  # connect to a running server instead of launching one
+    sglang_url: str | None = None  # connect to running server(s) ("url1,url2") instead of launching
+    mem_fraction_static: float | None = None  # SGLang's --mem-fraction-static; null: its default
 
 
 @dataclass
@@ -150,6 +151,14 @@ class RLConfig:
             raise ConfigError(f"train.mode={t.mode!r}; expected one of {', '.join(MODES)}")
         if r.engine not in ENGINES:
             raise ConfigError(f"rollout.engine={r.engine!r}; expected one of {', '.join(ENGINES)}")
+        if r.mem_fraction_static is not None and (
+                isinstance(r.mem_fraction_static, bool)
+                or not isinstance(r.mem_fraction_static, (int, float))
+                or not 0 < r.mem_fraction_static < 1):
+            raise ConfigError(f"rollout.mem_fraction_static={r.mem_fraction_static!r} must be in "
+                              "(0, 1) (the GPU memory share of SGLang's weights + KV cache) or null")
+        if r.sglang_url is not None and not [u for u in r.sglang_url.split(",") if u.strip()]:
+            raise ConfigError(f"rollout.sglang_url={r.sglang_url!r} names no server")
         if self.cluster.launcher not in LAUNCHERS:
             raise ConfigError(f"cluster.launcher={self.cluster.launcher!r}; expected one of "
                               f"{', '.join(LAUNCHERS)}")

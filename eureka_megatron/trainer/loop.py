@@ -9,6 +9,8 @@ On-policy: each step samples with the weights the previous step produced. Off-po
 with the pre-update weights in a background thread, so rollout and training overlap and every
 batch is one version stale (old log-probs are recomputed by the actor, so the first ratio is 1).
 A rollout engine that fails is restarted and resynced, and the step samples again.
+Colocated SGLang engines (`cluster.colocate`) release their GPU memory once the step's rollout is
+collected and resume it just before the weight sync (on-policy; off-policy they keep sampling).
 """
 from __future__ import annotations
 
@@ -46,12 +48,10 @@ class Driver:
 
 
 def build_engine(cfg: RLConfig, hf_dir: Path):
-    if cfg.rollout.engine == "sglang":
-        from eureka_megatron.rollout.sglang_engine import SGLangEngine
+    if cfg.rollout.engine == "sglang":  # one server, or an EngineGroup of several (see engines.py)
+        from eureka_megatron.trainer.engines import build_sglang_engine
 
-        if cfg.rollout.sglang_url:
-            return SGLangEngine.connect(cfg.rollout.sglang_url)
-        return SGLangEngine.launch(str(hf_dir), tp=cfg.rollout.gpus_per_engine)
+        return build_sglang_engine(cfg, hf_dir)
     from eureka_megatron.rollout.hf_engine import HFEngine
 
     dtype = torch.bfloat16 if cfg.model.rollout_dtype == "bf16" else torch.float32
@@ -111,6 +111,28 @@ def rollout(driver: Driver | None, actor, step: int, pending: RolloutBatch | Non
         if restarts[0] > MAX_ENGINE_RESTARTS:
             raise RuntimeError(f"rollout engine failed {restarts[0]} times; last: {result}")
         actor.sync_to(driver.engine if driver else None, version=step - 1)
+
+
+def frees_engine_memory(cfg: RLConfig) -> bool:
+    """Colocated SGLang engines give their GPU memory to the trainer between rollout and sync (an
+    in-process HF engine has nothing of its own to free)."""
+    return cfg.cluster.colocate and cfg.rollout.engine == "sglang"
+
+
+def release_engine(driver: Driver | None, cfg: RLConfig) -> None:
+    """After the step's rollout (nothing in flight): the engine frees weights and KV cache."""
+    if driver is not None and frees_engine_memory(cfg):
+        driver.engine.release_memory()
+
+
+def resume_engine(driver: Driver | None, cfg: RLConfig) -> None:
+    """Before the weight sync: the engine takes its memory back (the sync then fills its weights);
+    an engine that cannot resume is restarted (a fresh server holds its memory)."""
+    if driver is not None and frees_engine_memory(cfg):
+        try:
+            driver.engine.resume_memory()
+        except Exception:  # noqa: BLE001 -- the sync right after loads the weights either way
+            driver.engine.restart()
 
 
 def to_sequences(batch: RolloutBatch, cfg: RLConfig) -> tuple[list[Sequence], torch.Tensor]:
@@ -325,6 +347,8 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
             prefetch = None
             if cfg.train.mode == "off-policy" and driver is not None and step < cfg.train.steps:
                 prefetch = Prefetch(driver.collector, step + 1)
+            if prefetch is None:  # nothing in flight: a colocated engine frees the GPUs to train
+                release_engine(driver, cfg)
             metrics = dict(batch.metrics)
             seqs, rewards = to_sequences(batch, cfg)
             if len(seqs) >= dp:
@@ -346,6 +370,7 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
                 if isinstance(pending, EngineFailure):
                     pending = None  # sampled again next step, after the resync below
             t4 = time.perf_counter()
+            resume_engine(driver, cfg)
             sync = actor.sync_to(driver.engine if driver else None, version=step)
             metrics.update({"time/sync_s": time.perf_counter() - t4, "sync/attempts": float(sync.attempts),
                             "weight_version": float(step)})

@@ -1,0 +1,241 @@
+"""`EngineGroup`: the RolloutEngine seam over several engines (SGLang servers, Ray engine actors).
+
+- generate: the prompts are cut into contiguous near-equal slices, one per engine, generated
+  concurrently, and the samples come back in the original order with global prompt indices.
+  Slice k starting at prompt `offset` samples with seed `sampling.seed + offset * n`: SGLang
+  seeds request i's j-th sample with `seed + i * n + j`, so every sample gets the seed it would
+  get on one engine (same seeds whatever the number of engines).
+- update_weights: the bucket stream is read once; each bucket goes to every engine (one thread
+  per engine, each running that engine's own streaming `update_weights`), and the next bucket is
+  read only when every engine has asked for it: the group holds one bucket at a time.
+- weight_version: the lowest engine version, None if any engine's is None.
+- release_memory / resume_memory / health: every engine, concurrently.
+- restart: the engines that are not healthy; if all look healthy (the failure did not show in a
+  health check) all of them, so `restart()` never silently does nothing.
+
+With one engine every call goes straight to it: exactly that engine's behaviour and errors. With
+several, an error names the engine (index and address) and keeps its type where it can.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
+
+_END, _ABORT = object(), object()
+
+
+class SyncAborted(RuntimeError):
+    """The group stopped an engine's weight sync (the bucket stream failed)."""
+
+
+def _slices(total: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous (start, stop) ranges covering range(total), sizes differing by <= 1."""
+    base, extra = divmod(total, parts)
+    out, start = [], 0
+    for k in range(parts):
+        stop = start + base + (1 if k < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+class _Feed:
+    """One engine's `update_weights(<buckets as the group hands them over>, version)` in a thread.
+
+    `ready()` blocks until the engine asks for its next bucket (True) or its update ended (False);
+    `error` then says how it ended."""
+
+    def __init__(self, engine, version: int, index: int):
+        self.index = index
+        self.inbox: queue.Queue = queue.Queue()
+        self._asks: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.ended_early = False
+        self.thread = threading.Thread(target=self._run, args=(engine, version), daemon=True,
+                                       name=f"engine{index}-sync-v{version}")
+        self.thread.start()
+
+    def _buckets(self):
+        while True:
+            self._asks.put(True)
+            item = self.inbox.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise SyncAborted("weight sync aborted: the bucket stream failed")
+            yield item
+            item = None  # the engine holds the bucket now, not this frame
+
+    def _run(self, engine, version):
+        stream = self._buckets()
+        try:
+            engine.update_weights(stream, version)
+            if stream.gi_frame is not None:  # returned without asking for the end of the stream
+                self.ended_early = True
+        except BaseException as e:  # noqa: BLE001 -- reported by EngineGroup.update_weights
+            self.error = e
+        finally:
+            self._asks.put(False)
+
+    def ready(self) -> bool:
+        return self._asks.get()
+
+
+class EngineGroup:
+    """A RolloutEngine over `engines` (each a RolloutEngine); see the module docstring."""
+
+    def __init__(self, engines: Sequence[Any]):
+        if not engines:
+            raise ValueError("EngineGroup needs at least one engine")
+        self.engines = list(engines)
+        self.weight_layout = self._common_layout()
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def _name(self, i: int) -> str:
+        e = self.engines[i]
+        where = getattr(e, "url", None) or getattr(e, "name", None) or type(e).__name__
+        return f"engine {i} of {len(self.engines)} ({where})"
+
+    def _common_layout(self) -> str:
+        layouts = [e.weight_layout for e in self.engines]
+        if len(set(layouts)) > 1:
+            raise ValueError("engines disagree on the weight layout: " + ", ".join(
+                f"{self._name(i)}: {lay!r}" for i, lay in enumerate(layouts)))
+        return layouts[0]
+
+    def _tagged(self, i: int, e: BaseException, also: Sequence[int] = ()) -> BaseException:
+        """`e` with the engine's name in front, of e's type when that type takes one message."""
+        more = f" (engines {list(also)} failed too)" if also else ""
+        msg = f"{self._name(i)}: {type(e).__name__}: {e}{more}"
+        try:
+            err = type(e)(msg)
+        except Exception:  # noqa: BLE001 -- a type with another constructor
+            err = RuntimeError(msg)
+        return err if isinstance(err, Exception) else RuntimeError(msg)
+
+    def _each(self, fn: Callable[[int], Any], indices: Sequence[int] | None = None) -> list:
+        """fn(engine index) for the listed engines (all by default) concurrently; results in order. Every
+        call runs to its end; then the first failure (lowest index) is raised, naming its engine."""
+        indices = list(range(len(self.engines))) if indices is None else list(indices)
+        if len(self.engines) == 1:
+            return [fn(i) for i in indices]
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+
+        def call(i):
+            try:
+                results[i] = fn(i)
+            except Exception as e:  # noqa: BLE001 -- gathered, the first raised below
+                errors[i] = e
+
+        with ThreadPoolExecutor(max(1, len(indices))) as pool:
+            list(pool.map(call, indices))
+        if errors:
+            first = min(errors)
+            raise self._tagged(first, errors[first], sorted(errors)[1:]) from errors[first]
+        return [results[i] for i in indices]
+
+    # --- RolloutEngine --------------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> int | None:
+        versions = [e.weight_version for e in self.engines]
+        return None if any(v is None for v in versions) else min(versions)
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Sample]:
+        """n samples per prompt, prompt i's at [i*n, (i+1)*n); slices on the engines in parallel."""
+        if len(self.engines) == 1:
+            return self.engines[0].generate(prompts, n, sampling)
+        spans = [(i, a, b) for i, (a, b) in enumerate(_slices(len(prompts), len(self.engines)))
+                 if b > a]
+        if not spans:
+            return []
+        by_engine = {i: (a, b) for i, a, b in spans}
+
+        def one(i):
+            a, b = by_engine[i]
+            seed = None if sampling.seed is None else sampling.seed + a * n
+            samples = self.engines[i].generate(prompts[a:b], n, dataclasses.replace(sampling, seed=seed))
+            if len(samples) != (b - a) * n:
+                raise RuntimeError(f"gave {len(samples)} samples for {b - a} prompts x {n}")
+            return [dataclasses.replace(s, prompt_index=s.prompt_index + a) for s in samples]
+
+        return [s for part in self._each(one, [i for i, _, _ in spans]) for s in part]
+
+    def update_weights(self, buckets: Iterable[NamedTensors], version: int) -> None:
+        """Every bucket to every engine, the stream read once and one bucket at a time; engines
+        that fail stop receiving, the others get the whole stream; then the first failure (lowest
+        index) is raised, naming its engine (the failed engines' versions are None)."""
+        if len(self.engines) == 1:
+            return self.engines[0].update_weights(buckets, version)
+        feeds = [_Feed(e, version, i) for i, e in enumerate(self.engines)]
+        live = [f for f in feeds if f.ready()]
+        try:
+            for bucket in buckets:
+                for f in live:
+                    f.inbox.put(bucket)
+                del bucket
+                live = [f for f in live if f.ready()]
+                if not live:
+                    break
+        except BaseException:
+            for f in live:
+                f.inbox.put(_ABORT)
+            for f in feeds:
+                f.thread.join()
+            raise
+        for f in live:
+            f.inbox.put(_END)
+        for f in feeds:
+            f.thread.join()
+        errors = {f.index: f.error or RuntimeError("its update_weights returned before the last "
+                                                   "bucket")
+                  for f in feeds if f.error is not None or f.ended_early}
+        if errors:
+            first = min(errors)
+            raise self._tagged(first, errors[first], sorted(errors)[1:]) from errors[first]
+
+    def release_memory(self) -> None:
+        self._each(lambda i: self.engines[i].release_memory())
+
+    def resume_memory(self) -> None:
+        self._each(lambda i: self.engines[i].resume_memory())
+
+    def health(self) -> bool:
+        return all(self.healths())
+
+    def healths(self) -> list[bool]:
+        """Each engine's health(), checked concurrently (an exception counts as unhealthy)."""
+        def check(i):
+            try:
+                return bool(self.engines[i].health())
+            except Exception:  # noqa: BLE001 -- cannot tell: not healthy
+                return False
+        return self._each(check)
+
+    def restart(self) -> None:
+        """Restart the unhealthy engines, or every engine when all report healthy; concurrently.
+        Restarted engines serve version None (or their checkpoint's) until the next sync."""
+        if len(self.engines) == 1:
+            return self.engines[0].restart()
+        sick = [i for i, ok in enumerate(self.healths()) if not ok]
+        self._each(lambda i: self.engines[i].restart(), sick or None)
+        self.weight_layout = self._common_layout()
+
+    # --- extras ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the servers this process launched (engines without `shutdown` are left alone)."""
+        self._each(lambda i: getattr(self.engines[i], "shutdown", lambda: None)())
+
+    def __repr__(self) -> str:
+        return f"EngineGroup({self.engines!r})"

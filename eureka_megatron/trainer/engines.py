@@ -1,0 +1,101 @@
+"""The RL run's SGLang rollout engines, from the config (`loop.build_engine` calls this).
+
+Three ways, first match wins:
+1. `rollout.sglang_url`: connect to running servers ("url1,url2,..."; one engine per URL).
+2. Under the Ray launcher (`placement.current_placement()` with engine bundles): one engine actor
+   per planned engine in the trainer's placement group (`placement.place_engines`), each starting
+   its SGLang server on the GPUs the plan gave it.
+3. Otherwise `rollout.engines` local servers of `rollout.gpus_per_engine` GPUs each: colocated,
+   engine e on the trainer's GPUs [e*g, (e+1)*g); disaggregated, on the GPUs after the trainer's
+   `parallel.nproc` (the entries of CUDA_VISIBLE_DEVICES when it is set).
+
+Several engines make one `EngineGroup`; a single engine is returned as it is. Colocated servers
+that this run starts get `--enable-memory-saver`, which SGLang's release / resume of memory needs
+(servers given by URL must have been started with it when `cluster.colocate` is true).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from eureka_megatron.rl_config import RLConfig
+
+SGLANG_FACTORY = "eureka_megatron.rollout.sglang_engine:SGLangEngine.launch"
+ENGINE_CALL_TIMEOUT = 3600.0  # Ray engine actors: a whole rollout is one call
+
+
+def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
+    from eureka_megatron.rollout.engine_group import EngineGroup
+    from eureka_megatron.trainer.placement import current_placement, place_engines
+
+    r = cfg.rollout
+    placement = current_placement()
+    if r.sglang_url:
+        engines = connect_engines(r.sglang_url)
+    elif placement is not None and placement[0].engine_bundles:
+        layout, pg = placement
+        engines = place_engines(layout, pg, SGLANG_FACTORY, launch_kwargs(cfg, hf_dir),
+                                r.gpus_per_engine, timeout=ENGINE_CALL_TIMEOUT)
+    else:
+        engines = launch_local_engines(launch_kwargs(cfg, hf_dir), local_engine_gpus(cfg))
+    return engines[0] if len(engines) == 1 else EngineGroup(engines)
+
+
+def connect_engines(urls: str) -> list:
+    from eureka_megatron.rollout.sglang_engine import SGLangEngine
+
+    return [SGLangEngine.connect(u.strip()) for u in urls.split(",") if u.strip()]
+
+
+def launch_kwargs(cfg: RLConfig, hf_dir: Path) -> dict:
+    """`SGLangEngine.launch` keyword arguments for one engine of this run."""
+    extra = ["--enable-memory-saver"] if cfg.cluster.colocate else []
+    return dict(model_path=str(hf_dir), tp=cfg.rollout.gpus_per_engine,
+                mem_fraction_static=cfg.rollout.mem_fraction_static, extra_args=extra)
+
+
+def local_engine_gpus(cfg: RLConfig, visible: list[str] | None = None) -> list[list[str] | None]:
+    """Per local engine, its GPUs as CUDA_VISIBLE_DEVICES entries; None each without GPUs.
+
+    visible: the GPUs this process may use (default: CUDA_VISIBLE_DEVICES, else every GPU)."""
+    r = cfg.rollout
+    if visible is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return [None] * r.engines
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = ([d.strip() for d in env.split(",") if d.strip()] if env
+                   else [str(i) for i in range(torch.cuda.device_count())])
+    g = r.gpus_per_engine
+    first = 0 if cfg.cluster.colocate else cfg.parallel.nproc
+    need = first + r.engines * g
+    if need > len(visible):
+        where = ("on the trainer's GPUs" if cfg.cluster.colocate
+                 else f"after the trainer's {cfg.parallel.nproc} GPUs")
+        raise ValueError(f"{r.engines} SGLang engine(s) x {g} GPU(s) {where} need GPUs "
+                         f"{first}..{need - 1}, but {len(visible)} are visible ({visible})")
+    return [visible[first + e * g:first + (e + 1) * g] for e in range(r.engines)]
+
+
+def launch_local_engines(kwargs: dict, gpus: list[list[str] | None]) -> list:
+    """One server per entry of `gpus`, started concurrently (each takes minutes on a GPU); if one
+    fails, the others are stopped and the error names the engine."""
+    from eureka_megatron.rollout.sglang_engine import SGLangEngine
+
+    def start(devices):
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else None
+        return SGLangEngine.launch(**kwargs, env=env)
+
+    with ThreadPoolExecutor(len(gpus)) as pool:
+        futures = [pool.submit(start, d) for d in gpus]
+    errors = [(e, f.exception()) for e, f in enumerate(futures) if f.exception() is not None]
+    if errors:
+        for f in futures:
+            if f.exception() is None:
+                f.result().shutdown()
+        e, err = errors[0]
+        raise RuntimeError(f"SGLang engine {e} of {len(gpus)} (GPUs {gpus[e]}) failed to start: "
+                           f"{type(err).__name__}: {err}") from err
+    return [f.result() for f in futures]
