@@ -12,7 +12,6 @@ a plain file copy of the synthetic checkpoint's bytes (a converter reads and wri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -111,15 +110,31 @@ def write_synthetic(config: dict, out: Path, shard_bytes: int = 5 << 30) -> int:
     return writer.total_bytes
 
 
+# Runs argv[2:] and writes {seconds, code, maxrss_kib} to argv[1]. Linux carries a process's peak
+# RSS over fork + exec: a converter started straight from this (large) process would report at
+# least this process's peak. Forked from this small interpreter instead, it reports its own.
+_RSS_WRAPPER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"seconds": time.perf_counter() - t0, "code": os.waitstatus_to_exitcode(status),
+               "maxrss_kib": usage.ru_maxrss}, f)
+"""
+
+
 def _timed(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS GiB of the largest process) of a command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    with tempfile.TemporaryDirectory() as d:
+        result = Path(d) / "result.json"
+        subprocess.run([sys.executable, "-c", _RSS_WRAPPER, str(result), *cmd], check=True)
+        r = json.loads(result.read_text())
+    if r["code"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed")
-    return seconds, usage.ru_maxrss / 2**20  # the largest of the process and its children
+    return r["seconds"], r["maxrss_kib"] / 2**20  # the largest of the process and its children
 
 
 # `--quick`: only Qwen2.5-VL-7B, one LLM and one ViT layer of the real shapes, and the vocabulary

@@ -27,6 +27,19 @@ def flops_per_token(m: LLMConfig, seq: int) -> float:
     return 6 * n + attn
 
 
+def host_peak_gib() -> float:
+    """This process's peak RSS: VmHWM (of this process image only), else ru_maxrss -- which on
+    Linux a spawned rank inherits from its launcher's peak over fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _rank(cfg: Config, warmup: int) -> dict:
     from eureka_megatron.trainer.lm_run import run_lm
 
@@ -35,7 +48,7 @@ def _rank(cfg: Config, warmup: int) -> dict:
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = host_peak_gib()
     return {"tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
             "seconds": statistics.median(m["seconds"] for m in timed),
             "loss": history[-1]["loss"], "peak_gib": peak}

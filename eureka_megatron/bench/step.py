@@ -100,7 +100,7 @@ def bench_config(work: Path, hf: Path, gpu: bool, quick: bool, steps: int):
             "output.hf_export_interval=0", "data.synthetic_size=256"]
     if gpu:
         over += ["parallel.bf16=true", "model.rollout_dtype=bf16", "model.freeze_vision=true",
-                 "optim.lr=1e-6", "optim.min_lr=1e-6", "train.micro_batch_tokens=16384",
+                 "optim.lr=1e-6", "optim.min_lr=1e-6",
                  "data.image_size=224", "rewards.num_workers=2"]
     return demo_config(work / "run", over)
 

@@ -1,6 +1,8 @@
 """The bench table contract: five leading columns, numbers (not strings) in the JSON rows."""
 import json
 
+import pytest
+
 from eureka_megatron.bench.report import LEAD, lead, markdown_table, write_json
 
 
@@ -27,3 +29,20 @@ def test_unmeasured_fields_are_null_and_shown_as_na():
     assert row["time (s)"] is None and row["throughput/value"] is None and row["% of bound"] is None
     cells = markdown_table([row], LEAD).splitlines()[2].split("|")[1:-1]
     assert [c.strip() for c in cells[2:5]] == ["n/a", "n/a", "n/a"]
+
+
+def test_run_bench_prints_and_writes_the_kernels_table(tmp_path, capsys):
+    from eureka_megatron.bench import run_bench
+
+    out = tmp_path / "b.json"
+    assert run_bench("kernels", quick=True, out=out) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("| what"))
+    assert [c.strip() for c in header.strip("|").split("|")][:6] == LEAD
+    rows = json.loads(out.read_text())["kernels"]["rows"]
+    assert [r["what"] for r in rows] == ["torch reference fwd", "torch reference fwd+bwd"]
+    for r in rows:
+        assert isinstance(r["time (s)"], float) and r["time (s)"] > 0
+        assert r["throughput/unit"] == "TFLOP/s"
+        assert r["throughput/value"] == pytest.approx(r["TFLOP/s"], rel=0.05, abs=1e-3)
+        assert 0 < r["% of bound"]
