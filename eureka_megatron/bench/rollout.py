@@ -89,10 +89,13 @@ def run(quick: bool = False, sizes: tuple[int, int, int, int] | None = None,
     seconds, samples = generate_timed(engine, prompts, n, new)
     tokens = sum(len(s.token_ids) for s in samples)
     wbytes = weight_bytes(engine)
+    del engine
+    if gpu:
+        torch.cuda.empty_cache()  # the benches after this one start their own processes
     bandwidth = copy_bandwidth_gbs(256 << 20 if quick or not gpu else 1 << 30)
     bound = rows_per_batch * bandwidth * 1e9 / wbytes
     rate = tokens / seconds
-    name = f"Qwen2-shaped {model.num_parameters() / 1e9:.3g}B {str(dtype).removeprefix('torch.')}"
+    name = f"Qwen2-shaped {model.num_parameters() / 1e9:.3g}B {'bf16' if gpu else 'fp32'}"
     row = {**lead("HF engine generate (sampling, T=1)",
                   f"{name}, {n_prompts} prompts x {n} samples x {new} new tokens",
                   seconds, rate, "tokens/s", 100 * rate / bound,

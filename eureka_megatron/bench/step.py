@@ -147,6 +147,8 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
         numbers = model_numbers(hf)
         peak = matmul_peak_tflops() * 1e12  # measured before the ranks start: nothing competes
         bandwidth = copy_bandwidth_gbs(256 << 20 if quick or not gpu else 1 << 30)
+        if gpu:
+            torch.cuda.empty_cache()  # the rank gets the GPU to itself
         m = launch(_rank, cfg.parallel.nproc, cfg, steps, timeout=1800)[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
