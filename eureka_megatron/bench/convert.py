@@ -110,7 +110,7 @@ def write_synthetic(config: dict, out: Path, shard_bytes: int = 5 << 30) -> int:
     return writer.total_bytes
 
 
-# Runs argv[2:] and writes {seconds, code, maxrss_kib} to argv[1]. Linux carries a process's peak
+# Runs argv[2:] (its stdout to stderr) and writes {seconds, code, maxrss_kib} to argv[1]. Linux carries a process's peak
 # RSS over fork + exec: a converter started straight from this (large) process would report at
 # least this process's peak. Forked from this small interpreter instead, it reports its own.
 _RSS_WRAPPER = """
@@ -118,6 +118,7 @@ import json, os, sys, time
 t0 = time.perf_counter()
 pid = os.fork()
 if pid == 0:
+    os.dup2(2, 1)  # the converter's report goes to stderr: stdout holds the bench tables
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
