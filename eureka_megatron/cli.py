@@ -27,7 +27,7 @@ examples:
   eureka-megatron forward --megatron ckpt/qwen25vl7b --inputs in.pt --out out.pt --tp 2 --pp 2
   eureka-megatron forward --megatron runs/x/step_00000100 --inputs in.pt --out e.pt --tp 2 --engine hf
   eureka-megatron convert megatron-to-hf --megatron runs/x/step_00000100 --out hf_out
-  eureka-megatron eval --model runs/demo/hf --data heldout.jsonl --samples 8   # accuracy, pass@8
+  eureka-megatron eval --model runs/demo/hf_final --data heldout.jsonl --samples 8   # accuracy, pass@8
   eureka-megatron bench all --quick                              # every benchmark table, CPU sizes
   eureka-megatron bench lm-step --quick
   eureka-megatron bench rewards --quick                          # reward pool responses/s
@@ -226,7 +226,7 @@ def cmd_convert(args) -> int:
 
 EVAL_EPILOG = """\
 examples:
-  eureka-megatron eval --model runs/demo/hf --data runs/demo/data/heldout-*/data.jsonl
+  eureka-megatron eval --model runs/demo/hf_final --data runs/demo/data/heldout-*/data.jsonl
   eureka-megatron eval --model ckpt/Qwen2.5-VL-7B-Instruct --data mmk12_test.jsonl \\
       --engine sglang --tp 2 --samples 8 --max-new-tokens 4096 --out evals/qwen7b-mmk12
   eureka-megatron eval --model runs/rl/checkpoints --hf-config ckpt/Qwen2.5-VL-7B-Instruct \\
