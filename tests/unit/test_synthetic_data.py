@@ -180,8 +180,9 @@ def test_write_jsonl_round_trip(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == len(data)
     for row, ex in zip(rows, data):
-        assert set(row) == {"id", "images", "question", "answer"}
-        assert (row["id"], row["question"], row["answer"]) == (ex.id, ex.question, ex.answer)
+        assert set(row) == {"id", "images", "question", "answer", "task"}
+        assert (row["id"], row["question"], row["answer"], row["task"]) == (ex.id, ex.question,
+                                                                     ex.answer, ex.task)
         assert row["images"] == [f"images/{ex.id}.png"]
         with Image.open(path.parent / row["images"][0]) as img:
             assert img.convert("RGB").tobytes() == ex.image.tobytes()
