@@ -175,14 +175,14 @@ class Record:
     sampled: list[dict] = field(default_factory=list)
 
 
-def _graded(samples, scored, offset: int) -> list[dict]:
+def _graded(samples, scored) -> list[dict]:
     acc = scored.scores.get("accuracy")
     fmt = scored.scores.get("format")
     if acc is None:
         raise EvalError("the judge returned no 'accuracy' score (a reward function returning "
                         "{'accuracy': 0|1, ...} is expected)")
-    return [{"text": s.text, "accuracy": float(acc[offset + i]),
-             "format": float(fmt[offset + i]) if fmt is not None else None,
+    return [{"text": s.text, "accuracy": float(acc[i]),
+             "format": float(fmt[i]) if fmt is not None else None,
              "tokens": len(s.token_ids), "finish": s.finish_reason}
             for i, s in enumerate(samples)]
 
@@ -207,12 +207,13 @@ def generate_and_grade(engine, pool, items: list[EvalItem], *, samples: int, tem
                                     max_new_tokens=max_new_tokens, seed=seed + start).validate()
             sampled = engine.generate(prompts, samples, params)
         every = list(outs) + list(sampled)
+        reps = samples if sampled else 0
         answers = [e.item.answer for e in chunk]
         metas = [e.item.meta for e in chunk]
         scored = pool.score([s.text for s in every],
-                            answers + [a for a in answers for _ in range(samples if sampled else 0)],
-                            metas + [m for m in metas for _ in range(samples if sampled else 0)])
-        graded = _graded(every, scored, 0)
+                            answers + [a for a in answers for _ in range(reps)],
+                            metas + [m for m in metas for _ in range(reps)])
+        graded = _graded(every, scored)
         for i, e in enumerate(chunk):
             records.append(Record(id=e.item.row_id, row=e.item.source, group=e.group,
                                   answer=e.item.answer, greedy=graded[i],
