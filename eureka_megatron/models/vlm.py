@@ -12,12 +12,15 @@ def embed_with_images(language_model, input_ids: torch.Tensor, image_token_id: i
     positions of `image_token_id`; a count mismatch is an error, not a silent misalignment.
 
     `image_index` (optional): rows share images (a GRPO group's n responses), so the tower ran
-    once per distinct image and the slots are filled with `images[image_index]` in order."""
+    once per distinct image and the slots are filled with `images[image_index]` in order. The
+    gather is `index_select`, whose backward (`index_add_`) sums the n copies' gradients in a fixed
+    order on CPU; plain indexing's backward adds them with racing atomics when torch has more than
+    one thread, so the same seed gave a different run."""
     emb = language_model.embedding(input_ids=input_ids, position_ids=None)
     if images is None:
         return emb
     if image_index is not None:
-        images = images[image_index.to(images.device)]
+        images = torch.index_select(images, 0, image_index.to(images.device))
     slots = input_ids == image_token_id
     if int(slots.sum()) != images.shape[0]:
         raise ValueError(f"{int(slots.sum())} image tokens (id {image_token_id}) in input_ids "
