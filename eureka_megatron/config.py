@@ -182,6 +182,8 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     nproc: int = 1  # world size; DP = nproc / (TP * PP)
     bf16: bool = False  # Float16Module + bf16 params (GPU); CPU runs default to fp32
+    # torch intra-op threads per rank; null: the launcher's share (CPU cores / local ranks)
+    threads: int | None = None
     # Uneven LLM split: decoder layers on the first / last pipeline stage (the rest are spread
     # evenly); e.g. fewer on the first stage, which also runs the vision tower. None: even.
     first_stage_layers: int | None = None
@@ -296,6 +298,10 @@ class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
     num_workers: int = 2
     timeout: float = 5.0  # seconds per response; a timeout scores 0 and counts reward/timeouts
+    # Score each distinct (response, gold, meta) once and remember it: rule-based rewards are pure
+    # functions, and RL batches repeat responses (a converged group is n copies). Off for a
+    # stochastic judge.
+    memoize: bool = True
     # Phrases counted by the reflection ("visual aha") metrics; null: the built-in list.
     reflection_phrases: list[str] | None = None
 
@@ -348,6 +354,12 @@ class Config:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp)
 
 
+def check_threads(par: ParallelConfig) -> None:
+    if par.threads is not None and (isinstance(par.threads, bool) or not isinstance(par.threads, int)
+                                    or par.threads < 1):
+        raise ConfigError(f"parallel.threads={par.threads!r} must be a positive integer or null")
+
+
 def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:
     """The divisibility rules megatron asserts deep inside a rank, checked up front."""
     tp, pp, vpp, n = par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline, par.nproc
@@ -357,6 +369,7 @@ def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:
     if n % (tp * pp):
         raise ConfigError(
             f"world size parallel.nproc={n} is not divisible by TP*PP = {tp}*{pp} = {tp * pp}")
+    check_threads(par)
     if model.num_attention_heads % tp:
         raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not "
                           f"divisible by parallel.tensor_parallel={tp}")

@@ -320,7 +320,8 @@ def run_eval(model: str | Path, data: list[str | Path], out: str | Path, *, engi
                                     max_prompt_length=max_prompt_length, limit=limit)
         for reason in skipped[:10]:
             logger.warning("skipped %s", reason)
-        pool = RewardPool([judge], num_workers=workers)
+        # a --judge of the user's may be stochastic: only the rule-based one is memoized
+        pool = RewardPool([judge], num_workers=workers, memoize=judge == DEFAULT_JUDGE)
         eng = build_engine(engine, hf_dir, sglang_url=sglang_url, tp=tp)
         records = generate_and_grade(eng, pool, items, samples=samples, temperature=temperature,
                                      top_p=top_p, max_new_tokens=max_new_tokens,

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eureka_megatron.config import (AlgoConfig, CheckpointConfig, ConfigError, OptimConfig,
-                                    ParallelConfig, RewardConfig, from_dict, read_config_data)
+                                    ParallelConfig, RewardConfig, check_threads, from_dict,
+                                    read_config_data)
 
 ENGINES = ("hf", "sglang")
 LAUNCHERS = ("local", "ray")
@@ -141,6 +142,7 @@ class RLConfig:
                         ("rollout.engines", r.engines), ("parallel.nproc", p.nproc)):
             if v < 1:
                 raise ConfigError(f"{name}={v} must be >= 1")
+        check_threads(p)
         if p.nproc % (p.tensor_parallel * p.pipeline_parallel):
             raise ConfigError(f"parallel.nproc={p.nproc} is not divisible by TP*PP = "
                               f"{p.tensor_parallel}*{p.pipeline_parallel}")

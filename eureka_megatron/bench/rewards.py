@@ -160,7 +160,7 @@ def run(quick: bool = False, functions: list[str] | None = None,
              "mean accuracy": _mean(e.get("accuracy", 0.0) for e in expected)}]
     for k in workers:
         t0 = time.perf_counter()
-        with RewardPool(functions, num_workers=k, timeout=timeout) as pool:
+        with RewardPool(functions, num_workers=k, timeout=timeout, memoize=False) as pool:
             start_s = time.perf_counter() - t0
             pool.score(*warm)
             for label, batch, reps in (("clean", clean, repeats),

@@ -18,6 +18,7 @@ import logging
 import math
 import numbers
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -207,11 +208,17 @@ class RewardPool:
     on a fresh worker (then 0, counted in `reward/errors`); a function that raises scores its
     sample 0 (`reward/errors`). Scores without a weight are returned with weight 0.
     One caller at a time: `score` is not thread-safe.
+
+    `memoize` (default on): rule-based rewards are pure functions of (response, gold, meta), and
+    RL batches repeat the same response to the same question many times (a converged group is n
+    copies), so each distinct triple is scored once and remembered (at most `memo_size` triples;
+    timeouts and errors are never remembered). Turn it off for a stochastic judge.
     """
 
     def __init__(self, functions: list[str] | tuple[str, ...] = DEFAULT_FUNCTIONS,
                  weights: dict[str, float] | None = None, num_workers: int = 2,
-                 timeout: float = 5.0, start_timeout: float = 120.0):
+                 timeout: float = 5.0, start_timeout: float = 120.0, memoize: bool = True,
+                 memo_size: int = 1 << 16):
         functions = [functions] if isinstance(functions, str) else list(functions)
         if not functions:
             raise ValueError("RewardPool needs at least one reward function")
@@ -237,6 +244,9 @@ class RewardPool:
         self._workers: list[_Worker] = []
         self._next_task_id = 0
         self.totals = dict.fromkeys(COUNTERS, 0)  # over the pool's lifetime
+        self.memo: dict[tuple, dict[str, float]] | None = {} if memoize else None
+        self.memo_size = memo_size
+        self._timed_out: set[int] = set()  # this batch's samples that timed out
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)
         try:
             self._fill()
@@ -323,7 +333,18 @@ class RewardPool:
         results: list[dict[str, float] | None] = [None] * n
         errors: list[tuple[int, str]] = []
         attempts = [0] * n
-        pending = deque(range(n))
+        self._timed_out: set[int] = set()
+        keys = [self._key(*x) for x in zip(responses, answers, metas)]
+        first: dict[tuple, int] = {}  # each distinct triple is sent once; copies take its result
+        for i, key in enumerate(keys):
+            if key is None:
+                continue
+            if key in self.memo:
+                results[i] = self.memo[key]
+            else:
+                first.setdefault(key, i)
+        pending = deque(i for i in range(n) if results[i] is None
+                        and (keys[i] is None or first[keys[i]] == i))
         try:
             while pending or any(w.task is not None for w in self._workers):
                 self._dispatch(pending, responses, answers, metas, attempts, counters)
@@ -338,7 +359,37 @@ class RewardPool:
                 self._workers.remove(w)  # its late answer must never reach another batch
                 w.stop()
             raise
-        return self._finish(results, errors, counters)
+        return self._finish(self._fill_copies(keys, first, results, errors, counters),
+                            errors, counters)
+
+    def _fill_copies(self, keys, first, results, errors, counters):
+        """Copies of a triple take its result (and its timeout or error, counted per sample);
+        triples scored cleanly are remembered for later batches."""
+        failed = dict(errors)
+        for i, key in enumerate(keys):
+            if key is None:
+                continue
+            j = first.get(key, i)
+            if results[i] is None:  # a copy of a triple scored in this batch
+                results[i] = results[j]
+                if j in failed:
+                    errors.append((i, failed[j]))
+                    counters["reward/errors"] += 1
+                elif j in self._timed_out:
+                    counters["reward/timeouts"] += 1
+            elif j == i and i not in failed and i not in self._timed_out \
+                    and len(self.memo) < self.memo_size:
+                self.memo[key] = results[i]
+        return results
+
+    def _key(self, response, answer, meta) -> tuple | None:
+        """The memo key of one sample, None when memoizing is off or the meta cannot pickle."""
+        if self.memo is None:
+            return None
+        try:
+            return response, answer, pickle.dumps(meta, protocol=4)
+        except Exception:  # noqa: BLE001 -- such a sample is simply scored every time
+            return None
 
     def _dispatch(self, pending, responses, answers, metas, attempts, counters) -> None:
         for w in list(self._workers):
@@ -383,6 +434,7 @@ class RewardPool:
                 return
             results[i] = {}
             counters["reward/timeouts"] += 1
+            self._timed_out.add(i)
             w.task = None
             self._replace(w, counters)
             return

@@ -44,6 +44,8 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_minutes: int
         virtual_pipeline_model_parallel_size=par.virtual_pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
+    if par.threads:
+        torch.set_num_threads(par.threads)
     seed_everything(seed)
     # Megatron's TP RNG tracker: same seed across DP, distinct per TP/PP rank for dropout.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -82,7 +82,8 @@ def build_driver(cfg: RLConfig, hf_dir: Path, family: str, start: int, wrap_engi
     if wrap_engine is not None:
         engine = wrap_engine(engine)
     pool = RewardPool(cfg.rewards.functions, cfg.rewards.weights,
-                      num_workers=cfg.rewards.num_workers, timeout=cfg.rewards.timeout)
+                      num_workers=cfg.rewards.num_workers, timeout=cfg.rewards.timeout,
+                      memoize=cfg.rewards.memoize)
     truncate_after(out / METRICS_FILE, start)
     writer = MetricsWriter(out, total_steps=cfg.train.steps, start_step=start,
                            tensorboard=cfg.output.tensorboard, progress=cfg.output.progress)

@@ -68,3 +68,10 @@ def mv_accuracy(response: str, answer: str, meta: dict | None) -> dict:
     gold = parse(f"${answer}$")
     pred = parse(response, [StringExtractionConfig(), LatexExtractionConfig(), ExprExtractionConfig()])
     return {"accuracy": float(verify(pred, gold))}
+
+
+def logged(response: str, answer: str, meta: dict | None) -> dict:
+    """`behave`'s score, and one line per call in the file `meta["log"]` (counts real calls)."""
+    with open(meta["log"], "a") as f:
+        f.write(f"{response}|{answer}\n")
+    return behave(response, answer, meta)

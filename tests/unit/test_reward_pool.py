@@ -26,7 +26,8 @@ def _gone(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def pool():
     """One pool for the misbehaviour tests: it must keep serving after every one of them."""
-    with RewardPool([f"{FNS}:behave"], weights={"unique": 1.0}, num_workers=2, timeout=1.0) as p:
+    with RewardPool([f"{FNS}:behave"], weights={"unique": 1.0}, num_workers=2, timeout=1.0,
+                    memoize=False) as p:
         yield p
 
 
@@ -208,3 +209,33 @@ def test_real_rewards_tower_answer_is_zero_within_the_timeout():
         r = p.score([r"<think>t</think><answer>$0.5$</answer>", r"<answer>$\sqrt{18}$</answer>"],
                     [r"\frac{1}{2}", r"3\sqrt{2}"])
         assert r.total == [1.5, 1.0] and r.counters["reward/timeouts"] == 0
+
+
+def test_memo_scores_each_distinct_triple_once(tmp_path):
+    log = tmp_path / "calls.txt"
+    meta = {"log": str(log)}
+    responses = ["a", "bb", "a", "a", "ccc", "bb", "a"]
+    answers = ["a", "x", "a", "x", "x", "x", "a"]
+    with RewardPool([f"{FNS}:logged"], weights={"unique": 1.0}, num_workers=2) as p:
+        r = p.score(responses, answers, [meta] * len(responses))
+        assert r.total == _unique(responses, answers)
+        calls = log.read_text().splitlines()
+        assert sorted(calls) == sorted({f"{x}|{a}" for x, a in zip(responses, answers)})
+        again = p.score(["bb", "a", "dddd"], ["x", "a", "x"], [meta] * 3)  # remembered across calls
+        assert again.total == _unique(["bb", "a", "dddd"], ["x", "a", "x"])
+        assert log.read_text().splitlines()[len(calls):] == ["dddd|x"]
+        other = p.score(["a"], ["a"], [{"log": str(log), "k": 1}])  # another meta: scored again
+        assert other.total == [1001.0] and log.read_text().splitlines()[-1] == "a|a"
+
+
+def test_memo_copies_of_a_timeout_count_per_sample_and_are_not_remembered():
+    with RewardPool([f"{FNS}:behave"], weights={"unique": 1.0}, num_workers=2, timeout=1.0) as p:
+        t0 = time.monotonic()
+        r = p.score(["SLEEP", "a", "SLEEP"], ["x", "a", "x"])
+        assert time.monotonic() - t0 < 5.0
+        assert r.total == [0.0, 1001.0, 0.0]
+        assert r.counters == {"reward/timeouts": 2, "reward/errors": 0, "reward/worker_restarts": 1}
+        r = p.score(["SLEEP"], ["x"])
+        assert r.counters["reward/timeouts"] == 1  # a timeout is tried again, never remembered
+        r = p.score(["RAISE", "RAISE"], ["x", "x"])
+        assert r.total == [0.0, 0.0] and r.counters["reward/errors"] == 2
