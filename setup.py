@@ -39,6 +39,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["eureka_megatron", "eureka_megatron.*"]) + ["eureka_megatron.kernels"],
     package_dir={"eureka_megatron.kernels": "kernels"},
+    package_data={"eureka_megatron.trainer": ["demo_cpu.yaml"]},  # `demo` reads it installed too
     install_requires=install_requires,
     extras_require={
         # NVIDIA apex is a from-source CUDA build (see README); the PyPI package "apex" is unrelated.

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["ChatTokens", "QWEN_CHAT", "INTERNVL_CHAT", "R1_SYSTEM_PROMPT", "IMAGE_PLACEHOLDER",
-           "render_prompt", "chat_for_family"]
+           "render_prompt", "chat_for_family", "jinja_chat_template"]
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -77,3 +77,17 @@ def render_prompt(chat: ChatTokens, question: str, image_tokens: list[int],
     system = "" if system_prompt is None else (
         f"{chat.im_start}system\n{system_prompt}{chat.im_end}\n")
     return f"{system}{chat.im_start}user\n{user}{chat.im_end}\n{chat.im_start}assistant\n"
+
+
+def jinja_chat_template(chat: ChatTokens) -> str:
+    """`render_prompt`'s layout as a transformers chat template, for checkpoints we write (the CPU
+    demo's): images of a turn as one `image_start + image_pad + image_end` each, in front of its
+    text (the processor expands the pad), a system turn only when the messages hold one."""
+    image = chat.image_start + chat.image_pad + chat.image_end + chat.image_sep
+    return (
+        "{% for m in messages %}" + chat.im_start + "{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] if c['type'] == 'image' %}" + image + "{% endfor %}"
+        "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+        "{% endif %}" + chat.im_end + "\n{% endfor %}"
+        "{% if add_generation_prompt %}" + chat.im_start + "assistant\n{% endif %}")

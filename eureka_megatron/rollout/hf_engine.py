@@ -427,12 +427,14 @@ class HFEngine:
 
 
 def _load_processor(path) -> Any:
-    """The checkpoint's processor (VLMs) or tokenizer; None when it ships neither."""
+    """The checkpoint's processor (VLMs) or tokenizer; None when it ships neither. A processor
+    that cannot be built here (Qwen2.5-VL's needs torchvision for its video half) falls back to
+    the tokenizer: prompts reach the engine already tokenized, only decoding is left to do."""
     from transformers import AutoProcessor, AutoTokenizer
 
     for loader in (AutoProcessor, AutoTokenizer):
         try:
             return loader.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, ImportError):
             pass
     return None

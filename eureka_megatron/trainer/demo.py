@@ -9,11 +9,13 @@ trial found lr 3e-4 and patch-aligned objects to be what lets a tiny tower learn
 """
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from eureka_megatron.rl_config import RLConfig, load_rl_config
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo_cpu.yaml"
+# Package data (also at examples/demo_cpu.yaml in the source tree): an installed wheel has it too.
+DEMO_CONFIG = Path(str(resources.files("eureka_megatron.trainer") / "demo_cpu.yaml"))
 
 
 def tiny_qwen2_5_vl_config():
@@ -41,22 +43,51 @@ def tiny_qwen2_5_vl_config():
 
 
 def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """A random tiny Qwen2.5-VL + the in-repo tokenizer as an HF checkpoint directory."""
+    """A random tiny Qwen2.5-VL as a complete HF checkpoint directory: weights, the in-repo
+    tokenizer with a chat template that renders the demo's prompts, and the image processor's
+    config, so `AutoProcessor` / `pipeline` / a server load it like any released model (the
+    stage-0 and final exports copy these files)."""
+    import shutil
+
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from eureka_megatron.data.chat import QWEN_CHAT, jinja_chat_template
     from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config())
+    config = tiny_qwen2_5_vl_config()
+    model = Qwen2_5_VLForConditionalGeneration(config)
     model.save_pretrained(tmp)
-    tiny_tokenizer().save_pretrained(tmp)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = jinja_chat_template(QWEN_CHAT)
+    tokenizer.save_pretrained(tmp)
+    write_image_processor_config(tmp, config.vision_config)
     tmp.rename(out)
     return out
+
+
+def write_image_processor_config(out_dir: Path, vision) -> None:
+    """transformers' Qwen2-VL image processor config with the pixel range the demo's prompts are
+    built with (`data.min_pixels` / `max_pixels` defaults) and the tower's patch geometry."""
+    import json
+
+    from eureka_megatron.data.processors import (CLIP_MEAN, CLIP_STD, QWEN_MAX_PIXELS,
+                                                 QWEN_MIN_PIXELS)
+
+    config = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+              "do_convert_rgb": True, "do_resize": True, "resample": 3,  # PIL bicubic
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+              "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+              "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+              "merge_size": vision.spatial_merge_size}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def demo_config(out_dir: str | Path, overrides: list[str] | None = None) -> RLConfig:
