@@ -262,6 +262,7 @@ examples:
   eureka-megatron bench all --quick --out bench.json             # every table, CPU sizes
   eureka-megatron bench step                                     # one RL step: tokens/s, MFU, split
   eureka-megatron bench kernels --out bench.json                 # real shapes when a GPU is present
+  eureka-megatron bench demo --seeds 1234,1,2,3,4 --runs runs/bench-demo   # the demo per seed
 """
 
 
@@ -278,7 +279,12 @@ def cmd_forward(args) -> int:
 def cmd_bench(args) -> int:
     from eureka_megatron.bench import run_bench
 
-    return run_bench(args.what, quick=args.quick, out=args.out)
+    options = {}
+    if args.what == "demo":
+        options = {"seeds": args.seeds, "out_dir": args.runs, "overrides": args.overrides}
+    elif args.seeds or args.runs or args.overrides:
+        raise SystemExit("--seeds, --runs and key=value overrides are options of `bench demo`")
+    return run_bench(args.what, quick=args.quick, out=args.out, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,14 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "a GPU the sizes are CPU-sized; --quick makes them smaller still.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EPILOG)
     b.add_argument("what", choices=["kernels", "step", "sync", "rollout", "convert", "rewards",
-                                    "lm-step", "all"],
+                                    "lm-step", "demo", "all"],
                    help="kernels: fused log-prob kernel; step: one RL step (tokens/s, MFU, time "
                         "split); sync: Megatron -> engine weights; rollout: engine generation; "
                         "convert: HF <-> megatron; rewards: reward pool; lm-step: megatron LLM "
-                        "train step at TP/PP; all: every one")
+                        "train step at TP/PP; demo: the CPU demo once per seed (time to 0.5 / 0.9 "
+                        "held-out accuracy, final/best, step split; ~5 min a seed); all: every "
+                        "one but demo")
     b.add_argument("--quick", action="store_true",
                    help="CPU-friendly sizes (`bench all --quick` < 4 min on 2 cores)")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    b.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                   help="bench demo: comma-separated train.seed values (default 1234,1,2,3,4; "
+                        "--quick: the first, 60 steps)")
+    b.add_argument("--runs", type=Path, default=None,
+                   help="bench demo: directory for the runs (default: a new temporary one)")
+    b.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="bench demo: overrides of the demo config, e.g. train.steps=300")
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -448,7 +463,13 @@ def _split_config_arg(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `bench demo --seeds 1,2 train.steps=300`: overrides after the options
+        if getattr(args, "command", None) == "bench" and all(
+                "=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.command:
         parser.print_help()
         return 0

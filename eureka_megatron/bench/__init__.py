@@ -1,7 +1,7 @@
 """Benchmarks behind `eureka-megatron bench`: each prints a markdown table and can write JSON.
 
 Every table starts with what / size / time (s) / throughput / % of bound / bound (see
-`report.LEAD`); `all` runs every bench in `ORDER`.
+`report.LEAD`); `all` runs every bench in `ORDER` (not `demo`: minutes per seed).
 """
 from __future__ import annotations
 
@@ -16,17 +16,21 @@ ABOUT = {"kernels": "fused log-prob + entropy kernel vs the torch reference",
          "rollout": "HF engine generation tokens/s",
          "convert": "HF <-> Megatron checkpoint conversion",
          "rewards": "reward pool responses/s",
-         "lm-step": "Megatron LLM train step at TP1 / TP2 / PP2"}
+         "lm-step": "Megatron LLM train step at TP1 / TP2 / PP2",
+         "demo": "the CPU demo per seed: time to 0.5 / 0.9 held-out accuracy, step split"}
 
 
 def _benches() -> dict:
-    from eureka_megatron.bench import convert, kernels, lm_step, rewards, rollout, step, sync
+    from eureka_megatron.bench import (convert, demo, kernels, lm_step, rewards, rollout, step,
+                                       sync)
 
     return {"kernels": kernels.run, "step": step.run, "sync": sync.run, "rollout": rollout.run,
-            "convert": convert.run, "rewards": rewards.run, "lm-step": lm_step.run}
+            "convert": convert.run, "rewards": rewards.run, "lm-step": lm_step.run,
+            "demo": demo.run}
 
 
-def run_bench(what: str, quick: bool = False, out: Path | None = None) -> int:
+def run_bench(what: str, quick: bool = False, out: Path | None = None, **demo_options) -> int:
+    """`demo_options` (seeds, out_dir, overrides) go to `bench demo` only."""
     from eureka_megatron.bench.hardware import describe_machine
     from eureka_megatron.bench.report import markdown_table, write_json
 
@@ -40,7 +44,8 @@ def run_bench(what: str, quick: bool = False, out: Path | None = None) -> int:
         print(f"[bench {i}/{len(names)}] {name}{' --quick' if quick else ''}: {ABOUT[name]} ...",
               file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        rows, columns = benches[name](quick=quick)
+        options = demo_options if name == "demo" else {}
+        rows, columns = benches[name](quick=quick, **options)
         print(f"\n### {name} on {machine}\n")
         print(markdown_table(rows, columns), flush=True)
         write_json(out, name, machine, rows)

@@ -336,7 +336,7 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
     history: list[dict] = []
     restarts = [int(extra.get("engine_restarts", 0))]
     if start == 0 and cfg.eval.interval > 0:
-        record = {"step": 0, **evaluate(driver, cfg)}
+        record = {"step": 0, **evaluate(driver, cfg), "time/unix_s": time.time()}
         if driver:
             driver.writer.log(0, {k: v for k, v in record.items() if k != "step"})
         history.append(broadcast_object(record))
@@ -378,7 +378,8 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
             if eval_due(cfg, step):
                 metrics.update(evaluate(driver, cfg))
             dt = time.perf_counter() - t0
-            metrics.update({"time/step_s": dt, "tokens_per_s": tokens / dt})
+            metrics.update({"time/step_s": dt, "tokens_per_s": tokens / dt,
+                            "time/unix_s": time.time()})  # wall clock, e.g. for time to accuracy
             metrics = broadcast_object(metrics)
             if driver:
                 driver.writer.log(step, metrics)
