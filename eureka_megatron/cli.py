@@ -136,8 +136,12 @@ def _has_gpu() -> bool:
 def _rl_summary(history: list[dict], cfg, say) -> None:
     evals = [h for h in history if h.get("eval/accuracy") is not None]
     if evals:
+        best = max(evals, key=lambda h: h["eval/accuracy"])
+        hit = next((h["step"] for h in evals if h["eval/accuracy"] >= 0.9), None)
         say(f"held-out greedy accuracy: {evals[0]['eval/accuracy']:.3f} (step {evals[0]['step']}) "
-            f"-> {evals[-1]['eval/accuracy']:.3f} (step {evals[-1]['step']})")
+            f"-> {evals[-1]['eval/accuracy']:.3f} (step {evals[-1]['step']}); best "
+            f"{best['eval/accuracy']:.3f} (step {best['step']})"
+            + (f"; >= 0.9 first at step {hit}" if hit is not None else ""))
     say(f"run directory: {cfg.output.dir} (metrics.jsonl, tensorboard/, *.png, summary.md, "
         f"checkpoints in {cfg.checkpoint_dir})")
 
@@ -283,7 +287,7 @@ def cmd_bench(args) -> int:
     if args.what == "demo":
         options = {"seeds": args.seeds, "out_dir": args.runs, "overrides": args.overrides}
     elif args.seeds or args.runs or args.overrides:
-        raise SystemExit("--seeds, --runs and key=value overrides are options of `bench demo`")
+        raise ValueError("--seeds, --runs and key=value overrides are options of `bench demo`")
     return run_bench(args.what, quick=args.quick, out=args.out, **options)
 
 

@@ -333,7 +333,7 @@ class RewardPool:
         results: list[dict[str, float] | None] = [None] * n
         errors: list[tuple[int, str]] = []
         attempts = [0] * n
-        self._timed_out: set[int] = set()
+        self._timed_out = set()
         keys = [self._key(*x) for x in zip(responses, answers, metas)]
         first: dict[tuple, int] = {}  # each distinct triple is sent once; copies take its result
         for i, key in enumerate(keys):

@@ -4,8 +4,9 @@ Everything is made here, nothing is downloaded: the in-repo word-level tokenizer
 initialised 0.6M-parameter Qwen2.5-VL written as an HF checkpoint, and the synthetic
 `count_circles` data. Stage 0 teaches only the answer format (random answers), then GRPO through
 the real Megatron actor, HF engine, weight sync and reward pool raises held-out greedy accuracy.
-The numbers were chosen on a 2-core machine (see README: results table) -- the CPU feasibility
-trial found lr 3e-4 and patch-aligned objects to be what lets a tiny tower learn.
+The recipe (`demo_cpu.yaml`, each lever commented) was tuned on a 2-core machine; `bench demo`
+measures it per seed (BENCHMARKS.md). The run is deterministic: the same seed on the same machine
+gives a bit-identical metrics.jsonl.
 """
 from __future__ import annotations
 
