@@ -73,7 +73,7 @@ def rank(cfg):
 
 def test_shared_vision_pass_changes_nothing(tmp_path):
     hf = write_tiny_checkpoint(tmp_path / "hf", seed=0)
-    cfg = demo_config(tmp_path / "out", [f"model.hf={hf}", "warmup.steps=0"])
+    cfg = demo_config(tmp_path / "out", [f"model.hf={hf}", "warmup.steps=0", "algo.kl_coef=0"])
     out = launch(rank, 1, cfg)[0]
     (lp_s, g_s, pix_s), (lp_c, g_c, pix_c) = out[True], out[False]
     assert pix_s * 4 == pix_c  # each group's image encoded once instead of 4 times
