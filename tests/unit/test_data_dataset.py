@@ -291,3 +291,21 @@ def test_rl_prompt_builder_tiles_at_the_checkpoints_size(tmp_path, config):
     row = Row(id="w", images=[str(tmp_path / "wide.png")], question="<image>\nWhat colour?",
               answer="blue", source="x.jsonl:3")
     assert b.build(row).prompt.input_ids.count(F.IMAGE) == 12  # 3 tiles x 4 tokens
+
+
+@pytest.mark.parametrize("chat", [QWEN_CHAT, INTERNVL_CHAT], ids=["qwen", "internvl"])
+@pytest.mark.parametrize("system", [None, "Think first."])
+@pytest.mark.parametrize("images", [0, 1, 2])
+def test_jinja_chat_template_renders_the_trainer_prompt(chat, system, images):
+    """transformers renders the template we write into checkpoints exactly as `render_prompt`
+    (one pad per image: the processor expands it to the image's token count)."""
+    from eureka_megatron.data.chat import jinja_chat_template
+    from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = jinja_chat_template(chat)
+    content = [{"type": "image"}] * images + [{"type": "text", "text": "How many circles?"}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == render_prompt(chat, "How many circles?", [1] * images, system)
