@@ -377,8 +377,8 @@ class RewardPool:
                     counters["reward/errors"] += 1
                 elif j in self._timed_out:
                     counters["reward/timeouts"] += 1
-            elif j == i and i not in failed and i not in self._timed_out \
-                    and len(self.memo) < self.memo_size:
+            elif j == i and key not in self.memo and i not in failed \
+                    and i not in self._timed_out and len(self.memo) < self.memo_size:
                 self.memo[key] = results[i]
         return results
 
