@@ -82,7 +82,7 @@ def hf_model_dir(path: Path, hf_config: Path | None, scratch: Path, progress: bo
 
 def build_engine(engine: str, hf_dir: Path, *, sglang_url: str | None, tp: int):
     if engine == "sglang":
-        from eureka_megatron.rollout.sglang_engine import SGLangEngine
+        from eureka_megatron.rollout.sglang import SGLangEngine
 
         if sglang_url:
             return SGLangEngine.connect(sglang_url)

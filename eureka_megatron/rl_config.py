@@ -12,6 +12,7 @@ from eureka_megatron.config import (AlgoConfig, CheckpointConfig, ConfigError, O
                                     read_config_data)
 
 ENGINES = ("hf", "sglang")
+WEIGHT_TRANSPORTS = ("auto", "tensor", "distributed")
 LAUNCHERS = ("local", "ray")
 MODES = ("on-policy", "off-policy")
 
@@ -51,6 +52,8 @@ class RolloutConfig:
     gpus_per_engine: int = 1
     sglang_url: str | None = None  # connect to running server(s) ("url1,url2") instead of launching
     mem_fraction_static: float | None = None  # SGLang's --mem-fraction-static; null: its default
+    deterministic: bool = False    # SGLang --enable-deterministic-inference: seeds honoured (slower)
+    weight_transport: str = "auto"  # SGLang weight sync: auto | tensor (IPC/HTTP) | distributed (NCCL)
 
 
 @dataclass
@@ -159,6 +162,11 @@ class RLConfig:
                 or not 0 < r.mem_fraction_static < 1):
             raise ConfigError(f"rollout.mem_fraction_static={r.mem_fraction_static!r} must be in "
                               "(0, 1) (the GPU memory share of SGLang's weights + KV cache) or null")
+        if r.weight_transport not in WEIGHT_TRANSPORTS:
+            raise ConfigError(f"rollout.weight_transport={r.weight_transport!r}; expected one of "
+                              f"{', '.join(WEIGHT_TRANSPORTS)}")
+        if not isinstance(r.deterministic, bool):
+            raise ConfigError(f"rollout.deterministic={r.deterministic!r} must be true or false")
         if r.sglang_url is not None and not [u for u in r.sglang_url.split(",") if u.strip()]:
             raise ConfigError(f"rollout.sglang_url={r.sglang_url!r} names no server")
         if self.cluster.launcher not in LAUNCHERS:

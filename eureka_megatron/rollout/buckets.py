@@ -12,7 +12,7 @@ versions, a no-op here) reads that correctly in both its per-dtype and multi-dty
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -81,26 +81,6 @@ class FlatBucket:
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.metadata]
-
-    def payload(self, metadata_cls: Any = None) -> dict:
-        """SGLang's flattened_bucket payload; `metadata_cls` = sglang's FlattenedTensorMetadata
-        when the receiver is a real SGLang server (its unpickler only admits its own classes)."""
-        metas = self.metadata
-        if metadata_cls is not None:
-            metas = [metadata_cls(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,
-                                  end_idx=m.end_idx, numel=m.numel) for m in metas]
-        return {"flattened_tensor": self.tensor, "metadata": list(metas)}
-
-    def to_sglang(self):
-        """This bucket as sglang's own FlattenedTensorBucket (requires sglang)."""
-        try:
-            from sglang.srt.weight_sync.tensor_bucket import (FlattenedTensorBucket,
-                                                              FlattenedTensorMetadata)
-        except ImportError:  # sglang < 0.5 kept them in the model runner
-            from sglang.srt.model_executor.model_runner import (FlattenedTensorBucket,
-                                                                FlattenedTensorMetadata)
-        p = self.payload(FlattenedTensorMetadata)
-        return FlattenedTensorBucket(flattened_tensor=p["flattened_tensor"], metadata=p["metadata"])
 
 
 def flatten_bucket(named: Iterable[NamedTensor]) -> list[FlatBucket]:

@@ -4,7 +4,9 @@
   concurrently, and the samples come back in the original order with global prompt indices.
   Slice k starting at prompt `offset` samples with seed `sampling.seed + offset * n`: SGLang
   seeds request i's j-th sample with `seed + i * n + j`, so every sample gets the seed it would
-  get on one engine (same seeds whatever the number of engines).
+  get on one engine (same seeds whatever the number of engines). The samples themselves equal
+  one engine's only where seeds are honoured: the HF engine, and SGLang servers run with
+  --enable-deterministic-inference (`rollout.deterministic`); otherwise SGLang ignores seeds.
 - update_weights: the bucket stream is read once; each bucket goes to every engine (one thread
   per engine, each running that engine's own streaming `update_weights`), and the next bucket is
   read only when every engine has asked for it: the group holds one bucket at a time.

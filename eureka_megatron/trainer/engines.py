@@ -12,6 +12,12 @@ Three ways, first match wins:
 Several engines make one `EngineGroup`; a single engine is returned as it is. Colocated servers
 that this run starts get `--enable-memory-saver`, which SGLang's release / resume of memory needs
 (servers given by URL must have been started with it when `cluster.colocate` is true).
+
+Weights reach colocated engines as tensors (CUDA-IPC handles of the trainer's GPU) and engines on
+GPUs of their own by NCCL broadcast over a weight-update group (`rollout.weight_transport: auto`).
+`rollout.deterministic` launches servers with --enable-deterministic-inference, so seeded rollouts
+repeat and samples do not depend on the number of engines; a server given by URL must have been
+started with it.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from pathlib import Path
 
 from eureka_megatron.rl_config import RLConfig
 
-SGLANG_FACTORY = "eureka_megatron.rollout.sglang_engine:SGLangEngine.launch"
+SGLANG_FACTORY = "eureka_megatron.rollout.sglang:SGLangEngine.launch"
 ENGINE_CALL_TIMEOUT = 3600.0  # Ray engine actors: a whole rollout is one call
 
 
@@ -32,27 +38,49 @@ def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
     r = cfg.rollout
     placement = current_placement()
     if r.sglang_url:
-        engines = connect_engines(r.sglang_url)
+        engines = connect_engines(r.sglang_url, cfg)
     elif placement is not None and placement[0].engine_bundles:
         layout, pg = placement
-        engines = place_engines(layout, pg, SGLANG_FACTORY, launch_kwargs(cfg, hf_dir),
+        # the engine actor gets each bucket through Ray and posts it to its server as tensors
+        kwargs = dict(launch_kwargs(cfg, hf_dir), weight_transport="tensor")
+        engines = place_engines(layout, pg, SGLANG_FACTORY, kwargs,
                                 r.gpus_per_engine, timeout=ENGINE_CALL_TIMEOUT)
     else:
         engines = launch_local_engines(launch_kwargs(cfg, hf_dir), local_engine_gpus(cfg))
     return engines[0] if len(engines) == 1 else EngineGroup(engines)
 
 
-def connect_engines(urls: str) -> list:
-    from eureka_megatron.rollout.sglang_engine import SGLangEngine
+def connect_engines(urls: str, cfg: RLConfig | None = None) -> list:
+    from eureka_megatron.rollout.sglang import SGLangEngine
 
-    return [SGLangEngine.connect(u.strip()) for u in urls.split(",") if u.strip()]
+    kw = {} if cfg is None else dict(weight_transport=weight_transport(cfg))
+    engines = [SGLangEngine.connect(u.strip(), **kw) for u in urls.split(",") if u.strip()]
+    if cfg is not None and cfg.rollout.deterministic:
+        plain = [e.url for e in engines if not e.deterministic]
+        if plain:
+            raise ValueError(f"rollout.deterministic=true, but SGLang server(s) {plain} run "
+                             "without --enable-deterministic-inference (they ignore seeds)")
+    return engines
+
+
+def weight_transport(cfg: RLConfig) -> str:
+    """auto: tensors to colocated engines; a broadcast group to engines on GPUs of their own
+    (on a machine without CUDA every engine is sent tensors: nothing to broadcast over NCCL)."""
+    import torch
+
+    t = cfg.rollout.weight_transport
+    if t != "auto":
+        return t
+    return "distributed" if not cfg.cluster.colocate and torch.cuda.is_available() else "tensor"
 
 
 def launch_kwargs(cfg: RLConfig, hf_dir: Path) -> dict:
     """`SGLangEngine.launch` keyword arguments for one engine of this run."""
     extra = ["--enable-memory-saver"] if cfg.cluster.colocate else []
     return dict(model_path=str(hf_dir), tp=cfg.rollout.gpus_per_engine,
-                mem_fraction_static=cfg.rollout.mem_fraction_static, extra_args=extra)
+                mem_fraction_static=cfg.rollout.mem_fraction_static,
+                deterministic=cfg.rollout.deterministic, weight_transport=weight_transport(cfg),
+                extra_args=extra)
 
 
 def local_engine_gpus(cfg: RLConfig, visible: list[str] | None = None) -> list[list[str] | None]:
@@ -82,7 +110,7 @@ def local_engine_gpus(cfg: RLConfig, visible: list[str] | None = None) -> list[l
 def launch_local_engines(kwargs: dict, gpus: list[list[str] | None]) -> list:
     """One server per entry of `gpus`, started concurrently (each takes minutes on a GPU); if one
     fails, the others are stopped and the error names the engine."""
-    from eureka_megatron.rollout.sglang_engine import SGLangEngine
+    from eureka_megatron.rollout.sglang import SGLangEngine
 
     def start(devices):
         env = {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else None

@@ -9,11 +9,11 @@ memory, resume, and a complete sync carrying that step's version; both hold the 
 import pytest
 
 from eureka_megatron.rollout.buckets import unflatten_bucket
-from eureka_megatron.rollout.sglang_engine import deserialize_payload
+
 from eureka_megatron.runtime.launcher import launch
 from eureka_megatron.trainer.demo import demo_config, write_tiny_checkpoint
 from eureka_megatron.trainer.loop import run_rl
-from tests.unit.fake_sglang_server import FakeSGLangServer, tensor_digest
+from tests.unit.fake_sglang_server import FakeSGLangServer, deserialize_payload, tensor_digest
 
 
 TOKEN_SHIFT = 12  # the fake's tokens 0..15 -> the tiny tokenizer's ordinary tokens (not its specials)

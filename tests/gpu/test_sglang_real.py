@@ -22,7 +22,8 @@ if not torch.cuda.is_available():
 
 from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket, unflatten_bucket  # noqa: E402
 from eureka_megatron.rollout.engine import Prompt, SamplingParams  # noqa: E402
-from eureka_megatron.rollout.sglang_engine import SGLangEngine  # noqa: E402
+from eureka_megatron.rollout.sglang import SGLangEngine  # noqa: E402
+from eureka_megatron.rollout.sglang.payload import serialize_flat_bucket  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 
@@ -55,11 +56,19 @@ def prompts():
             ("The capital of France is", "Question: 12 * 7 = ?\nAnswer:")]
 
 
-def test_flat_buckets_read_back_by_sglangs_own_bucket():
+def test_cuda_ipc_payloads_read_back_by_sglangs_own_deserializer():
+    """CUDA tensors as IPC handles named by device UUID: what SGLang's own serializer writes
+    after its monkey patch, written here without patching torch."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
     named = [("a", torch.randn(3, 4, device="cuda").to(torch.bfloat16)),
              ("b", torch.randn(5, device="cuda")), ("c", torch.tensor(2.0, device="cuda"))]
     for flat in flatten_bucket(named):
-        ours, theirs = unflatten_bucket(flat), flat.to_sglang().reconstruct_tensors()
+        payload = MultiprocessingSerializer.deserialize(serialize_flat_bucket(flat))
+        theirs = FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"],
+                                       metadata=payload["metadata"]).reconstruct_tensors()
+        ours = unflatten_bucket(flat)
         assert [n for n, _ in ours] == [n for n, _ in theirs]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))
 

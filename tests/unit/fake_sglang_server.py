@@ -1,18 +1,21 @@
 """A small stand-in for an SGLang HTTP server (CPU, threads), for the SGLangEngine tests.
 
-It speaks SGLang 0.5.x's payload and response shapes (see eureka_megatron/rollout/sglang_engine.py)
-over a tiny torch "model" -- a dict of named tensors in three dtypes, one 0-d -- whose greedy
+It speaks SGLang 0.5.23's routes, weight-update sessions, payloads and response shapes (the
+contract itself is checked against SGLang's own code in tests/sglang_api) over a tiny torch "model" -- a dict of named tensors in three dtypes, one 0-d -- whose greedy
 tokens and log-probs depend on every tensor, so a test can tell which weights it serves. It
-deserializes flattened buckets with our fallback serializer, tracks the weight version and the
+decodes flattened buckets (SGLang's metadata class read as ours), tracks the weight version and the
 pause / memory state, records every call, and can fail (HTTP 400) or die mid-sync on request.
 Run as a process: `python -m tests.unit.fake_sglang_server --port P` (see `main`).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
+import io
 import json
 import os
+import pickle
 import sys
 import threading
 import time
@@ -20,11 +23,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from eureka_megatron.rollout.buckets import unflatten_bucket
-from eureka_megatron.rollout.sglang_engine import deserialize_payload
+from eureka_megatron.rollout.buckets import FlatTensorMeta, unflatten_bucket
+from eureka_megatron.rollout.sglang.payload import SGLANG_METADATA
 
 VOCAB, HIDDEN, EOS = 16, 4, 15
 ALPHABET = "abcdefghijklmno"  # token t -> ALPHABET[t]; EOS is special (skipped in text)
+
+
+class _PayloadUnpickler(pickle.Unpickler):
+    """What SGLang's SafeUnpickler does for a CPU payload, minus SGLang: its metadata class is
+    read as ours, and the only other globals are torch's tensor rebuilds."""
+
+    def find_class(self, module, name):
+        if (module, name) == SGLANG_METADATA:
+            return FlatTensorMeta
+        if module.split(".")[0] not in ("torch", "builtins", "collections", "copyreg"):
+            raise pickle.UnpicklingError(f"blocked global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def deserialize_payload(data: str) -> dict:
+    """One `serialized_named_tensors` entry back to its flattened-bucket dict."""
+    return _PayloadUnpickler(io.BytesIO(base64.b64decode(data, validate=True))).load()
 
 
 def initial_weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -99,6 +119,9 @@ class FakeSGLangServer:
         self.paused = False
         self.released: set[str] = set()
         self.groups: set[str] = set()
+        self.session_open = False
+        self.deterministic = False
+        self.text_prompt_tokens: int | None = None  # meta_info.prompt_tokens of text prompts
         self.fail_at_bucket: int | None = None  # answer this tensor update (0-based) with 400
         self.die_at_bucket: int | None = None   # die on this tensor update
         self.buckets_seen = 0
@@ -151,15 +174,35 @@ class FakeSGLangServer:
     def ep_health_generate(self, body):
         return (503, "") if self.paused or self.released else (200, "")
 
-    def ep_get_weight_version(self, body):
-        return 200, {"weight_version": self.weight_version}
-
-    def ep_get_model_info(self, body):
-        return 200, {"model_path": "fake", "is_generation": True,
+    def ep_model_info(self, body):
+        return 200, {"model_path": "fake", "is_generation": True, "model_type": "fake",
                      "weight_version": self.weight_version}
 
-    def ep_get_server_info(self, body):
-        return 200, {"tp_size": self.tp_size, "version": "fake"}
+    def ep_server_info(self, body):
+        return 200, {"tp_size": self.tp_size, "version": "fake",
+                     "enable_deterministic_inference": self.deterministic}
+
+    def ep_begin_weight_update(self, body):
+        with self.lock:
+            if self.session_open:
+                return 400, {"success": False, "message": "a weight-update session is already "
+                             "open; call end_weight_update() first"}
+            self.session_open = True
+        return 200, {"success": True, "message": "Success"}
+
+    def ep_end_weight_update(self, body):
+        with self.lock:
+            if not self.session_open:
+                return 400, {"success": False, "message": "no weight-update session is open; "
+                             "call begin_weight_update() first"}
+            self.session_open = False
+        return 200, {"success": True, "message": "Success"}
+
+    def _outside_session(self, path):
+        if self.session_open:
+            return None
+        return 400, {"success": False, "message": f"{path} must run between "
+                     "begin_weight_update() and end_weight_update()"}
 
     def ep_flush_cache(self, body):
         return 200, "Cache flushed.\n"
@@ -199,6 +242,9 @@ class FakeSGLangServer:
         return 200, {"success": True, "message": "Succeeded to destroy group."}
 
     def ep_update_weights_from_distributed(self, body):
+        refused = self._outside_session("update_weights_from_distributed")
+        if refused:
+            return refused
         if body["group_name"] not in self.groups:
             return 400, {"success": False, "message": f"group {body['group_name']} not found"}
         if body.get("weight_version") is not None:
@@ -212,6 +258,9 @@ class FakeSGLangServer:
             if k == self.die_at_bucket:
                 self.die()
                 return None, None  # close the connection without an answer
+            refused = self._outside_session("update_weights_from_tensor")
+            if refused:
+                return refused
             if k == self.fail_at_bucket:
                 return 400, {"success": False, "message": "Failed to update weights: injected"}
             if "weights" in self.released:
@@ -248,10 +297,12 @@ class FakeSGLangServer:
         params = params if isinstance(params, list) else [params] * len(prompts)
         outs = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            ids = prompt if key == "input_ids" else [ALPHABET.index(c) % VOCAB for c in prompt]
+            ids = prompt if key == "input_ids" else [ord(c) % VOCAB for c in prompt]
             for j in range(int(sp.get("n", 1))):
                 out = fake_generate(weights, ids, sp)
                 out["meta_info"].update(id=f"req-{i}-{j}", weight_version=version)
+                if key == "text":  # SGLang would count its own image expansion
+                    out["meta_info"]["prompt_tokens"] = self.text_prompt_tokens
                 outs.append(out)
         return 200, (outs if batch or len(outs) > 1 else outs[0])
 

@@ -1,7 +1,8 @@
 """EngineGroup over several fake SGLang servers (tests/unit/fake_sglang_server.py, in-process
 threads; real processes for restart), and the SGLang engine construction of the RL run.
 
-- generate on 2 or 3 engines gives exactly one engine's samples (order, prompt indices, seeded
+- generate on 2 or 3 engines (servers in deterministic-inference mode, which honour seeds) gives
+  exactly one engine's samples (order, prompt indices, seeded
   tokens and log-probs): each slice samples with the seeds one engine would use.
 - update_weights reads the bucket stream once, holds about one bucket at a time, and loads every
   bucket into every server under the same version; a failing engine is named and the others
@@ -16,6 +17,7 @@ import sys
 import weakref
 
 import pytest
+import torch
 
 from eureka_megatron.config import ConfigError
 from eureka_megatron.rl_config import load_rl_config
@@ -23,7 +25,7 @@ from eureka_megatron.rollout.buckets import bucket_by_bytes
 from eureka_megatron.rollout.engine import (EngineDeadError, Prompt, RolloutEngine,
                                             SamplingParams, StaleWeightsError)
 from eureka_megatron.rollout.engine_group import EngineGroup, _slices
-from eureka_megatron.rollout.sglang_engine import SGLangEngine
+from eureka_megatron.rollout.sglang import SGLangEngine
 from eureka_megatron.trainer import engines as run_engines
 from tests.unit.fake_sglang_server import FakeSGLangServer, initial_weights, tensor_digest
 
@@ -34,12 +36,14 @@ PROMPTS = [Prompt(input_ids=[i % 7, (3 * i) % 11, i % 5]) for i in range(7)]
 
 
 def connect(server):
-    return SGLangEngine.connect(server.url, use_sglang_serializer=False, health_timeout=2.0)
+    return SGLangEngine.connect(server.url, health_timeout=2.0)
 
 
 @pytest.fixture
 def servers():
     started = [FakeSGLangServer().start() for _ in range(4)]  # 3 for the group, 1 alone
+    for s in started:
+        s.deterministic = True  # --enable-deterministic-inference: seeds are honoured
     yield started
     for s in started:
         try:
@@ -202,25 +206,25 @@ def test_one_engine_is_that_engine(servers):
     with pytest.raises(EngineDeadError) as e:
         grp.generate(PROMPTS, 1, SEEDED)
     assert "engine 0" not in str(e.value)  # the engine's own error, untouched
-    with pytest.raises(RuntimeError, match="did not launch"):
+    with pytest.raises(EngineDeadError):  # a connected server that is gone cannot be kept
         grp.restart()  # restarted unconditionally, as the engine itself would be
 
 
 def _pid(engine):
-    return engine._get("/fake_state", timeout=5)["pid"]
+    return engine.http.get("/fake_state", timeout=5)["pid"]
 
 
 def test_restart_replaces_only_the_dead_engine():
     engines = run_engines.launch_local_engines(
-        dict(model_path="unused", command=FAKE_CMD, use_sglang_serializer=False,
+        dict(model_path="unused", command=FAKE_CMD,
              health_timeout=2.0, startup_timeout=60), [["0"], ["1"]])
     grp = EngineGroup(engines)
     try:
-        assert [e.env for e in engines] == [{"CUDA_VISIBLE_DEVICES": "0"},
+        assert [e.process.env for e in engines] == [{"CUDA_VISIBLE_DEVICES": "0"},
                                             {"CUDA_VISIBLE_DEVICES": "1"}]
         pids = [_pid(e) for e in engines]
-        os.killpg(engines[1]._process.pid, signal.SIGKILL)
-        engines[1]._process.wait(10)
+        os.killpg(engines[1].process._popen.pid, signal.SIGKILL)
+        engines[1].process._popen.wait(10)
         assert grp.healths() == [True, False]
         grp.restart()
         assert grp.health() and _pid(engines[0]) == pids[0] and _pid(engines[1]) != pids[1]
@@ -287,9 +291,28 @@ def test_local_engine_gpus_and_launch_arguments(tmp_path):
     c = cfg("rollout.mem_fraction_static=0.42", "rollout.gpus_per_engine=2")
     kw = run_engines.launch_kwargs(c, tmp_path)
     assert kw == dict(model_path=str(tmp_path), tp=2, mem_fraction_static=0.42,
+                      deterministic=False, weight_transport="tensor",
                       extra_args=["--enable-memory-saver"])  # colocated: release needs it
-    assert run_engines.launch_kwargs(cfg("cluster.colocate=false"), tmp_path)["extra_args"] == []
+    apart = run_engines.launch_kwargs(cfg("cluster.colocate=false"), tmp_path)
+    assert apart["extra_args"] == []
+    # engines on GPUs of their own get a broadcast group; without CUDA there is none to use
+    assert apart["weight_transport"] == ("distributed" if torch.cuda.is_available() else "tensor")
+    assert run_engines.launch_kwargs(cfg("rollout.weight_transport=distributed",
+                                         "rollout.deterministic=true"), tmp_path) | {
+        "extra_args": None} == kw | dict(tp=1, mem_fraction_static=None, deterministic=True,
+                                         weight_transport="distributed", extra_args=None)
     assert cfg().rollout.mem_fraction_static is None
+    with pytest.raises(ConfigError, match="weight_transport='nccl'; expected one of auto"):
+        cfg("rollout.weight_transport=nccl")
+
+
+def test_deterministic_run_refuses_servers_that_ignore_seeds(servers):
+    servers[1].deterministic = False
+    c = load_rl_config(None, ["model.hf=ckpt", "rollout.engine=sglang", "rollout.deterministic=true"])
+    urls = f"{servers[0].url},{servers[1].url}"
+    with pytest.raises(ValueError, match=f"{servers[1].url}.*without --enable-deterministic"):
+        run_engines.connect_engines(urls, c)
+    assert len(run_engines.connect_engines(servers[0].url, c)) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1", "true"])

@@ -1,25 +1,28 @@
 """SGLangEngine against a fake SGLang server (tests/unit/fake_sglang_server.py), and the buckets.
 
-The fake speaks SGLang's payloads over a tiny torch model, so these tests check what crosses the
-wire (request shapes, call order, bit-exact tensors, versions) and the engine's failure handling:
-a sync that fails or loses the server leaves version None and generate refusing until a restart
-and a complete re-sync.
+The fake speaks SGLang 0.5.23's routes and payloads over a tiny torch model, so these tests check
+the engine's own logic and its failure handling (a sync that fails or loses the server leaves
+version None and generate refusing until a restart and a complete re-sync), with faults the
+real server cannot be made to show. That the requests are what SGLang itself accepts is checked
+against SGLang's own server app in tests/sglang_api.
 """
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from eureka_megatron.rollout import sglang_engine
+from eureka_megatron.rollout import buckets
 from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket, unflatten_bucket
 from eureka_megatron.rollout.engine import (EngineDeadError, Prompt, RolloutEngine,
                                             SamplingParams, StaleWeightsError)
-from eureka_megatron.rollout.sglang_engine import (SGLangEngine, SGLangHTTPError,
-                                                   deserialize_payload, serialize_payload,
-                                                   server_flags)
-from tests.unit.fake_sglang_server import (FakeSGLangServer, fake_generate, initial_weights,
-                                           tensor_digest)
+from eureka_megatron.rollout.sglang import (PromptMismatchError, SGLangEngine, SGLangHTTPError,
+                                            SGLangRefused, engine as sglang_engine, flags,
+                                            process, server_flags, validate_server_flags)
+from eureka_megatron.rollout.sglang.payload import serialize_flat_bucket
+from tests.unit.fake_sglang_server import (FakeSGLangServer, deserialize_payload, fake_generate,
+                                           initial_weights, tensor_digest)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_CMD = [sys.executable, "-m", "tests.unit.fake_sglang_server", "--host", "{host}",
@@ -44,7 +47,7 @@ def server():
 
 @pytest.fixture
 def engine(server):
-    return SGLangEngine.connect(server.url, use_sglang_serializer=False, health_timeout=2.0)
+    return SGLangEngine.connect(server.url, health_timeout=2.0)
 
 
 # --- buckets ----------------------------------------------------------------------------------
@@ -95,14 +98,30 @@ def test_flatten_round_trip_is_exact_and_fresh():
 def test_flat_bucket_payload_is_sglangs_flattened_bucket_shape():
     named = [("w", torch.randn(2, 3)), ("b", torch.randn(3))]
     (flat,) = flatten_bucket(named)
-    payload = flat.payload()
+    payload = deserialize_payload(serialize_flat_bucket(flat))
     assert set(payload) == {"flattened_tensor", "metadata"}
     m = payload["metadata"][1]
     assert (m.name, tuple(m.shape), m.dtype, m.start_idx, m.end_idx, m.numel) == \
         ("b", (3,), torch.float32, 6, 9, 3)
-    assert m.offset == 6
-    back = unflatten_bucket(deserialize_payload(serialize_payload(payload, use_sglang=False)))
-    assert all(same(a, t) for (_, a), (_, t) in zip(back, named))
+    assert all(same(a, t) for (_, a), (_, t) in zip(unflatten_bucket(payload), named))
+
+
+def test_payload_names_sglangs_metadata_class_and_patches_nothing():
+    import pickle
+    import pickletools
+    from torch.multiprocessing import reductions
+
+    before = (reductions.reduce_tensor, reductions.rebuild_cuda_tensor)
+    (flat,) = flatten_bucket([("w", torch.randn(2, 3))])
+    raw = __import__("base64").b64decode(serialize_flat_bucket(flat))
+    strings = [arg for op, arg, _ in pickletools.genops(raw) if isinstance(arg, str)]
+    assert "sglang.srt.weight_sync.tensor_bucket" in strings
+    assert "FlattenedTensorMetadata" in strings and "FlatTensorMeta" not in strings
+    assert (reductions.reduce_tensor, reductions.rebuild_cuda_tensor) == before
+    with pytest.raises((ModuleNotFoundError, AttributeError, pickle.UnpicklingError)):
+        if importlib.util.find_spec("sglang") is not None:
+            raise ModuleNotFoundError("sglang present: the plain-unpickle check does not apply")
+        pickle.loads(raw)  # without sglang its class is not there: it really is SGLang's name
 
 
 # --- generate ---------------------------------------------------------------------------------
@@ -110,6 +129,7 @@ def test_flat_bucket_payload_is_sglangs_flattened_bucket_shape():
 def test_engine_satisfies_the_protocol(engine):
     assert isinstance(engine, RolloutEngine)
     assert engine.weight_version == 0 and engine.weight_layout == "disk"
+    assert engine.tp_size == 1 and engine.deterministic is False and engine.family is None
 
 
 def test_generate_parses_tokens_logprobs_and_keeps_prompt_order(engine, server):
@@ -142,8 +162,15 @@ def test_generate_stop_conditions_and_seeded_batches(engine, server):
                                                         stop=[free.text[0]]))[0]
         assert by_str.finish_reason == "stop" and by_str.text.endswith(free.text[0])
     seeded = SamplingParams(temperature=1.0, max_new_tokens=5, seed=11)
-    a = engine.generate([p, Prompt(input_ids=[5])], 3, seeded)
-    b = engine.generate([p, Prompt(input_ids=[5])], 3, seeded)
+    # a server without --enable-deterministic-inference ignores seeds: none are sent, n is
+    engine.generate([p, Prompt(input_ids=[5])], 3, seeded)
+    body = next(b for b in server.generate_bodies[::-1] if b["input_ids"] == [5])
+    assert body["sampling_params"]["n"] == 3 and "sampling_seed" not in body["sampling_params"]
+    server.deterministic = True
+    det = SGLangEngine.connect(server.url)
+    assert det.deterministic is True
+    a = det.generate([p, Prompt(input_ids=[5])], 3, seeded)
+    b = det.generate([p, Prompt(input_ids=[5])], 3, seeded)
     assert [s.token_ids for s in a] == [s.token_ids for s in b]
     assert [s.prompt_index for s in a] == [0, 0, 0, 1, 1, 1]
     bodies = [b for b in server.generate_bodies if b["input_ids"] == [[5]] * 3]
@@ -151,21 +178,42 @@ def test_generate_stop_conditions_and_seeded_batches(engine, server):
     assert [sp["sampling_seed"] for sp in bodies[-1]["sampling_params"]] == [14, 15, 16]
 
 
-def test_generate_sends_images_as_sglang_image_data(engine, server, tmp_path):
+def test_generate_sends_images_as_text_with_one_placeholder_each(server, tmp_path):
     from PIL import Image
 
     img = Image.new("RGB", (4, 3), (255, 0, 0))
     path = tmp_path / "x.png"
     img.save(path)
-    engine.generate([Prompt(input_ids=[1], images=[img, path])], 1, GREEDY)
-    pil_item, path_item = server.generate_bodies[-1]["image_data"]
+    text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
+            "<|vision_start|>" + "<|image_pad|>" * 2 + "<|vision_end|>Count.<|im_end|>\n")
+    prompt = Prompt(input_ids=list(range(20)), images=[img, path], text=text)
+    with pytest.raises(ValueError, match="family"):  # placeholders depend on the family
+        SGLangEngine.connect(server.url).generate([prompt], 1, GREEDY)
+    engine = SGLangEngine.connect(server.url, family="qwen2_5_vl")
+    server.text_prompt_tokens = 20  # SGLang's count after its own expansion: ours
+    engine.generate([prompt], 1, GREEDY)
+    body = server.generate_bodies[-1]
+    one = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert "input_ids" not in body and body["text"] == text.replace(
+        "<|image_pad|>" * 4, "<|image_pad|>").replace("<|image_pad|>" * 2, "<|image_pad|>")
+    assert body["text"].count(one) == 2
+    pil_item, path_item = body["image_data"]  # one request: its images, flat
     assert pil_item.startswith("data:image/png;base64,") and path_item == str(path)
+    engine.generate([prompt], 2, GREEDY)
+    assert len(server.generate_bodies[-1]["image_data"]) == 1  # n > 1: one list per prompt
+    server.text_prompt_tokens = 23
+    with pytest.raises(PromptMismatchError, match="prompt 0: SGLang counted 23.*have 20"):
+        engine.generate([prompt], 1, GREEDY)
+    with pytest.raises(ValueError, match="no text"):
+        engine.generate([Prompt(input_ids=[1], images=[img])], 1, GREEDY)
+    with pytest.raises(ValueError, match="1 image blocks for 2 images"):
+        engine.generate([Prompt(input_ids=[1], images=[img, img], text=text[:99])], 1, GREEDY)
 
 
 # --- colocated weight sync --------------------------------------------------------------------
 
 def test_update_weights_sequence_exact_tensors_and_version(engine, server, monkeypatch):
-    flats_made, real = [], sglang_engine.flatten_bucket
+    flats_made, real = [], buckets.flatten_bucket
 
     def recording(named):
         flats = real(named)
@@ -180,9 +228,10 @@ def test_update_weights_sequence_exact_tensors_and_version(engine, server, monke
 
     paths = server.call_paths()
     uwt = [c for c in server.calls if c[1] == "/update_weights_from_tensor"]
-    assert paths[:2] == ["/pause_generation", "/flush_cache"]
-    assert paths[-2:] == ["/get_weight_version", "/continue_generation"]
-    assert paths[2:-2] == ["/update_weights_from_tensor"] * len(uwt)
+    assert paths[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+    assert paths[-3:] == ["/end_weight_update", "/model_info", "/continue_generation"]
+    assert paths[3:-3] == ["/update_weights_from_tensor"] * len(uwt)
+    assert not server.session_open
     assert len(uwt) == len(flats_made) >= 4  # one request per bucket and dtype
     assert [c[2].get("weight_version") for c in uwt] == [None] * (len(uwt) - 1) + ["1"]
     assert all(c[2]["load_format"] == "flattened_bucket" for c in uwt)
@@ -201,29 +250,23 @@ def test_update_weights_sequence_exact_tensors_and_version(engine, server, monke
 
 def test_update_weights_replicates_payload_per_tp_rank(server):
     server.tp_size = 2
-    engine = SGLangEngine.connect(server.url, use_sglang_serializer=False)
+    engine = SGLangEngine.connect(server.url)
     assert engine.tp_size == 2
     engine.update_weights([new_weights(seed=2)], version=5)
     assert set(server.rank_payloads) == {2}
-    # the multi-rank hook: one serialized bucket per engine TP rank, gathered by the caller
-    named = new_weights(seed=3)
-    reqs = [[s, s] for s in engine.serialize_bucket(named)[0]]
-    engine.update_weights_serialized(reqs, version=6)
-    assert engine.weight_version == 6 and all(same(server.weights[n], t) for n, t in named)
-    with pytest.raises(ValueError):
-        engine.update_weights_serialized([["only-one"]], version=7)
-    assert engine.weight_version is None
 
 
 def test_failed_sync_leaves_version_none_until_a_full_resync(engine, server):
     server.fail_at_bucket = 1
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(SGLangRefused, match="injected"):
         engine.update_weights(bucket_by_bytes(new_weights(seed=4), 40), version=2)
     assert engine.weight_version is None
     assert server.paused  # half-updated weights are not served
+    assert not server.session_open  # closed, so the next sync can open one
     with pytest.raises(StaleWeightsError):
         engine.generate([Prompt(input_ids=[1])], 1, GREEDY)
-    assert not engine.health()  # a paused engine does not generate
+    assert engine.health()  # paused by our sync: alive (/health), not dead
+    assert server.call_paths()[-1] == "/health"
     with pytest.raises(ValueError):
         engine.update_weights([], version=2)
     sent = new_weights(seed=4)
@@ -240,8 +283,29 @@ def test_server_death_mid_sync_is_engine_dead(engine, server):
     assert engine.weight_version is None and not engine.health()
     with pytest.raises(StaleWeightsError):
         engine.generate([Prompt(input_ids=[1])], 1, GREEDY)
-    with pytest.raises(RuntimeError, match="did not launch"):
+    with pytest.raises(EngineDeadError):  # a connected server cannot be restarted from here
         engine.restart()
+
+
+def test_session_left_open_by_a_dead_client_is_closed_and_reopened(engine, server):
+    server.session_open = True  # another process died inside a sync
+    sent = new_weights(seed=8)
+    engine.update_weights([sent], version=3)
+    assert engine.weight_version == 3 and not server.session_open
+    begins = [i for i, p in enumerate(server.call_paths()) if p == "/begin_weight_update"]
+    assert len(begins) == 2 and server.call_paths()[begins[0] + 1] == "/end_weight_update"
+
+
+def test_restart_of_a_connected_server_keeps_it_and_closes_the_session(engine, server):
+    server.fail_at_bucket = 0
+    server.session_open = False
+    with pytest.raises(SGLangRefused):
+        engine.update_weights([new_weights(seed=9)], version=4)
+    server.session_open = True  # as if our end_weight_update had been lost
+    engine.restart()
+    assert engine.weight_version is None and not server.session_open
+    engine.update_weights([new_weights(seed=9)], version=4)
+    assert engine.generate([Prompt(input_ids=[1])], 1, GREEDY)[0].weight_version == 4
 
 
 def test_server_version_mismatch_refuses_samples(engine, server):
@@ -267,36 +331,46 @@ def test_release_and_resume_memory(engine, server):
     engine.update_weights([new_weights(seed=6)], version=4)
     assert engine.generate([Prompt(input_ids=[1])], 1, GREEDY)[0].weight_version == 4
     tags = [c[2]["tags"] for c in server.calls if "memory_occupation" in c[1]]
-    assert tags == [["kv_cache"], ["kv_cache"], None, None]
+    everything = ["weights", "kv_cache", "cuda_graph"]
+    assert tags == [["kv_cache"], ["kv_cache"], everything, everything]
+    engine.release_memory(["kv_cache", "cuda_graph"])
+    engine.resume_memory()  # names just what was released (SGLang: KeyError on the rest)
+    assert server.calls[-1][2]["tags"] == ["kv_cache", "cuda_graph"] and not server.released
+    calls = len(server.calls)
+    engine.resume_memory()  # nothing released: nothing sent
+    assert len(server.calls) == calls
 
 
-def test_disaggregated_requests(engine, server):
+def test_distributed_control_bodies(engine, server):
     engine.init_weight_update_group("10.0.0.1", 29600, rank_offset=1, world_size=3,
                                     group_name="g")
+    with pytest.raises(SGLangRefused, match="must run between begin_weight_update"):
+        engine.update_weights_from_distributed(["a"], ["float32"], [[1]], group_name="g")
     engine.begin_weight_update()
-    assert engine.weight_version is None and server.paused
     engine.update_weights_from_distributed(["a.weight"], [torch.bfloat16], [torch.Size([2, 3])],
-                                           "g", version=None)
-    engine.update_weights_from_distributed(["b.weight"], ["float32"], [[4]], "g", version=8)
-    engine.continue_generation()
-    assert engine.weight_version == 8 and server.weight_version == "8"
-    init, first, last = [c[2] for c in server.calls if "group" in c[1] or "distributed" in c[1]]
+                                           group_name="g")
+    engine.update_weights_from_distributed(["b.weight"], ["float32"], [[4]], group_name="g",
+                                           version=8)
+    engine.end_weight_update()
+    assert server.weight_version == "8"
+    init, _, first, last = [c[2] for c in server.calls
+                            if "group" in c[1] or "distributed" in c[1]]
     assert init == {"master_address": "10.0.0.1", "master_port": 29600, "rank_offset": 1,
                     "world_size": 3, "group_name": "g", "backend": "nccl"}
     assert first == {"names": ["a.weight"], "dtypes": ["bfloat16"], "shapes": [[2, 3]],
-                     "group_name": "g", "flush_cache": False}
+                     "group_name": "g", "flush_cache": False, "load_format": "flattened_bucket"}
     assert last["weight_version"] == "8" and last["dtypes"] == ["float32"]
     engine.destroy_weight_update_group("g")
-    with pytest.raises(RuntimeError, match="not found"):
-        engine.update_weights_from_distributed(["a"], ["float32"], [[1]], "g", version=9)
-    assert engine.weight_version is None
+    engine.begin_weight_update()
+    with pytest.raises(SGLangRefused, match="not found"):
+        engine.update_weights_from_distributed(["a"], ["float32"], [[1]], group_name="g")
 
 
 def test_http_errors_and_dead_urls():
     s = FakeSGLangServer().start()
-    engine = SGLangEngine.connect(s.url, use_sglang_serializer=False)
+    engine = SGLangEngine.connect(s.url)
     with pytest.raises(SGLangHTTPError, match="HTTP 404.*Not Found"):
-        engine._post("/no_such_endpoint", {}, timeout=5)
+        engine.http.post("/no_such_endpoint", {}, timeout=5)
     s.stop()
     assert not engine.health()
     with pytest.raises(EngineDeadError, match=s.url):
@@ -309,12 +383,12 @@ def test_http_errors_and_dead_urls():
 
 def _launch(*extra, **kw):
     return SGLangEngine.launch("unused-model", command=FAKE_CMD + list(extra),
-                               env={"PYTHONPATH": str(REPO)}, use_sglang_serializer=False,
+                               env={"PYTHONPATH": str(REPO)},
                                startup_timeout=kw.pop("startup_timeout", 60), **kw)
 
 
 def _state(engine):
-    return engine._get("/fake/state", timeout=10)
+    return engine.http.get("/fake/state", timeout=10)
 
 
 def test_launch_restart_and_resync():
@@ -339,7 +413,7 @@ def test_launch_restart_and_resync():
         assert got.token_ids == fake_generate(dict(sent), [3], {"temperature": 0.0,
                                                                "max_new_tokens": 6})["output_ids"]
     finally:
-        proc = engine._process
+        proc = engine.process._popen
         engine.shutdown()
     assert proc.poll() is not None
 
@@ -351,8 +425,8 @@ def test_launch_reports_early_exit_with_log_tail(tmp_path):
 
 def test_launch_times_out_and_kills_the_server(tmp_path, monkeypatch):
     procs = []
-    real_popen = sglang_engine.subprocess.Popen
-    monkeypatch.setattr(sglang_engine.subprocess, "Popen",
+    real_popen = process.subprocess.Popen
+    monkeypatch.setattr(process.subprocess, "Popen",
                         lambda *a, **k: procs.append(real_popen(*a, **k)) or procs[-1])
     log = tmp_path / "s.log"
     with pytest.raises(EngineDeadError, match=f"not healthy within 2s.*--startup-delay.*{log}"):
@@ -360,11 +434,24 @@ def test_launch_times_out_and_kills_the_server(tmp_path, monkeypatch):
     assert procs[0].poll() is not None  # killed, not left behind
 
 
-def test_server_flags_without_sglang():
-    flags = server_flags("/models/qwen", tp=2, mem_fraction_static=0.6, host="127.0.0.1",
+def test_server_flags():
+    argv = server_flags("/models/qwen", tp=2, mem_fraction_static=0.6, host="127.0.0.1",
                          port=31000, weight_version=0, extra_args=["--enable-memory-saver"])
-    assert flags == ["--model-path", "/models/qwen", "--tp-size", "2", "--host", "127.0.0.1",
+    assert argv == ["--model-path", "/models/qwen", "--tp-size", "2", "--host", "127.0.0.1",
                      "--port", "31000", "--mem-fraction-static", "0.6", "--weight-version",
                      "0", "--enable-memory-saver"]
-    if not sglang_engine.sglang_available():
-        sglang_engine.validate_server_flags(["--no-such-flag"])  # nothing to validate against
+    det = server_flags("/m", deterministic=True)
+    assert det.count("--enable-deterministic-inference") == 1
+    assert server_flags("/m", deterministic=True, extra_args=[
+        "--enable-deterministic-inference"]).count("--enable-deterministic-inference") == 1
+    if not flags.sglang_available():
+        validate_server_flags(["--no-such-flag"])  # nothing to validate against here
+
+
+def test_launch_reads_the_family_and_deterministic_mode(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text('{"model_type": "internvl_chat"}')
+    started = []
+    monkeypatch.setattr(SGLangEngine, "_start", lambda self: started.append(self))
+    e = SGLangEngine.launch(str(tmp_path), deterministic=True, command=["true"])
+    assert e.family == "internvl" and e.deterministic and started == [e]
+    assert sglang_engine.family_of_checkpoint(tmp_path / "missing") is None
