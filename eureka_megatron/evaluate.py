@@ -83,9 +83,11 @@ def hf_model_dir(path: Path, hf_config: Path | None, scratch: Path, progress: bo
 def build_engine(engine: str, hf_dir: Path, *, sglang_url: str | None, tp: int):
     if engine == "sglang":
         from eureka_megatron.rollout.sglang import SGLangEngine
+        from eureka_megatron.rollout.sglang.engine import family_of_checkpoint
 
+        family = family_of_checkpoint(hf_dir)  # how the prompts write their images
         if sglang_url:
-            return SGLangEngine.connect(sglang_url)
+            return SGLangEngine.connect(sglang_url, **({"family": family} if family else {}))
         return SGLangEngine.launch(str(hf_dir), tp=tp)
     import torch
 

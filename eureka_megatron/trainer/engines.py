@@ -38,7 +38,7 @@ def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
     r = cfg.rollout
     placement = current_placement()
     if r.sglang_url:
-        engines = connect_engines(r.sglang_url, cfg)
+        engines = connect_engines(r.sglang_url, cfg, hf_dir)
     elif placement is not None and placement[0].engine_bundles:
         layout, pg = placement
         # the engine actor gets each bucket through Ray and posts it to its server as tensors
@@ -50,10 +50,16 @@ def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
     return engines[0] if len(engines) == 1 else EngineGroup(engines)
 
 
-def connect_engines(urls: str, cfg: RLConfig | None = None) -> list:
+def connect_engines(urls: str, cfg: RLConfig | None = None, hf_dir: Path | None = None) -> list:
+    """Engines for running servers; the prompts' family (how their images are written) is the
+    trainer's checkpoint's when known, else what each server reports."""
     from eureka_megatron.rollout.sglang import SGLangEngine
+    from eureka_megatron.rollout.sglang.engine import family_of_checkpoint
 
     kw = {} if cfg is None else dict(weight_transport=weight_transport(cfg))
+    family = family_of_checkpoint(hf_dir) if hf_dir is not None else None
+    if family is not None:
+        kw["family"] = family
     engines = [SGLangEngine.connect(u.strip(), **kw) for u in urls.split(",") if u.strip()]
     if cfg is not None and cfg.rollout.deterministic:
         plain = [e.url for e in engines if not e.deterministic]

@@ -137,7 +137,8 @@ def test_megatron_checkpoint_evaluates_to_the_same_responses(setup):
 
 def test_sglang_engine_responses_are_the_servers(setup):
     from eureka_megatron.data.jsonl import load_rows
-    from tests.unit.fake_sglang_server import FakeSGLangServer, fake_generate
+    from eureka_megatron.rollout.sglang.prompts import sglang_prompt_text
+    from tests.unit.fake_sglang_server import VOCAB, FakeSGLangServer, fake_generate
 
     root, hf, _ = setup
     server = FakeSGLangServer().start()
@@ -157,7 +158,12 @@ def test_sglang_engine_responses_are_the_servers(setup):
     records = _records(root / "out_sg")
     assert len(records) == 4
     for row, rec in zip(load_rows(root / "data" / "data.jsonl").rows, records):
-        ids = builder.build(row).prompt.input_ids
+        prompt = builder.build(row).prompt
+        if prompt.images:  # sent as text with one placeholder per image; the fake reads chars
+            text, _ = sglang_prompt_text(prompt.text, "qwen2_5_vl")
+            ids = [ord(c) % VOCAB for c in text]
+        else:
+            ids = prompt.input_ids
         want = fake_generate(weights, ids, {"temperature": 0.0, "max_new_tokens": NEW})
         assert rec["greedy"]["text"] == want["text"]
 

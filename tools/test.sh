@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it:
+#   1. the project and its test tools into .venv, then every test (SGLang-API tests skip there);
+#   2. SGLang's real Python code into .venv-sglang (tools/install-sglang-api.sh), then the
+#      `sglang_api` tier: our SGLang client against SGLang's own server app, on the CPU.
+# Extra arguments go to both pytest runs (e.g. -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh test
+.venv/bin/python -m pytest -q "$@"
+bash tools/install-sglang-api.sh
+.venv-sglang/bin/python -m pytest -q -m sglang_api tests/sglang_api "$@"
