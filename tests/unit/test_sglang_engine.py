@@ -265,8 +265,8 @@ def test_failed_sync_leaves_version_none_until_a_full_resync(engine, server):
     assert not server.session_open  # closed, so the next sync can open one
     with pytest.raises(StaleWeightsError):
         engine.generate([Prompt(input_ids=[1])], 1, GREEDY)
-    assert engine.health()  # paused by our sync: alive (/health), not dead
-    assert server.call_paths()[-1] == "/health"
+    assert engine.health()  # paused by our sync: alive (its state answers), not dead
+    assert server.call_paths()[-1] == "/server_info"
     with pytest.raises(ValueError):
         engine.update_weights([], version=2)
     sent = new_weights(seed=4)

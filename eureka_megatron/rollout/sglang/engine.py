@@ -246,11 +246,12 @@ class SGLangEngine:
 
     def health(self) -> bool:
         """The server answers: /health_generate (one generated token) within health_timeout,
-        or /health while this engine holds it paused for a sync (SGLang's /health_generate
-        waits for generation, which a pause stops, and would read as dead)."""
+        or /server_info (its scheduler's state) while this engine holds it paused for a sync:
+        SGLang's /health_generate and /health both wait for a generated token, which a pause
+        stops, and would read a paused server as dead."""
         if self.process is not None and not self.process.running:
             return False
-        path = "/health" if self._paused_by_us else "/health_generate"
+        path = "/server_info" if self._paused_by_us else "/health_generate"
         try:
             self.http.get(path, timeout=self.health_timeout)
             return True
@@ -267,7 +268,7 @@ class SGLangEngine:
             self._version = None
         if self.process is None:
             self._close_session_quietly()
-            self.http.get("/health", timeout=self.health_timeout)  # EngineDeadError if gone
+            self.server_info()  # EngineDeadError if it is gone
             return
         self.process.kill()
         with self._lock:
