@@ -88,3 +88,22 @@ def test_generate_then_sync_the_same_weights(engine, prompts):
     for a, b in zip(after, before):
         assert a.weight_version == 1
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the engine on another GPU")
+def test_distributed_sync_over_nccl_to_an_engine_on_its_own_gpu(prompts):
+    """The disaggregated path: the server on GPU 1, this process (rank 0 of SGLang's weight-update
+    group) broadcasting the model's tensors from GPU 0, inside one weight-update session."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(
+        str(i) for i in range(torch.cuda.device_count()))).split(",")
+    e = SGLangEngine.launch(MODEL, mem_fraction_static=0.4, startup_timeout=900,
+                            weight_transport="distributed", env={"CUDA_VISIBLE_DEVICES": visible[1]},
+                            extra_args=["--random-seed", "0"])
+    try:
+        before = e.generate(prompts, 1, GREEDY)
+        e.update_weights(bucket_by_bytes(hf_tensors(MODEL, "cuda:0"), 64 << 20), version=1)
+        assert e.weight_version == 1 and e.get_server_weight_version() == "1"
+        after = e.generate(prompts, 1, GREEDY)
+        assert [s.token_ids for s in after] == [s.token_ids for s in before]
+    finally:
+        e.shutdown()

@@ -122,6 +122,13 @@ def test_memory_release_and_resume_name_their_tags(app):
     sent = new_weights(app, seed=5)
     engine.update_weights([sent], version=4)
     assert_loaded(app, sent)
+    from sglang.srt.managers import io_struct
+
+    kinds = {path: type(obj) for path, obj in app.requests}
+    assert kinds["/release_memory_occupation"] is io_struct.ReleaseMemoryOccupationReqInput
+    assert kinds["/resume_memory_occupation"] is io_struct.ResumeMemoryOccupationReqInput
+    resumed = [obj.tags for path, obj in app.requests if path == "/resume_memory_occupation"]
+    assert resumed == [["kv_cache"], ["weights", "kv_cache", "cuda_graph"]]
 
 
 def test_seeds_are_honoured_only_by_a_deterministic_server():

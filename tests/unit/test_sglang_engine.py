@@ -423,6 +423,12 @@ def test_launch_reports_early_exit_with_log_tail(tmp_path):
         _launch("--fail-on-start", "FAKE FATAL: no GPU", log_path=str(tmp_path / "s.log"))
 
 
+def test_launch_with_a_flag_the_server_refuses_names_it(tmp_path):
+    with pytest.raises(EngineDeadError, match=r"exited with code 2 before it was healthy "
+                       r"\(.*error: unrecognized arguments: --no-such-flag\)"):
+        _launch("--no-such-flag", log_path=str(tmp_path / "s.log"))
+
+
 def test_launch_times_out_and_kills_the_server(tmp_path, monkeypatch):
     procs = []
     real_popen = process.subprocess.Popen

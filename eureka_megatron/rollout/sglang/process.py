@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ class ServerProcess:
             if code is not None:
                 self.kill()
                 raise EngineDeadError(f"SGLang server {url} exited with code {code} before it "
-                                      f"was healthy; {self.log_tail()}")
+                                      f"was healthy{self._argparse_reason()}; {self.log_tail()}")
             if healthy():
                 return
             if time.monotonic() > deadline:
@@ -55,6 +56,18 @@ class ServerProcess:
                 raise EngineDeadError(f"SGLang server {url} was not healthy within "
                                       f"{timeout:.0f}s; {self.log_tail()}")
             time.sleep(0.25)
+
+    def _argparse_reason(self) -> str:
+        """argparse's own error line (an unknown or malformed flag), ahead of its usage dump."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 2000))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except (OSError, TypeError):
+            return ""
+        reasons = [ln for ln in lines if re.match(r"^\S+: error: ", ln)]
+        return f" ({reasons[-1]})" if reasons else ""
 
     def log_tail(self, nbytes: int = 4000) -> str:
         try:
