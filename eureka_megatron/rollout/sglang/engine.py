@@ -48,6 +48,7 @@ from eureka_megatron.rollout.sglang.payload import serialize_flat_bucket
 from eureka_megatron.rollout.sglang.process import ServerProcess, free_port
 from eureka_megatron.rollout.sglang.prompts import (FAMILY_OF_MODEL_TYPE, RequestAborted,
                                                     generate_body, parse_sample)
+from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup, address_facing
 
 ALL_MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's memory-saver tags
 TRANSPORTS = ("tensor", "distributed")
@@ -90,7 +91,7 @@ class SGLangEngine:
         self._version = weight_version
         self._released: set[str] = set()
         self._paused_by_us = False          # a sync of this engine holds the server paused
-        self._update_group = None           # WeightUpdateGroup of the distributed transport
+        self._update_group: WeightUpdateGroup | None = None  # the distributed transport's
         self._lock = threading.Lock()       # version / memory state
         self._sync_lock = threading.Lock()  # one weight update at a time
 
@@ -432,9 +433,7 @@ class SGLangEngine:
                 raise
             work.wait()
 
-    def _ensure_update_group(self):
-        from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup, address_facing
-
+    def _ensure_update_group(self) -> WeightUpdateGroup:
         if self._update_group is not None:
             return self._update_group
         backend = self.update_group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
