@@ -23,8 +23,10 @@ from sympy.functions.combinatorial.factorials import (
 )
 from sympy.functions.special.gamma_functions import gamma
 
-# An extracted answer longer than this is not an answer (and would be slow to parse).
-MAX_ANSWER_CHARS = 4000
+# An extracted answer longer than this is not an answer. Long ones are: golds that are whole
+# worked solutions, <answer> blocks holding a whole derivation (math-verify takes their final
+# answer, working from the end: 110k characters parse in ~10 ms). Above any response we generate.
+MAX_ANSWER_CHARS = 100_000
 # Exact numbers with more digits than this make verify() compute for minutes (9^{9^9} has
 # 370M digits), with no timeout at all outside the main thread; no real answer is that big.
 MAX_DIGITS = 100_000
@@ -55,6 +57,9 @@ _LETTER = r"\(?([A-J])\)?(?![A-Za-z0-9])"
 _LETTER_LIST = re.compile(rf"{_LETTER}(?:\s*(?:,|and|or|&|/|;|\+)\s*{_LETTER})*")
 _LETTER_IN_LIST = re.compile(_LETTER)
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
+# Chat-template special tokens (<|im_start|>, <|endoftext|>): a response that ran into the next
+# turn keeps its answer; the tokens are never part of one.
+_SPECIAL_TOKEN = re.compile(r"<\|[^|<>\s]{1,64}\|>")
 
 
 def accuracy_reward(response: str, answer: str) -> float:
@@ -74,7 +79,10 @@ def _is_correct(response, answer) -> bool:
     if not gold or len(gold) > MAX_ANSWER_CHARS:
         return False
     pred = extract_answer(response)
-    if pred is None or not pred.strip() or len(pred) > MAX_ANSWER_CHARS:
+    if pred is None or len(pred) > MAX_ANSWER_CHARS:
+        return False
+    pred = _SPECIAL_TOKEN.sub(" ", pred)
+    if not pred.strip():
         return False
 
     gold_letter = _gold_letter(gold)
@@ -83,8 +91,8 @@ def _is_correct(response, answer) -> bool:
     if _is_words(gold):
         return _normalize_text(pred) == _normalize_text(gold)
     gold_parsed = _parse_math(gold)
-    if not gold_parsed:  # math-verify cannot read the gold: exact text, never a free pass
-        return _normalize_text(pred) == _normalize_text(gold)
+    if not gold_parsed:  # math-verify cannot read the gold: the same text, never a free pass
+        return _normalize_text(pred) == _normalize_text(gold) or _same_extracted_text(gold, pred)
     pred_parsed = _parse_math(pred)
     if not pred_parsed:
         return False
@@ -153,6 +161,20 @@ def _parse_math(text: str) -> list:
     return []
 
 
+def _same_extracted_text(gold: str, pred: str) -> bool:
+    """Both answers hold the same LaTeX that sympy cannot read (a list of equations with "±"):
+    math-verify's extracted strings, compared with whitespace ignored, as its verify does."""
+    timeout_s = PARSE_TIMEOUT_S if _in_main_thread() else None
+    texts = []
+    for text in (gold, pred):
+        parsed = parse(text, extraction_config=_EXTRACTION, parsing_timeout=timeout_s)
+        strings = [p for p in parsed if isinstance(p, str)]
+        if not strings:
+            return False
+        texts.append(re.sub(r"\s+", "", strings[-1]))
+    return bool(texts[0]) and texts[0] == texts[1]
+
+
 def _dollars(text: str) -> str:
     return "$" + re.sub(r"\s+", " ", text.strip()) + "$"  # inline $...$ cannot span lines
 
@@ -204,13 +226,25 @@ def _digits_bound(expr) -> float:
         base, exponent = _digits_bound(args[0]), _digits_bound(args[1])
         if exponent > 300:
             return math.inf
-        return max(base * 10.0 ** exponent, base, exponent)
+        size = _magnitude(args[1])  # digits(a^b) <= digits(a) * |b|
+        scale = 10.0 ** exponent if size is None else max(size, 1.0)
+        return max(base * scale, base, exponent)
     if isinstance(expr, _FACTORIALS):
         n = max(_digits_bound(a) for a in args)
         if n > 300:
             return math.inf
         return 10.0 ** n * max(n, 1.0)
     return sum(_digits_bound(a) for a in args if isinstance(a, (Basic, MatrixBase)))
+
+
+def _magnitude(expr) -> float | None:
+    """|expr| for a number of few digits (cheap to evaluate), else None (symbols, or unknown)."""
+    if getattr(expr, "free_symbols", None) or not getattr(expr, "is_number", False):
+        return None
+    try:
+        return abs(complex(expr.evalf(15)))
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _int_digits(n: int) -> float:

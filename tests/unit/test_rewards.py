@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -383,3 +384,50 @@ def test_package_exports():
     for name in ("accuracy_reward", "format_reward", "rule_based_scores", "is_reflective",
                  "reflection_metrics", "DEFAULT_REFLECTION_PHRASES"):
         assert hasattr(rewards, name), name
+
+
+# --- math-verify's own regression cases (../shared/data, real model outputs) -------------------
+
+REGRESSION_CASES = (Path(__file__).resolve().parents[3] / "shared" / "data"
+                    / "math_verify_regression_cases.jsonl")
+
+
+@pytest.mark.skipif(not REGRESSION_CASES.is_file(), reason=f"{REGRESSION_CASES} is absent")
+def test_agrees_with_math_verify_regression_cases():
+    rows = [json.loads(line) for line in REGRESSION_CASES.read_text().splitlines() if line.strip()]
+    assert len(rows) == 118
+    wrong = [(r["source"], r["gold"][:60], r["pred"][-80:]) for r in rows
+             if accuracy_reward(f"<think>Working it out.</think><answer>{r['pred']}</answer>",
+                                r["gold"]) != r["expected"]]
+    assert len(wrong) <= 1, wrong
+
+
+@pytest.mark.parametrize("answer,gold,expected", [
+    # a response that ran on into the next chat turn keeps its answer
+    ("Therefore the probability is 2/3. <|im_start|>user", "$2/3$", 1.0),
+    ("Therefore the probability is 2/3. <|im_start|>user", "$3/4$", 0.0),
+    ("<|im_end|>", "1", 0.0),  # nothing but special tokens: no answer
+    # several boxed parts are one answer (a set), as math-verify reads them
+    (r"so \[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]", r"$\boxed{1,-2}$", 1.0),
+    (r"so \[ \boxed{-2} \quad \text{and} \quad \boxed{3}. \]", r"$\boxed{1,-2}$", 0.0),
+    # equations sympy cannot read (±): the same LaTeX matches, other LaTeX does not
+    (r"$$\boxed{x = \frac{1}{2}, x = \frac{-1 \pm \sqrt{13}}{4}}$$",
+     r"$$x = \frac{1}{2}, x = \frac{-1 \pm \sqrt{13}}{4}$$", 1.0),
+    (r"$$\boxed{x = \frac{1}{3}, x = \frac{-1 \pm \sqrt{13}}{4}}$$",
+     r"$$x = \frac{1}{2}, x = \frac{-1 \pm \sqrt{13}}{4}$$", 0.0),
+    # powers with small irrational exponents are not 100k-digit numbers
+    (r"$\boxed{10^{\frac{\sqrt{13} - 5}{6}}} \quad \text{and} \quad \boxed{10^{-\frac{5 + \sqrt{13}}{6}}}$",
+     r"$x_{1}=10^{\frac{-5+\sqrt{13}}{6}},\quadx_{2}=10^{\frac{-5-\sqrt{13}}{6}}$", 1.0),
+])
+def test_answers_math_verify_reads(answer, gold, expected):
+    assert accuracy_reward(ans(answer), gold) == expected
+
+
+def test_long_derivations_and_worked_solution_golds():
+    work = "Let $x$ be the number of apples. " * 300  # ~10k characters of working
+    assert len(work) > 4000
+    assert accuracy_reward(ans(work + r"so there are \boxed{143} apples."), "$143$") == 1.0
+    assert accuracy_reward(ans(work + r"so there are \boxed{142} apples."), "$143$") == 0.0
+    gold = work + r"Hence the answer is $\boxed{20\%}$."
+    assert accuracy_reward(ans(r"\boxed{20\%}"), gold) == 1.0
+    assert accuracy_reward(ans(r"\boxed{25\%}"), gold) == 0.0
