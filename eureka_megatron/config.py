@@ -246,6 +246,7 @@ class AlgoConfig:
     """
 
     estimator: str = "grpo"  # grpo | dr_grpo | rloo | reinforce++
+    whiten: bool = False  # whiten advantages over the batch's tokens (always for reinforce++)
     online_filter: bool = True  # keep groups whose mean accuracy lies in [filter_low, filter_high]
     filter_low: float = 0.1
     filter_high: float = 0.9

@@ -1,14 +1,22 @@
 """Group-relative advantage estimators: one scalar per sampled response, no critic.
 
 Samples of a prompt group are contiguous: rewards[g * n : (g + 1) * n] are the n responses of
-prompt g. Every estimator gives exactly 0 to every sample of a group whose rewards are all equal
-(such a group carries no learning signal; the online filter usually drops it first).
+prompt g. Before whitening every estimator gives exactly 0 to every sample of a group whose
+rewards are all equal (such a group carries no learning signal; the online filter usually drops
+it first).
 
   grpo         (r - mean_g) / (std_g + 1e-6), std unbiased (Bessel), as GRPO / MM-Eureka
   dr_grpo      r - mean_g                          (Dr. GRPO: no std normalisation bias)
   rloo         r - mean of the other n - 1 samples = n / (n - 1) * (r - mean_g)
-  reinforce++  r - mean_g, then divided by the unbiased std over the whole batch (+ 1e-6)
-               (REINFORCE++-baseline: group baseline, batch whitening)
+  reinforce++  r - mean_g, then whitened over the batch's tokens (REINFORCE++-baseline)
+
+Token whitening (`whiten_over_tokens`; always for reinforce++, `algo.whiten` for the others, as
+OpenRLHF does for rloo): each sequence's advantage stands for its `length` response tokens; the
+token-weighted mean is subtracted and the result divided by the token standard deviation,
+population form with the variance clamped at 1e-8 -- OpenRLHF's experience maker, the
+REINFORCE++ authors' code. verl's masked_whiten differs only by Bessel's correction of the
+variance (sum(L) - 1 in place of sum(L)). After whitening an all-equal group is no longer 0 (it
+gets minus the batch mean, as in both references).
 """
 from __future__ import annotations
 
@@ -39,9 +47,11 @@ def _as_rewards(rewards, group_size: int) -> tuple[torch.Tensor, torch.dtype]:
     return t, out_dtype
 
 
-def compute_advantages(rewards, group_size: int, estimator: str = "grpo") -> torch.Tensor:
+def compute_advantages(rewards, group_size: int, estimator: str = "grpo", *,
+                       lengths=None, whiten: bool = False) -> torch.Tensor:
     """Advantages [N] for rewards [N] (tensor or sequence) in contiguous groups of `group_size`.
 
+    lengths: response tokens per sequence [N], needed for token whitening (reinforce++, whiten).
     Computed in float64; returned in the rewards' floating dtype (float64 for lists / ints).
     """
     if estimator not in ESTIMATORS:
@@ -60,8 +70,24 @@ def compute_advantages(rewards, group_size: int, estimator: str = "grpo") -> tor
     elif estimator == "rloo":
         adv = centred * (n / (n - 1))
     else:  # reinforce++
-        flat = centred.flatten()
-        std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=torch.float64)
-        adv = centred / (std + EPS)
-    adv = torch.where(constant, torch.zeros_like(adv), adv)
-    return adv.flatten().to(out_dtype)
+        adv = centred
+    adv = torch.where(constant, torch.zeros_like(adv), adv).flatten()
+    if estimator == "reinforce++" or whiten:
+        if lengths is None:
+            raise ValueError(f"estimator {estimator!r} with token whitening needs the response "
+                             "lengths")
+        adv = whiten_over_tokens(adv, lengths)
+    return adv.to(out_dtype)
+
+
+def whiten_over_tokens(adv: torch.Tensor, lengths) -> torch.Tensor:
+    """(adv - token mean) / token std, every sequence weighted by its token count (module doc)."""
+    w = torch.as_tensor(lengths, dtype=torch.float64).flatten()
+    if w.shape != adv.shape:
+        raise ValueError(f"{w.numel()} lengths for {adv.numel()} advantages")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("lengths must be >= 0 with at least one token in the batch")
+    a = adv.to(torch.float64)
+    mean = (w * a).sum() / w.sum()
+    var = (w * (a - mean) ** 2).sum() / w.sum()
+    return (a - mean) * var.clamp(min=1e-8).rsqrt()

@@ -203,7 +203,8 @@ def advantages(cfg: RLConfig, rewards: torch.Tensor, seqs, minis, old, ref) -> d
                 kl[i] = v
         rewards = rewards - cfg.algo.kl_coef * kl
         metrics["kl/reward_penalty"] = float(kl.mean())
-    adv = compute_advantages(rewards, cfg.group_size, cfg.algo.estimator)
+    adv = compute_advantages(rewards, cfg.group_size, cfg.algo.estimator,
+                             lengths=[len(s.response_ids) for s in seqs], whiten=cfg.algo.whiten)
     for mbs, rows in minis:
         for mb, idx in zip(mbs, rows):
             mb["advantages"] = adv[idx].float()
@@ -213,11 +214,13 @@ def advantages(cfg: RLConfig, rewards: torch.Tensor, seqs, minis, old, ref) -> d
 
 
 def logprobs(actor, minis, cfg: RLConfig):
-    """Old log-probs (only when the batch is trained on more than once: otherwise the training
-    forward's own, detached, are exact) and reference log-probs (only with a KL term), computed
-    with the training partition."""
+    """Old log-probs (when the batch is trained on more than once -- otherwise the training
+    forward's own, detached, are exact -- or the KL goes into the reward) and reference log-probs
+    (only with a KL term), computed with the training partition."""
     flat = [mb for mbs, _ in minis for mb in mbs]
-    recompute = cfg.train.mini_batches * cfg.train.epochs > 1
+    # the KL-in-reward penalty needs them at any batch reuse
+    recompute = (cfg.train.mini_batches * cfg.train.epochs > 1
+                 or (cfg.algo.kl_in == "reward" and cfg.algo.kl_coef > 0))
     old_flat = actor.logprobs(flat) if flat and recompute else [None] * len(flat)
     ref_flat = (actor.logprobs(flat, reference=True) if flat and actor.reference is not None
                 else [None] * len(flat))

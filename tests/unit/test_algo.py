@@ -14,7 +14,18 @@ from eureka_megatron.kernels.policy_loss import policy_loss
 GROUPS = [[1.0, 0.0, 0.0, 1.5], [0.5, 0.5, 0.5, 0.5], [1.5, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0]]
 
 
-def reference(groups, estimator):
+LENGTHS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]
+
+
+def token_whitened(adv, lengths):
+    """OpenRLHF's whitening written out: token-weighted mean, population token variance."""
+    total = sum(lengths)
+    mu = sum(a * n for a, n in zip(adv, lengths)) / total
+    var = sum(n * (a - mu) ** 2 for a, n in zip(adv, lengths)) / total
+    return [(a - mu) / math.sqrt(max(var, 1e-8)) for a in adv]
+
+
+def reference(groups, estimator, lengths=LENGTHS):
     """Straight from the definitions, in pure Python."""
     out = []
     for g in groups:
@@ -31,20 +42,49 @@ def reference(groups, estimator):
             out.append([r - mu for r in g])
     flat = [a for g in out for a in g]
     if estimator == "reinforce++":
-        sd = statistics.stdev(flat)
-        flat = [a / (sd + 1e-6) for a in flat]
+        flat = token_whitened(flat, lengths)
     return flat
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce++"])
 def test_advantages_match_definitions(estimator):
     rewards = [r for g in GROUPS for r in g]
-    adv = compute_advantages(rewards, 4, estimator)
+    adv = compute_advantages(rewards, 4, estimator, lengths=LENGTHS)
     assert adv.dtype == torch.float64
     assert adv.tolist() == pytest.approx(reference(GROUPS, estimator), rel=1e-12, abs=1e-12)
-    assert adv[4:8].eq(0).all()  # the equal-reward group is exactly 0
-    f32 = compute_advantages(torch.tensor(rewards, dtype=torch.float32), 4, estimator)
+    if estimator != "reinforce++":
+        assert adv[4:8].eq(0).all()  # the equal-reward group is exactly 0
+    f32 = compute_advantages(torch.tensor(rewards, dtype=torch.float32), 4, estimator,
+                             lengths=LENGTHS)
     assert f32.dtype == torch.float32
+
+
+def test_reinforce_pp_whitens_over_tokens_as_openrlhf_and_verl():
+    # rewards [1, 0 | .5, .5], lengths [1, 3 | 2, 2] (by hand: centred [.5, -.5, 0, 0], token
+    # mean -1/8, token variance 7/64 (population) or 1/8 (verl's Bessel-corrected))
+    adv = compute_advantages([1.0, 0.0, 0.5, 0.5], 2, "reinforce++", lengths=[1, 3, 2, 2])
+    openrlhf = [0.625, -0.375, 0.125, 0.125]
+    assert adv.tolist() == pytest.approx([a / math.sqrt(7 / 64) for a in openrlhf], rel=1e-12)
+    assert adv.tolist() == pytest.approx([1.890, -1.134, 0.378, 0.378], abs=1e-3)
+    verl = adv * math.sqrt(7 / 8)  # the same with sum(L) - 1 in the variance
+    assert verl.tolist() == pytest.approx([1.768, -1.061, 0.354, 0.354], abs=1e-3)
+    # sequence-level whitening (the old form) would ignore the lengths: not the same
+    assert compute_advantages([1.0, 0.0, 0.5, 0.5], 2, "reinforce++",
+                              lengths=[2, 2, 2, 2]).tolist() != pytest.approx(adv.tolist())
+    with pytest.raises(ValueError, match="needs the response lengths"):
+        compute_advantages([1.0, 0.0], 2, "reinforce++")
+    with pytest.raises(ValueError, match="3 lengths for 4"):
+        compute_advantages([1.0, 0.0, 0.5, 0.5], 2, "reinforce++", lengths=[1, 2, 3])
+
+
+def test_whiten_option_applies_token_whitening_to_any_estimator():
+    rewards = [r for g in GROUPS for r in g]
+    plain = compute_advantages(rewards, 4, "rloo")
+    whitened = compute_advantages(rewards, 4, "rloo", lengths=LENGTHS, whiten=True)
+    assert whitened.tolist() == pytest.approx(token_whitened(plain.tolist(), LENGTHS), rel=1e-12)
+    w = torch.tensor(LENGTHS, dtype=torch.float64)
+    assert float((w * whitened).sum()) == pytest.approx(0.0, abs=1e-12)  # token mean 0
+    assert float((w * whitened ** 2).sum() / w.sum()) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_grpo_equal_rewards_are_exactly_zero_even_when_mean_rounds():
