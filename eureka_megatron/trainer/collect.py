@@ -1,13 +1,18 @@
 """Rollout collection on the driver rank: generate -> rewards -> online filter, until the batch is full.
 
 MM-Eureka keeps sampling until the train batch holds `rollout_batch_size` groups whose accuracy
-passes the online filter; each round here samples a full batch of fresh prompts and keeps the
-passing groups in order. After `max_filter_rounds` rounds the step trains on what it has (its
-`filter/underfull` metric says so). Reward and reflection metrics cover every generated sample,
+passes the online filter. The first round samples a full batch of prompts; each later round only
+as many fresh prompts as the keep rate measured so far in this step says will fill the missing
+groups (at least the number missing, at most a full batch), so little generation is thrown away;
+passing groups are kept in order. After `max_filter_rounds` rounds the step trains on what it
+has (its `filter/underfull` metric says so). Without an `accuracy` score (custom reward
+functions) there is nothing to filter on: the filter is skipped, with one warning. Reward and reflection metrics cover every generated sample,
 not only the kept ones, so they show the policy rather than the filter.
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +45,19 @@ class EngineFailure(RuntimeError):
     """The rollout engine failed mid-generation; it was restarted and needs a weight sync."""
 
 
+log = logging.getLogger(__name__)
+
+
+def prompts_to_sample(want: int, kept: int, generated: int, round_: int) -> int:
+    """Prompts for this filter round: a full batch first; then the missing groups divided by
+    the keep rate so far (all of a batch while nothing was kept), within [missing, want]."""
+    missing = want - kept
+    if round_ == 0 or kept == 0:
+        return want
+    rate = kept / generated
+    return max(missing, min(want, math.ceil(missing / rate)))
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -52,6 +70,7 @@ class Collector:
         self.cfg, self.engine, self.pool, self.stream = cfg, engine, pool, stream
         self.skipped_at_load = skipped_at_load
         self.phrases = tuple(cfg.rewards.reflection_phrases or DEFAULT_REFLECTION_PHRASES)
+        self.warned_no_accuracy = False
 
     def sampling(self, step: int, round_: int) -> SamplingParams:
         r = self.cfg.rollout
@@ -69,7 +88,7 @@ class Collector:
         counters: dict[str, float] = {}
         generate_s = reward_s = 0.0
         while len(kept) < want and rounds < cfg.rollout.max_filter_rounds:
-            items = self.stream.next_batch(want)
+            items = self.stream.next_batch(prompts_to_sample(want, len(kept), generated, rounds))
             t_gen = time.perf_counter()
             try:
                 samples = self.engine.generate([it.prompt for it in items], n,
@@ -94,7 +113,9 @@ class Collector:
             fmts += scored.scores.get("format", [])
             totals += scored.total
             lengths += [len(s.token_ids) for s in samples]
-            if cfg.algo.online_filter:
+            if cfg.algo.online_filter and "accuracy" not in scored.scores:
+                self._warn_no_accuracy(scored.scores)
+            if cfg.algo.online_filter and "accuracy" in scored.scores:
                 keep = online_filter(acc, n, cfg.algo.filter_low, cfg.algo.filter_high).tolist()
             else:
                 keep = [True] * len(samples)
@@ -123,6 +144,15 @@ class Collector:
         metrics.update(reflection_metrics(texts, accs, lengths, cfg.rollout.max_new_tokens,
                                           self.phrases))
         return RolloutBatch(kept, metrics)
+
+    def _warn_no_accuracy(self, scores: dict) -> None:
+        if self.warned_no_accuracy:
+            return
+        self.warned_no_accuracy = True
+        log.warning("algo.online_filter is on, but the reward functions give no 'accuracy' score "
+                    "(they give %s): the filter has nothing to filter on and is skipped. Return "
+                    "an 'accuracy' score to filter, or set algo.online_filter=false.",
+                    sorted(scores) or "none")
 
 
 def greedy_accuracy(engine, pool, items, max_new_tokens: int) -> dict[str, float]:

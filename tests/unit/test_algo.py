@@ -104,6 +104,23 @@ def test_advantage_input_errors():
     assert compute_advantages([1.0, 0.0], 1, "dr_grpo").eq(0).all()
 
 
+def test_online_filter_drops_constant_partial_credit_groups():
+    acc = [0.5] * 4 + [0.5, 0.5, 0.5, 1.0] + [0.25, 0.75, 0.25, 0.75]
+    assert online_filter(acc, 4).tolist() == [False] * 4 + [True] * 8  # mean 0.5 but constant
+
+
+def test_filter_rounds_sample_what_the_keep_rate_says():
+    from eureka_megatron.trainer.collect import prompts_to_sample
+
+    assert prompts_to_sample(16, 0, 0, 0) == 16  # a full batch first
+    assert prompts_to_sample(16, 0, 16, 1) == 16  # nothing kept yet: no rate to go by
+    assert prompts_to_sample(16, 8, 16, 1) == 16  # half kept: 8 missing / 0.5
+    assert prompts_to_sample(16, 12, 16, 1) == 6  # 4 missing / 0.75 -> 5.33 -> 6
+    assert prompts_to_sample(16, 15, 16, 1) == 2  # 1 missing / 0.9375 -> 1.07 -> 2
+    assert prompts_to_sample(16, 2, 32, 2) == 16  # rate 1/16: capped at a full batch
+    assert prompts_to_sample(16, 15, 15, 1) == 1  # everything kept: exactly the missing one
+
+
 def test_online_filter_keeps_groups_inside_the_band():
     acc = [1, 1, 1, 1] + [0, 0, 0, 0] + [1, 0, 0, 0] + [1, 1, 1, 0]
     keep = online_filter(acc, 4, 0.1, 0.9)
@@ -113,7 +130,8 @@ def test_online_filter_keeps_groups_inside_the_band():
     acc10 = [1] + [0] * 9 + [1] * 9 + [0]
     assert online_filter(acc10, 10).all()
     assert online_filter(acc, 4, 0.3, 0.7).tolist() == [False] * 16
-    assert online_filter(acc, 4, 0.0, 1.0).all()
+    # the widest band still drops groups whose accuracies are all equal (zero advantage)
+    assert online_filter(acc, 4, 0.0, 1.0).tolist() == [False] * 8 + [True] * 8
     with pytest.raises(ValueError, match="whole groups"):
         online_filter([1, 0, 1], 2)
     with pytest.raises(ValueError, match="low <= high"):
