@@ -235,6 +235,7 @@ ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce++")
 POLICY_LOSSES = ("ppo", "gspo", "cpgd")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_IS_MODES = ("off", "token", "sequence", "mask")
 
 
 @dataclass
@@ -263,13 +264,18 @@ class AlgoConfig:
     overlong_factor: float = 1.0
     cpgd_drift_coef: float = 0.01  # CPGD policy-drift weight and ratio clip (MM-Eureka defaults)
     cpgd_drift_clip: float = 2.0
+    # train/rollout mismatch correction with the engine's log-probs (algo/mismatch.py):
+    # off | token | sequence | mask, capped at rollout_is_cap
+    rollout_is: str = "off"
+    rollout_is_cap: float = 2.0
 
     def validate(self) -> "AlgoConfig":
         for name, value, allowed in (("estimator", self.estimator, ESTIMATORS),
                                      ("loss", self.loss, POLICY_LOSSES),
                                      ("agg", self.agg, LOSS_AGGS),
                                      ("kl_type", self.kl_type, KL_ESTIMATORS),
-                                     ("kl_in", self.kl_in, ("loss", "reward"))):
+                                     ("kl_in", self.kl_in, ("loss", "reward")),
+                                     ("rollout_is", self.rollout_is, ROLLOUT_IS_MODES)):
             if value not in allowed:
                 raise ConfigError(f"algo.{name}={value!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= self.filter_low <= self.filter_high <= 1.0:
@@ -284,6 +290,11 @@ class AlgoConfig:
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.cpgd_drift_coef < 0:
             raise ConfigError("algo.kl_coef, algo.entropy_coef and algo.cpgd_drift_coef must "
                               "be >= 0")
+        if not self.rollout_is_cap > 1.0:
+            raise ConfigError(f"algo.rollout_is_cap={self.rollout_is_cap} must be > 1")
+        if self.loss == "gspo" and self.rollout_is == "token":
+            raise ConfigError("algo.rollout_is=token weights tokens; algo.loss=gspo has one ratio "
+                              "per sequence: use rollout_is=sequence or mask")
         if self.overlong_buffer < 0:
             raise ConfigError(f"algo.overlong_buffer={self.overlong_buffer} must be >= 0")
         return self

@@ -261,7 +261,9 @@ def train(actor, minis, cfg: RLConfig) -> dict[str, float]:
             out[f"first/{k}"] = runs[0][k]
     # the first forward runs the weights the engine sampled with (on-policy)
     agree = {"rollout/logprob_abs_diff_mean": runs[0].get("rollout_logprob_abs_diff", 0.0),
-             "rollout/logprob_abs_diff_max": runs[0].get("rollout_logprob_abs_diff_max", 0.0)}
+             "rollout/logprob_abs_diff_max": runs[0].get("rollout_logprob_abs_diff_max", 0.0),
+             "rollout/k3_kl": runs[0].get("rollout_k3_kl", 0.0),
+             "rollout/beyond_is_cap": runs[0].get("rollout_beyond_cap", 0.0)}
     out = {k if k.startswith(("first/", "lr", "grad_norm")) else f"train/{k}": v
            for k, v in out.items() if not k.endswith(("_sum", "_tsum"))
            and not k.startswith("rollout_") and k not in ("count", "tokens", "update_ok")}

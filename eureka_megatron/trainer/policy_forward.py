@@ -8,8 +8,9 @@ micro-batches and DP ranks. Reported metrics are token-weighted sums (`*_tsum` /
 
 Micro-batch keys: input_ids [B, S], labels [B, S] (the token scored at each position, < 0 for
 none), loss_mask [B, S] (1 on response tokens), old_logprobs [B, S], advantages [B] (or [B, S]);
-optional position_ids, ref_logprobs [B, S], rollout_logprobs [B, S] (the engine's; reported as
-`rollout_logprob_abs_diff`); without old_logprobs the current log-probs, detached, are used.
+optional position_ids, ref_logprobs [B, S], rollout_logprobs [B, S] (the engine's: the mismatch
+metrics, and `algo.rollout_is` reweighting, algo/mismatch.py); without old_logprobs the current
+log-probs, detached, are used.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
 
     `call(chunk, micro_batch)` runs one model chunk (the default: our GPT; VLM actors pass their
     own); `temperature` must be the rollout's sampling temperature."""
+    from eureka_megatron.algo.mismatch import corrected, mismatch_sums
     from eureka_megatron.algo.policy_loss import policy_loss_sums
     from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                                  token_logprobs, unwrap)
@@ -49,17 +51,20 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
             # No old log-probs: the batch is trained on once (one epoch, one mini-batch), so the
             # old policy *is* the current one -- its log-probs are these, detached (ratio 1).
             old = mb["old_logprobs"] if mb.get("old_logprobs") is not None else lp.detach()
+            rollout = mb.get("rollout_logprobs")
+            advantages, loss_mask = mb["advantages"], mask
+            if rollout is not None:  # the trainer's old policy vs the engine's sampling policy
+                advantages, loss_mask = corrected(algo.rollout_is, algo.rollout_is_cap,
+                                                  advantages, mask, old, rollout)
             numerator, count, metrics = policy_loss_sums(
-                algo, lp, old, mb["advantages"], mask,
+                algo, lp, old, advantages, loss_mask,
                 ref_logprobs=mb.get("ref_logprobs"), entropy=ent,
                 sum_norm_length=sum_norm_length, backend=backend)
             tokens = (mask != 0).sum().double()
             report = {"loss_sum": numerator.detach().double(), "count": count.detach().double(),
                       "tokens": tokens}
-            if mb.get("rollout_logprobs") is not None:  # engine vs trainer agreement
-                diff = (lp.detach() - mb["rollout_logprobs"]).abs() * (mask != 0)
-                report["rollout_logprob_abs_diff_tsum"] = diff.sum().double()
-                report["rollout_logprob_abs_diff_max"] = diff.max().double()
+            if rollout is not None:
+                report.update(mismatch_sums(old, rollout, mask, algo.rollout_is_cap))
             for k, v in metrics.items():
                 if k.endswith(("_max", "_min")):
                     report[k] = v.detach().double()

@@ -162,13 +162,19 @@ def test_on_policy_samples_with_the_latest_weights(tmp_path, tiny_hf):
 
 def test_kl_in_reward_with_one_pass_and_token_whitened_reinforce_pp(tmp_path, tiny_hf):
     """kl_in=reward at the default mini_batches = epochs = 1: the penalty needs the old log-probs,
-    which the one-pass loss does not; reinforce++ whitens over the batch's tokens."""
+    which the one-pass loss does not; reinforce++ whitens over the batch's tokens; token-level
+    rollout importance sampling runs and the mismatch metrics are logged."""
     hist = run(small_config(tmp_path / "run", tiny_hf, "algo.kl_in=reward", "algo.kl_coef=0.1",
                             "algo.estimator=reinforce++", "eval.interval=0",
-                            "rewards.functions=[tests.unit.reward_fns:parity_judge]"))
+                            "rewards.functions=[tests.unit.reward_fns:parity_judge]",
+                            "algo.rollout_is=token"))
     assert [h["step"] for h in hist] == [1, 2]
     first, second = hist
     assert first["kl/reward_penalty"] == pytest.approx(0.0, abs=1e-6)  # policy = reference
     assert second["kl/reward_penalty"] > 0  # one update later they differ
     for h in hist:
         assert math.isfinite(h["train/loss"]) and h["grad_norm"] > 0  # rewards vary: it trains
+        # the mismatch metrics (fp32 engine and trainer agree to rounding on a CPU)
+        assert 0 <= h["rollout/k3_kl"] < 1e-6 and h["rollout/beyond_is_cap"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert all("rollout/k3_kl" in rec for rec in logged)
