@@ -152,7 +152,8 @@ class InternVLConfig:
     downsample_ratio: float = 0.5
     image_token_id: int = 151667  # <IMG_CONTEXT>
     select_layer: int = -1
-    freeze_vision: bool = True  # the tower and the projector
+    freeze_vision: bool = True  # the tower
+    freeze_projector: bool = True  # the mlp1 projector
 
     def __post_init__(self):
         if self.llm_arch not in ("qwen2", "internlm2"):
@@ -248,6 +249,9 @@ class AlgoConfig:
 
     estimator: str = "grpo"  # grpo | dr_grpo | rloo | reinforce++
     whiten: bool = False  # whiten advantages over the batch's tokens (always for reinforce++)
+    grpo_eps: float = 1e-6  # grpo's (r - mean) / (std + eps); MM-Eureka's group_norm: 1e-9
+    # CPGD's clip-filter-like group weight min(G / (G - #zero-variance groups), cap); null: off
+    clip_filter_like_cap: float | None = None
     online_filter: bool = True  # keep groups whose mean accuracy lies in [filter_low, filter_high]
     filter_low: float = 0.1
     filter_high: float = 0.9
@@ -290,6 +294,11 @@ class AlgoConfig:
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.cpgd_drift_coef < 0:
             raise ConfigError("algo.kl_coef, algo.entropy_coef and algo.cpgd_drift_coef must "
                               "be >= 0")
+        if not self.grpo_eps > 0:
+            raise ConfigError(f"algo.grpo_eps={self.grpo_eps} must be > 0")
+        if self.clip_filter_like_cap is not None and not self.clip_filter_like_cap >= 1.0:
+            raise ConfigError(f"algo.clip_filter_like_cap={self.clip_filter_like_cap} must be "
+                              ">= 1 or null")
         if not self.rollout_is_cap > 1.0:
             raise ConfigError(f"algo.rollout_is_cap={self.rollout_is_cap} must be > 1")
         if self.loss == "gspo" and self.rollout_is == "token":

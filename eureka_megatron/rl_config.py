@@ -22,7 +22,10 @@ class PolicyModelConfig:
     """The policy: an HF checkpoint directory (config.json, weights, tokenizer files)."""
 
     hf: str | None = None
-    freeze_vision: bool = True  # the vision tower (and InternVL's projector) stays frozen
+    freeze_vision: bool = True  # the vision tower stays frozen
+    # InternVL's mlp1 projector (Qwen2.5-VL's merger is part of its tower); null: as freeze_vision.
+    # MM-Eureka's InternVL runs froze only the tower: false there.
+    freeze_projector: bool | None = None
     rollout_dtype: str = "fp32"  # the HF engine's dtype: fp32 | bf16
 
 

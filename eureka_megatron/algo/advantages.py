@@ -5,7 +5,8 @@ prompt g. Before whitening every estimator gives exactly 0 to every sample of a 
 rewards are all equal (such a group carries no learning signal; the online filter usually drops
 it first).
 
-  grpo         (r - mean_g) / (std_g + 1e-6), std unbiased (Bessel), as GRPO / MM-Eureka
+  grpo         (r - mean_g) / (std_g + eps), std unbiased (Bessel), as GRPO / MM-Eureka
+               (eps 1e-6 as verl; MM-Eureka's group_norm uses 1e-9: `algo.grpo_eps`)
   dr_grpo      r - mean_g                          (Dr. GRPO: no std normalisation bias)
   rloo         r - mean of the other n - 1 samples = n / (n - 1) * (r - mean_g)
   reinforce++  r - mean_g, then whitened over the batch's tokens (REINFORCE++-baseline)
@@ -48,10 +49,13 @@ def _as_rewards(rewards, group_size: int) -> tuple[torch.Tensor, torch.dtype]:
 
 
 def compute_advantages(rewards, group_size: int, estimator: str = "grpo", *,
-                       lengths=None, whiten: bool = False) -> torch.Tensor:
+                       lengths=None, whiten: bool = False, grpo_eps: float = EPS,
+                       clip_filter_like_cap: float | None = None) -> torch.Tensor:
     """Advantages [N] for rewards [N] (tensor or sequence) in contiguous groups of `group_size`.
 
     lengths: response tokens per sequence [N], needed for token whitening (reinforce++, whiten).
+    clip_filter_like_cap: CPGD's clip-filter-like weight (`clip_filter_like_weights`), applied
+    to every estimator when given.
     Computed in float64; returned in the rewards' floating dtype (float64 for lists / ints).
     """
     if estimator not in ESTIMATORS:
@@ -64,20 +68,33 @@ def compute_advantages(rewards, group_size: int, estimator: str = "grpo", *,
     centred = g - g.mean(dim=1, keepdim=True)
     constant = (g.amax(dim=1) == g.amin(dim=1))[:, None]
     if estimator == "grpo":
-        adv = centred / (g.std(dim=1, keepdim=True) + EPS)
+        adv = centred / (g.std(dim=1, keepdim=True) + grpo_eps)
     elif estimator == "dr_grpo":
         adv = centred
     elif estimator == "rloo":
         adv = centred * (n / (n - 1))
     else:  # reinforce++
         adv = centred
-    adv = torch.where(constant, torch.zeros_like(adv), adv).flatten()
+    adv = torch.where(constant, torch.zeros_like(adv), adv)
+    if clip_filter_like_cap is not None:
+        adv = adv * clip_filter_like_weights(constant[:, 0], clip_filter_like_cap)[:, None]
+    adv = adv.flatten()
     if estimator == "reinforce++" or whiten:
         if lengths is None:
             raise ValueError(f"estimator {estimator!r} with token whitening needs the response "
                              "lengths")
         adv = whiten_over_tokens(adv, lengths)
     return adv.to(out_dtype)
+
+
+def clip_filter_like_weights(constant: torch.Tensor, cap: float = 3.0) -> torch.Tensor:
+    """CPGD's clip-filter-like weight per group: groups with reward variance get
+    min(G / (G - #constant groups), cap), constant groups 1 (they are 0 anyway) -- the surviving
+    groups carry the weight a filter that dropped the constant ones would give them."""
+    groups, dead = constant.numel(), int(constant.sum())
+    w = min(groups / (groups - dead), cap) if dead < groups else 1.0
+    return torch.where(constant, torch.ones((), dtype=torch.float64),
+                       torch.full((), w, dtype=torch.float64))
 
 
 def whiten_over_tokens(adv: torch.Tensor, lengths) -> torch.Tensor:

@@ -107,10 +107,10 @@ def extract_answer(response: str) -> str | None:
         open_ = response.rfind("<answer>", 0, close)
         if open_ != -1:
             return response[open_ + len("<answer>"):close]
-    return _last_boxed(response)
+    return last_boxed(response)
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...}, braces balanced (\\{ and \\} do not count)."""
     starts = list(_BOXED_START.finditer(text))
     if not starts:

@@ -9,8 +9,9 @@ _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _LAYOUT = re.compile(r"<think>(.*)</think>\s*<answer>(.*)</answer>", re.DOTALL)
 
 
-def format_reward(response: str) -> float:
-    """1.0 for `<think>…</think> <answer>…</answer>` (each tag once, both non-blank), else 0.0."""
+def format_reward(response: str, min_think_chars: int = 0) -> float:
+    """1.0 for `<think>…</think> <answer>…</answer>` (each tag once, both non-blank, the think
+    part at least `min_think_chars` long), else 0.0."""
     if not isinstance(response, str):
         return 0.0
     text = response.strip()
@@ -19,4 +20,4 @@ def format_reward(response: str) -> float:
     m = _LAYOUT.fullmatch(text)
     if m is None or not m.group(1).strip() or not m.group(2).strip():
         return 0.0
-    return 1.0
+    return 1.0 if len(m.group(1)) >= min_think_chars else 0.0

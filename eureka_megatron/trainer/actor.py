@@ -30,6 +30,10 @@ class Actor:
         mcfg = self.family.config_from_hf(self.hf_config, hf_dir)
         if hasattr(mcfg, "freeze_vision"):
             mcfg.freeze_vision = cfg.model.freeze_vision
+        if hasattr(mcfg, "freeze_projector"):
+            m = cfg.model
+            mcfg.freeze_projector = (m.freeze_vision if m.freeze_projector is None
+                                     else m.freeze_projector)
         self.model_cfg = mcfg
         self.text_cfg = getattr(mcfg, "text", mcfg)
         ckpt = HFCheckpoint(hf_dir)

@@ -204,7 +204,9 @@ def advantages(cfg: RLConfig, rewards: torch.Tensor, seqs, minis, old, ref) -> d
         rewards = rewards - cfg.algo.kl_coef * kl
         metrics["kl/reward_penalty"] = float(kl.mean())
     adv = compute_advantages(rewards, cfg.group_size, cfg.algo.estimator,
-                             lengths=[len(s.response_ids) for s in seqs], whiten=cfg.algo.whiten)
+                             lengths=[len(s.response_ids) for s in seqs], whiten=cfg.algo.whiten,
+                             grpo_eps=cfg.algo.grpo_eps,
+                             clip_filter_like_cap=cfg.algo.clip_filter_like_cap)
     for mbs, rows in minis:
         for mb, idx in zip(mbs, rows):
             mb["advantages"] = adv[idx].float()

@@ -420,11 +420,19 @@ def wrong_image_count(cfg, par):
     input_ids, pixels, position_ids = batch()
     with pytest.raises(ValueError, match="12 image tokens .* 2 tiles give 8 embeddings"):
         model(input_ids, position_ids, pixel_values=pixels[:2])
-    return [p.requires_grad for m in (model.vision_model, model.vision_projection)
-            for p in m.parameters()]
+    return [[p.requires_grad for p in m.parameters()]
+            for m in (model.vision_model, model.vision_projection)]
 
 
 def test_image_token_count_mismatch_and_frozen_tower():
     cfg = our_config("qwen2")
-    grads = launch(wrong_image_count, 1, cfg, ParallelConfig())[0]
-    assert grads and not any(grads)
+    tower, projector = launch(wrong_image_count, 1, cfg, ParallelConfig())[0]
+    assert tower and projector and not any(tower + projector)
+
+
+def test_trainable_projector_with_a_frozen_tower():
+    """MM-Eureka's InternVL runs freeze the vision model only; mlp1 trains."""
+    cfg = our_config("qwen2")
+    cfg.freeze_projector = False
+    tower, projector = launch(wrong_image_count, 1, cfg, ParallelConfig())[0]
+    assert not any(tower) and projector and all(projector)

@@ -318,3 +318,24 @@ def test_sum_norm_needs_a_constant_length():
         policy_loss_sums(AlgoConfig(agg="seq-mean-token-sum-norm"), lp, old, adv, mask)
     with pytest.raises(ValueError, match="per-sequence advantages"):
         policy_loss_sums(AlgoConfig(loss="gspo"), lp, old, adv[:, None].expand_as(lp), mask)
+
+
+def test_grpo_eps_is_configurable():
+    rewards = [1.0, 0.0, 0.0, 0.0]
+    std = statistics.stdev(rewards)
+    got = compute_advantages(rewards, 4, "grpo", grpo_eps=1e-9)
+    assert got.tolist() == pytest.approx([(r - 0.25) / (std + 1e-9) for r in rewards], rel=1e-14)
+    assert got[0] != compute_advantages(rewards, 4, "grpo")[0]  # default 1e-6 differs
+
+
+def test_clip_filter_like_weights_scale_the_groups_that_carry_signal():
+    # 4 groups, 1 constant: the other three get min(4 / 3, 3) (CPGD's clip-filter-like weight)
+    rewards = [r for g in GROUPS for r in g]
+    plain = compute_advantages(rewards, 4, "grpo")
+    weighted = compute_advantages(rewards, 4, "grpo", clip_filter_like_cap=3.0)
+    assert weighted.tolist() == pytest.approx((plain * 4 / 3).tolist(), rel=1e-14)
+    # 4 groups, 3 constant: 4 / 1 = 4, capped at 3
+    few = [1.0, 0.0, 1.0, 0.0] + [1.0] * 4 + [0.0] * 4 + [0.5] * 4
+    assert compute_advantages(few, 4, "dr_grpo", clip_filter_like_cap=3.0)[:4].tolist() == \
+        pytest.approx([1.5, -1.5, 1.5, -1.5])
+    assert compute_advantages([1.0] * 8, 4, "grpo", clip_filter_like_cap=3.0).eq(0).all()

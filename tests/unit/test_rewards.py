@@ -431,3 +431,25 @@ def test_long_derivations_and_worked_solution_golds():
     gold = work + r"Hence the answer is $\boxed{20\%}$."
     assert accuracy_reward(ans(r"\boxed{20\%}"), gold) == 1.0
     assert accuracy_reward(ans(r"\boxed{25\%}"), gold) == 0.0
+
+
+# --- MM-Eureka-Zero's reward ------------------------------------------------------------------
+
+LONG_THINK = "Count the apples in the picture one by one, then check the count again. " * 5
+
+
+@pytest.mark.parametrize("response,gold,accuracy,fmt", [
+    (f"<think>{LONG_THINK}</think><answer>So it is \\boxed{{12}}.</answer>", "12", 1.0, 1.0),
+    (f"<think>{LONG_THINK}</think><answer>So it is \\boxed{{13}}.</answer>", "12", 0.0, 1.0),
+    # the think part is under 300 characters: no format reward, accuracy still counts
+    ("<think>Count them.</think><answer>\\boxed{12}</answer>", "12", 1.0, 0.0),
+    # the last \boxed{} of the whole response is the answer, inside the tags or not
+    (f"<think>{LONG_THINK} maybe \\boxed{{11}}</think><answer>\\boxed{{\\frac{{24}}{{2}}}}</answer>",
+     "12", 1.0, 1.0),
+    (f"<think>{LONG_THINK}</think><answer>12</answer>", "12", 0.0, 1.0),  # no \boxed{}: 0
+    # anchored: text after </answer> or a second think block fails the format
+    (f"<think>{LONG_THINK}</think><answer>\\boxed{{12}}</answer> extra", "12", 1.0, 0.0),
+])
+def test_zero_scores(response, gold, accuracy, fmt):
+    assert len(LONG_THINK) >= rewards.ZERO_MIN_THINK_CHARS
+    assert rewards.zero_scores(response, gold) == {"accuracy": accuracy, "format": fmt}
