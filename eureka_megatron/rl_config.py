@@ -74,7 +74,7 @@ class DataConfig:
     synthetic_tasks: list[str] = field(default_factory=lambda: ["count_circles"])
     synthetic_size: int = 4096
     image_size: int = 56           # synthetic images
-    system_prompt: str | None = "r1"  # "r1": the built-in R1-style prompt; null: none; else the text
+    system_prompt: str | None = "r1"  # "r1" / "r1-zero" (pretrained bases): built-in; null: none; else the text
     max_prompt_length: int = 2048
     min_pixels: int = 56 * 56
     max_pixels: int = 14 * 14 * 4 * 1280

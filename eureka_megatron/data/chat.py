@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ChatTokens", "QWEN_CHAT", "INTERNVL_CHAT", "R1_SYSTEM_PROMPT", "IMAGE_PLACEHOLDER",
+__all__ = ["ChatTokens", "QWEN_CHAT", "INTERNVL_CHAT", "R1_SYSTEM_PROMPT", "R1_ZERO_SYSTEM_PROMPT",
+           "IMAGE_PLACEHOLDER",
            "render_prompt", "chat_for_family", "jinja_chat_template"]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -30,6 +31,16 @@ R1_SYSTEM_PROMPT = (
     "as a number, expression or option letter, with math in LaTeX, for example "
     "<think> The picture shows 1 apple and 1 more apple, so there are 1+1=2. </think>"
     "<answer>$2$</answer>."
+)
+
+
+# For pretrained (not instruction-tuned) bases, MM-Eureka-Zero's setting: think, then answer with
+# the final result in \boxed{} (the Zero reward reads the last one). Our wording.
+R1_ZERO_SYSTEM_PROMPT = (
+    "The user asks a question about an image and you answer it. Think it through first: write "
+    "your reasoning inside <think> </think> tags, then write the answer inside <answer> </answer> "
+    "tags with the final result in \\boxed{}, for example <think> reasoning here </think>"
+    "<answer> The result is \\boxed{2}. </answer>."
 )
 
 

@@ -36,10 +36,10 @@ def eval_rows(cfg: RLConfig):
 
 
 def system_prompt(cfg: RLConfig) -> str | None:
-    from eureka_megatron.data.chat import R1_SYSTEM_PROMPT
+    from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, R1_ZERO_SYSTEM_PROMPT
 
     sp = cfg.data.system_prompt
-    return R1_SYSTEM_PROMPT if sp == "r1" else sp
+    return {"r1": R1_SYSTEM_PROMPT, "r1-zero": R1_ZERO_SYSTEM_PROMPT}.get(sp, sp)
 
 
 def tile_size(hf_config: dict) -> int | None:

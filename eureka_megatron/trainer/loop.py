@@ -466,9 +466,11 @@ def describe(cfg: RLConfig) -> str:
              f"batch        {t.rollout_batch_size} prompts x {r.n_samples} = "
              f"{t.rollout_batch_size * r.n_samples} sequences/step, {t.mini_batches} mini-batch(es), "
              f"{t.epochs} epoch(s), micro-batches <= {t.micro_batch_tokens} tokens",
-             f"algorithm    {cfg.algo.estimator} advantages, {cfg.algo.loss} loss ({cfg.algo.agg}), "
+             f"algorithm    {cfg.algo.estimator} advantages"
+             f"{' (token-whitened)' if cfg.algo.whiten or cfg.algo.estimator == 'reinforce++' else ''}, "
+             f"{cfg.algo.loss} loss ({cfg.algo.agg}), "
              f"filter {'[%g, %g]' % (cfg.algo.filter_low, cfg.algo.filter_high) if cfg.algo.online_filter else 'off'}, "
-             f"kl {cfg.algo.kl_coef} ({cfg.algo.kl_in})",
+             f"kl {cfg.algo.kl_coef} ({cfg.algo.kl_in}), rollout IS {cfg.algo.rollout_is}",
              f"rewards      {', '.join(cfg.rewards.functions)} weights {cfg.rewards.weights}",
              f"data         {cfg.data.train or 'synthetic ' + '+'.join(cfg.data.synthetic_tasks)}",
              f"steps        {t.steps} ({t.mode}), warm-up {cfg.warmup.steps}, eval every {cfg.eval.interval}",

@@ -3,6 +3,7 @@ with the layout its header promises; the numbers in the recipes' memory arithmet
 config values; and the launch scripts parse, refuse missing paths and submit the right command."""
 import copy
 import json
+import math
 import os
 import re
 import subprocess
@@ -121,6 +122,107 @@ def test_tiny_lm_config_dry_run(tmp_path, capsys):
 def test_every_example_config_is_covered():
     names = {p.stem for p in EXAMPLES.glob("*.yaml")}
     assert names == set(RECIPES) | {"demo_cpu", "tiny_lm"}
+    assert {p.stem for p in (EXAMPLES / "mm_eureka").glob("*.yaml")} == set(MM_EUREKA)
+
+
+# --- MM-Eureka's releases, exactly -------------------------------------------------------------
+
+# OpenGVLab/InternVL2_5-8B config.json (the fields our reader uses): InternLM2.5-7B +
+# InternViT-300M-448px-V2_5 (models-and-conversion.md section 1); <IMG_CONTEXT> is id 92546.
+INTERNVL2_5_8B = {
+    "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+    "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2", "template": "internvl2_5",
+    "force_image_size": 448, "torch_dtype": "bfloat16",
+    "llm_config": {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+                   "vocab_size": 92553, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "rms_norm_eps": 1e-5, "rope_theta": 1000000, "max_position_embeddings": 32768,
+                   "tie_word_embeddings": False, "bias": False, "torch_dtype": "bfloat16"},
+    "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+                      "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                      "num_attention_heads": 16, "norm_type": "layer_norm", "layer_norm_eps": 1e-6,
+                      "qkv_bias": True, "qk_normalization": False, "image_size": 448,
+                      "patch_size": 14, "num_channels": 3, "hidden_act": "gelu",
+                      "torch_dtype": "bfloat16"},
+}
+INTERNLM2_TOKENIZER = {"added_tokens_decoder": {"92546": {"content": "<IMG_CONTEXT>",
+                                                          "special": True}}}
+
+# From MM-Eureka's scripts (shared/reference/mm-eureka.md, "Hyper-parameters in the scripts" and
+# the defaults they do not override): estimator, lr, weight decay, warm-up ratio, episodes x
+# prompts, train batch (sequences), prompt / generation length, online filter, KL, loss,
+# aggregation (token mean only with --use_dapo or CPGD), reward weights.
+MM_EUREKA = {
+    "internvl_8b_rloo": dict(hub=INTERNVL2_5_8B, estimator="rloo", lr=3e-7, wd=0.0, warmup=0.03,
+                             prompts=54_931, episodes=1, train_batch=64, prompt_len=2048,
+                             filter=None, loss="ppo", agg="seq-mean-token-mean",
+                             weights={"accuracy": 1.0, "format": 0.5}, projector=True,
+                             colocated=True, gpus=8),
+    "internvl_38b_zero": dict(hub=INTERNVL2_5_38B, estimator="rloo", lr=3e-7, wd=0.0,
+                              warmup=0.03, prompts=9_300, episodes=1, train_batch=64,
+                              prompt_len=2048, filter=None, loss="ppo",
+                              agg="seq-mean-token-mean", weights={"accuracy": 1.0, "format": 1.0},
+                              projector=True, colocated=False, gpus=40),
+    "qwen_7b_grpo": dict(hub=QWEN2_5_VL_7B, estimator="grpo", lr=1e-6, wd=0.0, warmup=0.03,
+                         prompts=15_616, episodes=10, train_batch=128, prompt_len=3000,
+                         filter=(0.1, 0.9), loss="ppo", agg="seq-mean-token-mean",
+                         weights={"accuracy": 1.0, "format": 0.5}, projector=None,
+                         colocated=True, gpus=8),
+    "cpgd_7b": dict(hub=QWEN2_5_VL_7B, estimator="grpo", lr=1e-6, wd=0.01, warmup=0.0,
+                    prompts=15_616, episodes=5, train_batch=128, prompt_len=3000, filter=None,
+                    loss="cpgd", agg="token-mean", weights={"accuracy": 1.0, "format": 0.5},
+                    projector=None, colocated=True, gpus=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MM_EUREKA))
+def test_mm_eureka_release_configs_carry_their_settings(name, tmp_path, capsys):
+    want = MM_EUREKA[name]
+    path = EXAMPLES / "mm_eureka" / f"{name}.yaml"
+    hub = want["hub"]
+    model = _model_dir(tmp_path, hub)
+    if hub is INTERNVL2_5_8B:
+        (model / "tokenizer_config.json").write_text(json.dumps(INTERNLM2_TOKENIZER))
+    out = _dry_run(capsys, "train", str(path), f"model.hf={model}",
+                   f"data.train={_rows(tmp_path)}", f"output.dir={tmp_path / 'run'}", "--dry-run")
+    where = "colocated" if want["colocated"] else "disaggregated"
+    assert f"{where}, {want['gpus']} GPUs in all" in out
+    cfg = cli_config(path, model, tmp_path)
+    a, o, t, r, d = cfg.algo, cfg.optim, cfg.train, cfg.rollout, cfg.data
+    assert (a.estimator, a.loss, a.agg, a.kl_coef) == (want["estimator"], want["loss"],
+                                                       want["agg"], 0.0)
+    assert a.whiten == (want["estimator"] == "rloo")  # OpenRLHF whitens all but group_norm
+    if want["estimator"] == "grpo":
+        assert a.grpo_eps == 1e-9
+    assert (a.clip_low, a.clip_high) == (0.2, 0.2)
+    assert a.dual_clip == (None if want["loss"] == "cpgd" else 3.0)
+    if want["filter"]:
+        assert a.online_filter and (a.filter_low, a.filter_high) == want["filter"]
+    else:
+        assert not a.online_filter and r.max_filter_rounds == 1
+    assert (o.lr, o.min_lr, o.weight_decay) == pytest.approx((want["lr"], want["lr"] / 10,
+                                                              want["wd"]))
+    assert (o.adam_beta1, o.adam_beta2, o.clip_grad) == (0.9, 0.95, 1.0)
+    assert t.rollout_batch_size == 128 and r.n_samples == 8 and t.epochs == 1
+    assert t.mini_batches == 128 * 8 // want["train_batch"]
+    assert t.steps == math.ceil(want["episodes"] * want["prompts"] / 128)
+    opt_steps = t.steps * t.mini_batches
+    assert o.warmup_steps == math.ceil(want["warmup"] * opt_steps) or \
+        o.warmup_steps == int(want["warmup"] * opt_steps)
+    assert (r.temperature, r.top_p, r.max_new_tokens) == (1.0, 1.0, 4096)
+    assert d.max_prompt_length == want["prompt_len"]
+    assert cfg.rewards.weights == want["weights"]
+    assert cfg.model.freeze_vision and cfg.model.freeze_projector is (
+        None if want["projector"] is None else not want["projector"])
+    if name.endswith("zero"):
+        assert cfg.rewards.functions == ["eureka_megatron.rewards:zero_scores"]
+        assert d.system_prompt == "r1-zero"
+
+
+def cli_config(path: Path, model: Path, tmp_path: Path):
+    from eureka_megatron.rl_config import load_rl_config
+
+    return load_rl_config(str(path), [f"model.hf={model}", f"data.train={_rows(tmp_path)}"])
 
 
 # --- launch scripts ------------------------------------------------------------------------------
