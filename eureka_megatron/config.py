@@ -153,7 +153,7 @@ class InternVLConfig:
     image_token_id: int = 151667  # <IMG_CONTEXT>
     select_layer: int = -1
     freeze_vision: bool = True  # the tower
-    freeze_projector: bool = True  # the mlp1 projector
+    freeze_projector: bool | None = None  # the mlp1 projector; None: as freeze_vision
 
     def __post_init__(self):
         if self.llm_arch not in ("qwen2", "internlm2"):

@@ -237,8 +237,10 @@ class InternVLModel(MegatronModule):
             self.vision_model = InternViT(cfg.vision, par)
             self.vision_projection = InternVLProjector(
                 projector_transformer_config(cfg, par), cfg.vision.hidden_size * cfg.shuffle_factor**2)
+            projector_frozen = (cfg.freeze_vision if cfg.freeze_projector is None
+                                else cfg.freeze_projector)
             frozen = [*(self.vision_model.parameters() if cfg.freeze_vision else ()),
-                      *(self.vision_projection.parameters() if cfg.freeze_projector else ())]
+                      *(self.vision_projection.parameters() if projector_frozen else ())]
             for p in frozen:
                 p.requires_grad_(False)
         self.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights

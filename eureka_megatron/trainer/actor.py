@@ -31,9 +31,7 @@ class Actor:
         if hasattr(mcfg, "freeze_vision"):
             mcfg.freeze_vision = cfg.model.freeze_vision
         if hasattr(mcfg, "freeze_projector"):
-            m = cfg.model
-            mcfg.freeze_projector = (m.freeze_vision if m.freeze_projector is None
-                                     else m.freeze_projector)
+            mcfg.freeze_projector = cfg.model.freeze_projector
         self.model_cfg = mcfg
         self.text_cfg = getattr(mcfg, "text", mcfg)
         ckpt = HFCheckpoint(hf_dir)
