@@ -86,10 +86,6 @@ class Qwen25VisionConfig:
         m = self.intermediate_pad_multiple
         return int(math.ceil(self.intermediate_size / m) * m)
 
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
 
 @dataclass
 class Qwen25VLConfig:
@@ -169,11 +165,6 @@ class InternVLConfig:
     def shuffle_factor(self) -> int:
         """Patches merged per side by the pixel shuffle (2 for downsample_ratio 0.5)."""
         return round(1 / self.downsample_ratio)
-
-    @property
-    def tokens_per_tile(self) -> int:
-        side = self.vision.image_size // self.vision.patch_size
-        return (side // self.shuffle_factor) ** 2
 
 
 @dataclass

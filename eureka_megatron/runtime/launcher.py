@@ -12,12 +12,13 @@ import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
+
+from eureka_megatron.runtime.ports import free_port
 
 
 class RankError(RuntimeError):
@@ -26,12 +27,6 @@ class RankError(RuntimeError):
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -59,7 +59,6 @@ class Actor:
             self.reference = ref
             self._offload(ref)
         del tensors
-        self.export_mapping = None
 
     # --- forward passes ----------------------------------------------------------------------
 
@@ -134,10 +133,6 @@ class Actor:
             return hidden, loss_fn
 
         return forward
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.model.optimizer.param_groups:
-            g["lr"] = lr
 
     # --- weights out ---------------------------------------------------------------------------
 

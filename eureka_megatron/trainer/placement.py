@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from eureka_megatron.runtime.ports import free_port
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK")
 # GPU shares of a bundle when trainer and engine share its GPU: Ray must fit both in one bundle,
@@ -250,9 +251,7 @@ class _RankActor:
         return ray.util.get_node_ip_address(), [str(i) for i in ray.get_gpu_ids()]
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return free_port("")
 
     def run(self, fn, args, kwargs, env: dict, threads: int, layout: Layout, pg):
         global _CURRENT
@@ -426,8 +425,3 @@ def place_engines(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_e
                                name=f"engine{e}", **_engine_options(layout, pg, e, order))
                           for e in range(len(layout.engine_bundles))], timeout=timeout)
 
-
-def place_engine_actors(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_engine: int) -> list:
-    """`place_engines`, as bare Ray actor handles (an `EngineActor` each). Prefer
-    `place_engines`: its `RemoteEngine`s can respawn a dead actor."""
-    return [e.handle for e in place_engines(layout, pg, factory, kwargs, num_gpus_per_engine)]

@@ -64,7 +64,7 @@ def sequences_batch(prompt, samples, pad_id):
 def sync_rank(family_name, cfg, par, tensors, hf_config, logits_inputs, prompt, fail_after):
     from eureka_megatron.models.forward import forward_token_logprobs
     from eureka_megatron.models.init import fill_global_tensors
-    from eureka_megatron.rollout.agreement import logprob_agreement
+    from eureka_megatron.algo.mismatch import mismatch_sums
     from eureka_megatron.rollout.hf_engine import HFEngine
     from eureka_megatron.rollout.weight_sync import sync_with_restart
     from eureka_megatron.runtime.distributed import init_distributed
@@ -107,7 +107,10 @@ def sync_rank(family_name, cfg, par, tensors, hf_config, logits_inputs, prompt, 
                                            vocab_size=getattr(cfg, "text", cfg).vocab_size,
                                            temperature=0.8, backend="torch")
     if rank0:
-        out["agreement"] = logprob_agreement(engine_lp, trainer_lp, labels >= 0)
+        # the per-step mismatch metrics, as the loop logs them (d = trainer - engine)
+        sums = mismatch_sums(trainer_lp, engine_lp, (labels >= 0).float(), cap=2.0)
+        out["agreement"] = {"rollout/logprob_abs_diff_max":
+                            float(sums["rollout_logprob_abs_diff_max"])}
         out["generated"] = int((labels >= 0).sum())
     return out
 

@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import io
 import pickle
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from PIL import Image
 
 from tests.sglang_api.sglang_app import SGLangApp  # first: stubs GPU imports, or skips
 
+from eureka_megatron.runtime.ports import free_port
 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
 IMAGE_PAD, VISION_START = "<|image_pad|>", "<|vision_start|>"
@@ -236,12 +236,6 @@ def test_internvl_refuses_pretokenized_ids_with_raw_images(internvl_dir):
         assert out["meta_info"]["prompt_tokens"] == len(ids)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # The trainer, rank 0, in its own process: torch only, joining the group the way SGLang's
 # init_custom_process_group does (a PrefixStore(group_name) over the tcp:// rendezvous store).
 TRAINER = """
@@ -260,7 +254,7 @@ print("broadcast done", flush=True)
 
 def test_gloo_distributed_update_round_trip(app, tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    port, group = _free_port(), "eureka_sync"
+    port, group = free_port(), "eureka_sync"
     new = _new_weights(seed=3)
     bucket = FlattenedTensorBucket(named_tensors=list(new.items()))
     torch.save(bucket.get_flattened_tensor(), tmp_path / "flat.pt")

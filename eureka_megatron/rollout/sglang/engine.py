@@ -45,10 +45,11 @@ from eureka_megatron.rollout.sglang.flags import (DETERMINISTIC_FLAG, WEIGHTS_BA
 from eureka_megatron.rollout.sglang.http import (SGLangHTTP, SGLangHTTPError, SGLangRefused,
                                                  Transport)
 from eureka_megatron.rollout.sglang.payload import serialize_flat_bucket
-from eureka_megatron.rollout.sglang.process import ServerProcess, free_port
+from eureka_megatron.rollout.sglang.process import ServerProcess
 from eureka_megatron.rollout.sglang.prompts import (FAMILY_OF_MODEL_TYPE, RequestAborted,
                                                     generate_body, parse_sample)
 from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup, address_facing
+from eureka_megatron.runtime.ports import free_port
 
 ALL_MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's memory-saver tags
 TRANSPORTS = ("tensor", "distributed")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from eureka_megatron.rollout.sglang.process import free_port
+from eureka_megatron.runtime.ports import free_port
 
 DEFAULT_GROUP_NAME = "weight_update_group"
 
