@@ -1,6 +1,8 @@
 """The Megatron actor: the policy (trainable, any TP/PP/DP) and a frozen reference, built from an
-HF checkpoint; log-probs through the fused kernel, RL and supervised train steps, weight export to
-rollout engines, checkpoints. Every method is collective over all ranks.
+HF checkpoint. It owns its megatron state (model, optimizer, scheduler, DP groups) and offers the
+loop one verb per stage: `plan` (this DP rank's micro-batches), `logprobs` (old / reference),
+`sequence_kl`, `train`, `sync_to` (weights into a rollout engine), `save` / `load` (checkpoints),
+`export_hf`. Every method is collective over all ranks.
 
 The reference model is the policy's starting weights, kept only when a KL term needs it, and on a
 GPU it lives in host memory between uses (`offload_reference`).
@@ -9,22 +11,56 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from eureka_megatron.algo.reward_shaping import kl_penalized_rewards
 from eureka_megatron.convert.families import family_for
+from eureka_megatron.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter, copy_side_files
+from eureka_megatron.models.forward import forward_token_logprobs
+from eureka_megatron.models.init import fill_global_tensors
+from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
+                                             token_logprobs, unwrap)
 from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.rollout.weight_export import export_hf_weights
+from eureka_megatron.rollout.weight_sync import sync_with_restart
+from eureka_megatron.runtime.distributed import broadcast_object
+from eureka_megatron.trainer import checkpoint
+from eureka_megatron.trainer.batches import Sequence, dp_share, micro_batches
+from eureka_megatron.trainer.policy_forward import policy_forward
+from eureka_megatron.trainer.train_step import train_step, wrap_for_training
+
+# the first optimizer step's values, reported under first/ (exactly 1 and 0 on-policy)
+FIRST_STEP_KEYS = ("ratio_min", "ratio_max", "kl", "seq_ratio_min", "seq_ratio_max")
+# the first forward runs the weights the engine sampled with: rollout-vs-trainer agreement
+ROLLOUT_AGREEMENT = {"rollout_logprob_abs_diff": "rollout/logprob_abs_diff_mean",
+                     "rollout_logprob_abs_diff_max": "rollout/logprob_abs_diff_max",
+                     "rollout_k3_kl": "rollout/k3_kl", "rollout_beyond_cap": "rollout/beyond_is_cap"}
+
+
+@dataclass
+class TrainPlan:
+    """One step's batch as this DP rank trains it: per mini-batch (whole groups) its micro-batches,
+    and for every micro-batch row the index of its sequence in the whole batch."""
+
+    minis: list[tuple[list[dict], list[list[int]]]]
+    size: int  # sequences in the whole batch, over all DP ranks
+    ref_logprobs: list | None = None  # per micro-batch, once `Actor.logprobs` ran with a reference
+
+    @property
+    def micro_batches(self) -> list[dict]:
+        return [mb for mbs, _ in self.minis for mb in mbs]
 
 
 class Actor:
-    def __init__(self, cfg: RLConfig, need_reference: bool):
-        from eureka_megatron.convert.hf_io import HFCheckpoint
-        from eureka_megatron.models.init import fill_global_tensors
-        from eureka_megatron.trainer.train_step import wrap_for_training
-
+    def __init__(self, cfg: RLConfig, need_reference: bool, hf_dir: Path | None = None):
+        """`hf_dir`: the checkpoint to start from (default `cfg.model.hf`; the stage-0 output
+        after a format warm-up)."""
         self.cfg = cfg
-        hf_dir = Path(cfg.model.hf)
+        self.hf_dir = hf_dir = Path(hf_dir or cfg.model.hf)
         self.hf_config = json.loads((hf_dir / "config.json").read_text())
         self.family = family_for(self.hf_config, str(hf_dir / "config.json"))
         mcfg = self.family.config_from_hf(self.hf_config, hf_dir)
@@ -60,6 +96,99 @@ class Actor:
             self._offload(ref)
         del tensors
 
+    # --- the RL step ---------------------------------------------------------------------------
+
+    def plan(self, seqs: list[Sequence], pad_id: int) -> TrainPlan | None:
+        """This DP rank's share of the batch, as micro-batches per mini-batch of whole groups;
+        None when there are fewer sequences than DP ranks (the step cannot train)."""
+        from megatron.core import parallel_state as ps
+
+        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        if len(seqs) < dp:
+            return None
+        for i, s in enumerate(seqs):
+            s.index = i
+        groups = sorted({s.group for s in seqs})
+        per_mini = max(1, len(groups) // self.cfg.train.mini_batches)
+        minis = []
+        for m in range(0, len(groups), per_mini):
+            chosen = set(groups[m:m + per_mini])
+            share = dp_share([s for s in seqs if s.group in chosen], dp_rank, dp)
+            if not share:  # more DP ranks than sequences: nothing to train on this rank
+                minis.append(([], []))
+                continue
+            mbs = self.micro_batches(share, pad_id)
+            rows, k = [], 0
+            for mb in mbs:
+                b = mb["input_ids"].shape[0]
+                rows.append([share[k + j].index for j in range(b)])
+                k += b
+            minis.append((mbs, rows))
+        return TrainPlan(minis, len(seqs))
+
+    def logprobs(self, plan: TrainPlan) -> None:
+        """Old log-probs (when the batch is trained on more than once -- otherwise the training
+        forward's own, detached, are exact -- or the KL goes into the reward) and reference
+        log-probs (only with a KL term), computed with the training partition and kept in the
+        plan's micro-batches."""
+        a = self.cfg.algo
+        flat = plan.micro_batches
+        kl_in_reward = a.kl_in == "reward" and a.kl_coef > 0
+        recompute = self.cfg.train.mini_batches * self.cfg.train.epochs > 1 or kl_in_reward
+        old = self.forward_logprobs(flat) if flat and recompute else [None] * len(flat)
+        ref = (self.forward_logprobs(flat, reference=True)
+               if flat and self.reference is not None else [None] * len(flat))
+        plan.ref_logprobs = ref
+        for mb, lp, rlp in zip(flat, old, ref):
+            mb["old_logprobs"] = lp
+            if a.kl_in == "loss" and a.kl_coef > 0:
+                mb["ref_logprobs"] = rlp
+
+    def sequence_kl(self, plan: TrainPlan) -> torch.Tensor:
+        """[N] summed per-token KL(policy || reference) of every sequence of the batch (all DP
+        ranks' shares gathered), from the log-probs `logprobs` kept."""
+        from megatron.core import parallel_state as ps
+
+        local = {}
+        rows = [idx for _, per_mb in plan.minis for idx in per_mb]
+        for mb, idx, ref in zip(plan.micro_batches, rows, plan.ref_logprobs):
+            _, kl = kl_penalized_rewards(torch.zeros(len(idx)), mb["old_logprobs"], ref,
+                                         mb["loss_mask"], self.cfg.algo.kl_coef,
+                                         self.cfg.algo.kl_type)
+            local.update(zip(idx, kl.tolist()))
+        parts = [None] * ps.get_data_parallel_world_size()
+        torch.distributed.all_gather_object(parts, local, group=ps.get_data_parallel_group())
+        kl = torch.zeros(plan.size, dtype=torch.float64)
+        for part in parts:
+            for i, v in part.items():
+                kl[i] = v
+        return kl
+
+    def train(self, plan: TrainPlan, advantages: torch.Tensor) -> dict[str, float]:
+        """epochs x mini-batches optimizer steps on the plan with these [N] advantages; means of
+        the metrics (max / min for *_max / *_min) under train/, the first optimizer step's ratio
+        and KL under first/, and the rollout-vs-trainer agreement of the first forward."""
+        for mbs, rows in plan.minis:
+            for mb, idx in zip(mbs, rows):
+                mb["advantages"] = advantages[idx].float()
+        forward = self.policy_forward()
+        runs = []
+        for _ in range(self.cfg.train.epochs):
+            for mbs, _ in plan.minis:
+                if mbs:  # this DP rank's share of the mini-batch is empty (fewer rows than DP)
+                    runs.append(self.train_micro_batches(mbs, forward))
+        out = {}
+        for k in runs[0]:
+            vals = [r[k] for r in runs if k in r]
+            out[k] = (max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min")
+                      else sum(vals) / len(vals))
+        first = {f"first/{k}": runs[0][k] for k in FIRST_STEP_KEYS if k in runs[0]}
+        agree = {name: runs[0].get(k, 0.0) for k, name in ROLLOUT_AGREEMENT.items()}
+        public = {k if k.startswith(("lr", "grad_norm")) else f"train/{k}": v
+                  for k, v in out.items() if not k.endswith(("_sum", "_tsum"))
+                  and not k.startswith("rollout_") and k not in ("count", "tokens", "update_ok")}
+        return {**public, **first, **agree}
+
     # --- forward passes ----------------------------------------------------------------------
 
     def call(self, chunk, mb):
@@ -70,15 +199,11 @@ class Actor:
 
     def micro_batches(self, seqs, pad_id: int) -> list[dict]:
         """Token-budget micro-batches; rows of one prompt share one vision-tower pass."""
-        from eureka_megatron.trainer.batches import micro_batches
-
         return micro_batches(seqs, self.cfg.train.micro_batch_tokens, pad_id, self.prepare,
                              getattr(self.model_cfg, "image_token_id", None))
 
-    def logprobs(self, micro_batches: list[dict], reference: bool = False) -> list[torch.Tensor]:
+    def forward_logprobs(self, micro_batches: list[dict], reference: bool = False) -> list[torch.Tensor]:
         """[B, S] log-probs of each micro-batch's labels under the policy (or the reference)."""
-        from eureka_megatron.models.forward import forward_token_logprobs
-
         chunks = self.reference if reference else self.model.chunks
         if reference:
             self._onload(chunks)
@@ -94,25 +219,19 @@ class Actor:
                 for c in chunks:
                     c.train()
 
-    def train(self, micro_batches: list[dict], forward_fn) -> dict[str, float]:
-        from eureka_megatron.trainer.train_step import train_step
-
+    def train_micro_batches(self, micro_batches: list[dict], forward_fn) -> dict[str, float]:
+        """One optimizer step over these micro-batches with any loss (RL or supervised)."""
         for c in self.model.chunks:
             c.train()
         return train_step(self.model, micro_batches, forward_fn)
 
     def policy_forward(self):
-        from eureka_megatron.trainer.policy_forward import policy_forward
-
         return policy_forward(self.cfg.algo, self.text_cfg.vocab_size,
                               temperature=self.cfg.rollout.temperature,
                               sum_norm_length=self.cfg.rollout.max_new_tokens, call=self.call)
 
     def supervised_forward(self):
         """Next-token NLL of the labelled tokens through the fused kernel (stage-0 warm-up)."""
-        from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
-                                                     token_logprobs, unwrap)
-
         vocab = self.text_cfg.vocab_size
 
         def forward(chunk, mb):
@@ -134,31 +253,34 @@ class Actor:
 
         return forward
 
+    # --- state ---------------------------------------------------------------------------------
+
+    def save(self, run_dir: Path, step: int, run_state: dict | None, keep_last: int = 0) -> Path:
+        """Collective: a resumable checkpoint of model, optimizer, scheduler and RNG after `step`,
+        with the run's own state (`run_state`, rank 0's) beside it."""
+        return checkpoint.save_checkpoint(run_dir, step, self.model, run_state, keep_last)
+
+    def load(self, path) -> tuple[int, dict]:
+        """Collective: restore a checkpoint saved at any layout; returns (step, run state)."""
+        return checkpoint.load_checkpoint(path, self.model)
+
     # --- weights out ---------------------------------------------------------------------------
 
     def sync_to(self, engine, version: int):
         """Collective: stream the policy's weights into `engine` (rank 0's; None elsewhere)."""
-        from eureka_megatron.rollout.weight_sync import sync_with_restart
-        from eureka_megatron.runtime.distributed import broadcast_object
-
         layout = broadcast_object(engine.weight_layout if engine is not None else None)
         mapping = self.family.mapping(self.model_cfg, layout)
         return sync_with_restart(self.model.unwrapped, mapping, engine, version,
                                  bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20)
 
-    def export_hf(self, out_dir: Path, src_dir: Path) -> None:
+    def export_hf(self, out_dir: Path, src_dir: Path | None = None) -> None:
         """Collective: write the policy as an HF checkpoint (the layout of the source checkpoint,
-        side files copied), atomically."""
-        import shutil
-
-        from eureka_megatron.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter, copy_side_files
-        from eureka_megatron.rollout.weight_export import export_hf_weights
-
+        default the one it was built from, side files copied), atomically."""
+        src_dir = Path(src_dir or self.hf_dir)
         layout = self.family.detect_layout(HFCheckpoint(src_dir).names)
         mapping = self.family.mapping(self.model_cfg, layout)
         rank0 = torch.distributed.get_rank() == 0
         tmp = out_dir.with_name(out_dir.name + ".tmp")
-        writer = None
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -1,6 +1,6 @@
-"""The RL run's SGLang rollout engines, from the config (`loop.build_engine` calls this).
+"""The RL run's rollout engine, from the config: an in-process HF engine, or SGLang engines.
 
-Three ways, first match wins:
+SGLang engines come one of three ways, first match wins:
 1. `rollout.sglang_url`: connect to running servers ("url1,url2,..."; one engine per URL).
 2. Under the Ray launcher (`placement.current_placement()` with engine bundles): one engine actor
    per planned engine in the trainer's placement group (`placement.place_engines`), each starting
@@ -25,14 +25,26 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.rollout.engine_group import EngineGroup
+from eureka_megatron.rollout.hf_engine import HFEngine
 
 SGLANG_FACTORY = "eureka_megatron.rollout.sglang:SGLangEngine.launch"
 ENGINE_CALL_TIMEOUT = 3600.0  # Ray engine actors: a whole rollout is one call
 
 
+def build_engine(cfg: RLConfig, hf_dir: Path):
+    """The engine the driver samples with, serving `hf_dir`'s weights until the first sync."""
+    if cfg.rollout.engine == "sglang":  # one server, or an EngineGroup of several
+        return build_sglang_engine(cfg, hf_dir)
+    dtype = torch.bfloat16 if cfg.model.rollout_dtype == "bf16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return HFEngine.from_pretrained(hf_dir, dtype=dtype, device=device)
+
+
 def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
-    from eureka_megatron.rollout.engine_group import EngineGroup
     from eureka_megatron.trainer.placement import current_placement, place_engines
 
     r = cfg.rollout
@@ -72,8 +84,6 @@ def connect_engines(urls: str, cfg: RLConfig | None = None, hf_dir: Path | None 
 def weight_transport(cfg: RLConfig) -> str:
     """auto: tensors to colocated engines; a broadcast group to engines on GPUs of their own
     (on a machine without CUDA every engine is sent tensors: nothing to broadcast over NCCL)."""
-    import torch
-
     t = cfg.rollout.weight_transport
     if t != "auto":
         return t
@@ -95,8 +105,6 @@ def local_engine_gpus(cfg: RLConfig, visible: list[str] | None = None) -> list[l
     visible: the GPUs this process may use (default: CUDA_VISIBLE_DEVICES, else every GPU)."""
     r = cfg.rollout
     if visible is None:
-        import torch
-
         if not torch.cuda.is_available():
             return [None] * r.engines
         env = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -1,7 +1,7 @@
 """The RL loop (a rank function, collective over all ranks), reading like DESIGN.md's diagram:
 
-    rollout -> rewards -> online filter  (driver rank: `collect.Collector`, broadcast to all)
-    -> advantages -> old / ref log-probs -> train (epochs x mini-batches)   (`actor.Actor`)
+    rollout -> rewards -> online filter      (`RolloutService`: driver rank, broadcast to all)
+    -> old / ref log-probs -> [KL into the reward] -> advantages -> train   (`Actor`, `algo`)
     -> weight sync -> eval -> metrics -> checkpoint
 
 On-policy: each step samples with the weights the previous step produced. Off-policy
@@ -15,297 +15,25 @@ collected and resume it just before the weight sync (on-policy; off-policy they 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from eureka_megatron.algo.advantages import compute_advantages
+from eureka_megatron.algo.reward_shaping import overlong_penalty
+from eureka_megatron.config import validate_layout
+from eureka_megatron.convert.families import family_for
 from eureka_megatron.rl_config import RLConfig
-from eureka_megatron.runtime.distributed import broadcast_object
-from eureka_megatron.trainer.batches import Sequence, dp_share
-from eureka_megatron.trainer.collect import Collector, EngineFailure, RolloutBatch, greedy_accuracy
-
-MAX_ENGINE_RESTARTS = 3
-
-
-# --- setup ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Driver:
-    """What only the driver rank (0) holds: engine, rewards, data, metrics."""
-
-    engine: object
-    tokenizer: object
-    pool: object
-    stream: object
-    eval_items: list
-    collector: Collector
-    writer: object
-
-
-def build_engine(cfg: RLConfig, hf_dir: Path):
-    if cfg.rollout.engine == "sglang":  # one server, or an EngineGroup of several (see engines.py)
-        from eureka_megatron.trainer.engines import build_sglang_engine
-
-        return build_sglang_engine(cfg, hf_dir)
-    from eureka_megatron.rollout.hf_engine import HFEngine
-
-    dtype = torch.bfloat16 if cfg.model.rollout_dtype == "bf16" else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HFEngine.from_pretrained(hf_dir, dtype=dtype, device=device)
-
-
-def build_driver(cfg: RLConfig, hf_dir: Path, family: str, start: int, wrap_engine=None) -> Driver:
-    from transformers import AutoTokenizer
-
-    from eureka_megatron.data.sources import eval_rows, prompt_builder, train_rows
-    from eureka_megatron.data.dataset import PromptStream
-    from eureka_megatron.rewards.pool import RewardPool
-    from eureka_megatron.trainer.metrics import METRICS_FILE, MetricsWriter, truncate_after
-
-    out = Path(cfg.output.dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    builder = prompt_builder(cfg, family, tokenizer)
-    loaded = train_rows(cfg)
-    stream = PromptStream(loaded.rows, builder, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    items = []
-    for row in eval_rows(cfg):
-        try:
-            items.append(builder.build(row))
-        except ValueError:
-            continue
-    engine = build_engine(cfg, hf_dir)
-    if wrap_engine is not None:
-        engine = wrap_engine(engine)
-    pool = RewardPool(cfg.rewards.functions, cfg.rewards.weights,
-                      num_workers=cfg.rewards.num_workers, timeout=cfg.rewards.timeout,
-                      memoize=cfg.rewards.memoize)
-    truncate_after(out / METRICS_FILE, start)
-    writer = MetricsWriter(out, total_steps=cfg.train.steps, start_step=start,
-                           tensorboard=cfg.output.tensorboard, progress=cfg.output.progress)
-    return Driver(engine, tokenizer, pool, stream, items, Collector(cfg, engine, pool, stream, len(loaded.skipped)), writer)
-
-
-# --- one stage per function ---------------------------------------------------------------------
-
-
-def rollout(driver: Driver | None, actor, step: int, pending: RolloutBatch | None,
-            restarts: list[int]) -> RolloutBatch:
-    """The step's batch on every rank; engine failures are survived (restart, resync, retry)."""
-    while True:
-        result = None
-        if driver is not None:
-            try:
-                result = pending if pending is not None else driver.collector.collect(step)
-            except EngineFailure as e:
-                result = e
-        pending = None
-        result = broadcast_object(result)
-        if not isinstance(result, EngineFailure):
-            result.metrics["rollout/engine_restarts"] = float(restarts[0])
-            return result
-        restarts[0] += 1
-        if restarts[0] > MAX_ENGINE_RESTARTS:
-            raise RuntimeError(f"rollout engine failed {restarts[0]} times; last: {result}")
-        actor.sync_to(driver.engine if driver else None, version=step - 1)
-
-
-def frees_engine_memory(cfg: RLConfig) -> bool:
-    """Colocated SGLang engines give their GPU memory to the trainer between rollout and sync (an
-    in-process HF engine has nothing of its own to free)."""
-    return cfg.cluster.colocate and cfg.rollout.engine == "sglang"
-
-
-def release_engine(driver: Driver | None, cfg: RLConfig) -> None:
-    """After the step's rollout (nothing in flight): the engine frees weights and KV cache."""
-    if driver is not None and frees_engine_memory(cfg):
-        driver.engine.release_memory()
-
-
-def resume_engine(driver: Driver | None, cfg: RLConfig) -> None:
-    """Before the weight sync: the engine takes its memory back (the sync then fills its weights);
-    an engine that cannot resume is restarted (a fresh server holds its memory)."""
-    if driver is not None and frees_engine_memory(cfg):
-        try:
-            driver.engine.resume_memory()
-        except Exception:  # noqa: BLE001 -- the sync right after loads the weights either way
-            driver.engine.restart()
-
-
-def to_sequences(batch: RolloutBatch, cfg: RLConfig) -> tuple[list[Sequence], torch.Tensor]:
-    seqs, rewards = [], []
-    for g, grp in enumerate(batch.groups):
-        for ids, lp, r in zip(grp.response_ids, grp.rollout_logprobs, grp.rewards):
-            seqs.append(Sequence(grp.prompt_ids, ids, grp.mm_inputs, 0.0, lp, group=g))
-            rewards.append(r)
-    rewards = torch.tensor(rewards, dtype=torch.float64)
-    if cfg.algo.overlong_buffer > 0 and seqs:
-        from eureka_megatron.algo.reward_shaping import overlong_penalty
-
-        rewards = rewards + overlong_penalty([len(s.response_ids) for s in seqs],
-                                             cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer,
-                                             cfg.algo.overlong_factor)
-    return seqs, rewards
-
-
-def plan_micro_batches(seqs: list[Sequence], cfg: RLConfig, actor, pad_id: int):
-    """Per mini-batch (whole groups), this DP rank's micro-batches, plus the sequence index of
-    every row so advantages can be filled in later."""
-    from megatron.core import parallel_state as ps
-
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    for i, s in enumerate(seqs):
-        s.index = i
-    groups = sorted({s.group for s in seqs})
-    per_mini = max(1, len(groups) // cfg.train.mini_batches)
-    minis = []
-    for m in range(0, len(groups), per_mini):
-        chosen = set(groups[m:m + per_mini])
-        share = dp_share([s for s in seqs if s.group in chosen], dp_rank, dp)
-        if not share:  # more DP ranks than sequences: nothing to train on this rank
-            minis.append(([], []))
-            continue
-        mbs = actor.micro_batches(share, pad_id)
-        rows, k = [], 0
-        for mb in mbs:
-            b = mb["input_ids"].shape[0]
-            rows.append([share[k + j].index for j in range(b)])
-            k += b
-        minis.append((mbs, rows))
-    return minis
-
-
-def advantages(cfg: RLConfig, rewards: torch.Tensor, seqs, minis, old, ref) -> dict[str, float]:
-    """Group-relative advantages (after KL-in-reward shaping), written into the micro-batches."""
-    from eureka_megatron.algo.advantages import compute_advantages
-
-    metrics = {}
-    if cfg.algo.kl_in == "reward" and cfg.algo.kl_coef > 0:
-        from eureka_megatron.algo.reward_shaping import kl_penalized_rewards
-
-        local = {}
-        for (mbs, rows), olds, refs in zip(minis, old, ref):
-            for mb, idx, lp, rlp in zip(mbs, rows, olds, refs):
-                _, kl = kl_penalized_rewards(torch.zeros(len(idx)), lp, rlp, mb["loss_mask"],
-                                             cfg.algo.kl_coef, cfg.algo.kl_type)
-                local.update(zip(idx, kl.tolist()))
-        from megatron.core import parallel_state as ps
-
-        parts = [None] * ps.get_data_parallel_world_size()
-        torch.distributed.all_gather_object(parts, local, group=ps.get_data_parallel_group())
-        kl = torch.zeros_like(rewards)
-        for part in parts:
-            for i, v in part.items():
-                kl[i] = v
-        rewards = rewards - cfg.algo.kl_coef * kl
-        metrics["kl/reward_penalty"] = float(kl.mean())
-    adv = compute_advantages(rewards, cfg.group_size, cfg.algo.estimator,
-                             lengths=[len(s.response_ids) for s in seqs], whiten=cfg.algo.whiten,
-                             grpo_eps=cfg.algo.grpo_eps,
-                             clip_filter_like_cap=cfg.algo.clip_filter_like_cap)
-    for mbs, rows in minis:
-        for mb, idx in zip(mbs, rows):
-            mb["advantages"] = adv[idx].float()
-    metrics.update({"advantages/mean": float(adv.mean()), "advantages/abs_mean": float(adv.abs().mean()),
-                    "advantages/max": float(adv.max()), "advantages/min": float(adv.min())})
-    return metrics
-
-
-def logprobs(actor, minis, cfg: RLConfig):
-    """Old log-probs (when the batch is trained on more than once -- otherwise the training
-    forward's own, detached, are exact -- or the KL goes into the reward) and reference log-probs
-    (only with a KL term), computed with the training partition."""
-    flat = [mb for mbs, _ in minis for mb in mbs]
-    # the KL-in-reward penalty needs them at any batch reuse
-    recompute = (cfg.train.mini_batches * cfg.train.epochs > 1
-                 or (cfg.algo.kl_in == "reward" and cfg.algo.kl_coef > 0))
-    old_flat = actor.logprobs(flat) if flat and recompute else [None] * len(flat)
-    ref_flat = (actor.logprobs(flat, reference=True) if flat and actor.reference is not None
-                else [None] * len(flat))
-
-    def regroup(values):
-        out, k = [], 0
-        for mbs, _ in minis:
-            out.append(values[k:k + len(mbs)])
-            k += len(mbs)
-        return out
-
-    old, ref = regroup(old_flat), regroup(ref_flat)
-    use_ref = cfg.algo.kl_in == "loss" and cfg.algo.kl_coef > 0
-    for (mbs, _), olds, refs in zip(minis, old, ref):
-        for mb, lp, rlp in zip(mbs, olds, refs):
-            mb["old_logprobs"] = lp
-            if use_ref:
-                mb["ref_logprobs"] = rlp
-    return old, ref
-
-
-def train(actor, minis, cfg: RLConfig) -> dict[str, float]:
-    """epochs x mini-batches optimizer steps; means of the metrics (max/min for *_max/*_min),
-    and the first optimizer step's ratio and KL under `first/` (exactly 1 and 0 on-policy)."""
-    forward = actor.policy_forward()
-    runs = []
-    for _ in range(cfg.train.epochs):
-        for mbs, _ in minis:
-            if not mbs:  # this DP rank's share of the mini-batch is empty (fewer rows than DP)
-                continue
-            runs.append(actor.train(mbs, forward))
-    out = {}
-    for k in runs[0]:
-        vals = [r[k] for r in runs if k in r]
-        out[k] = max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min") else sum(vals) / len(vals)
-    for k in ("ratio_min", "ratio_max", "kl", "seq_ratio_min", "seq_ratio_max"):
-        if k in runs[0]:
-            out[f"first/{k}"] = runs[0][k]
-    # the first forward runs the weights the engine sampled with (on-policy)
-    agree = {"rollout/logprob_abs_diff_mean": runs[0].get("rollout_logprob_abs_diff", 0.0),
-             "rollout/logprob_abs_diff_max": runs[0].get("rollout_logprob_abs_diff_max", 0.0),
-             "rollout/k3_kl": runs[0].get("rollout_k3_kl", 0.0),
-             "rollout/beyond_is_cap": runs[0].get("rollout_beyond_cap", 0.0)}
-    out = {k if k.startswith(("first/", "lr", "grad_norm")) else f"train/{k}": v
-           for k, v in out.items() if not k.endswith(("_sum", "_tsum"))
-           and not k.startswith("rollout_") and k not in ("count", "tokens", "update_ok")}
-    return {**out, **agree}
-
-
-def evaluate(driver: Driver | None, cfg: RLConfig) -> dict[str, float]:
-    if driver is None or not driver.eval_items:
-        return {}
-    t0 = time.perf_counter()
-    m = greedy_accuracy(driver.engine, driver.pool, driver.eval_items,
-                        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    m["time/eval_s"] = time.perf_counter() - t0
-    return m
-
-
-def eval_due(cfg: RLConfig, step: int) -> bool:
-    return cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
-
-
-class Prefetch:
-    """Off-policy: the next step's rollout, collected in a background thread on the driver."""
-
-    def __init__(self, collector: Collector, step: int):
-        self.result = None
-        self.thread = threading.Thread(target=self._run, args=(collector, step), daemon=True)
-        self.thread.start()
-
-    def _run(self, collector, step):
-        try:
-            self.result = collector.collect(step)
-        except EngineFailure as e:
-            self.result = e
-
-    def join(self):
-        self.thread.join()
-        return self.result
-
-
-# --- the loop ---------------------------------------------------------------------------------
+from eureka_megatron.runtime.distributed import init_distributed
+from eureka_megatron.trainer import checkpoint
+from eureka_megatron.trainer.actor import Actor
+from eureka_megatron.trainer.batches import Sequence
+from eureka_megatron.trainer.collect import RolloutBatch
+from eureka_megatron.trainer.report import write_report
+from eureka_megatron.trainer.rollout_service import RolloutService
+from eureka_megatron.trainer.warmup import format_warmup
 
 
 def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
@@ -314,129 +42,140 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
     per-step metrics (rank 0's view, the same on every rank). `stop_after` ends this invocation
     after that many steps (tests emulate a kill with it); `wrap_engine` wraps the driver's engine
     (tests inject failures with it)."""
-    from eureka_megatron.runtime.distributed import init_distributed
-    from eureka_megatron.trainer import checkpoint as ckpt
-    from eureka_megatron.trainer.actor import Actor
-    from eureka_megatron.trainer.warmup import format_warmup
-
-    ckpt.check_run_dir(cfg.checkpoint_dir, cfg.checkpoint.load)
-    init_distributed(cfg.parallel, seed=cfg.train.seed)
-    hf_dir = format_warmup(cfg) if cfg.warmup.steps and not cfg.checkpoint.load else Path(cfg.model.hf)
-    if cfg.checkpoint.load:
-        hf_dir = _resume_source(cfg)
-    cfg.model.hf = str(hf_dir)
-    need_ref = cfg.algo.kl_coef > 0
-    actor = Actor(cfg, need_reference=need_ref)
-    start, extra = 0, {}
-    if cfg.checkpoint.load:
-        start, extra = ckpt.load_checkpoint(cfg.checkpoint.load, actor.model)
-    from megatron.core import parallel_state as ps
-
-    dp = ps.get_data_parallel_world_size()
-    rank0 = torch.distributed.get_rank() == 0
-    driver = build_driver(cfg, hf_dir, actor.family.name, start, wrap_engine) if rank0 else None
-    pending = extra.get("pending")
-    if driver is not None and extra.get("stream"):
-        driver.stream.load_state_dict(extra["stream"])
-    pad_id = broadcast_object(_pad_id(driver) if driver else None)
-    actor.sync_to(driver.engine if driver else None, version=start)
-    history: list[dict] = []
-    restarts = [int(extra.get("engine_restarts", 0))]
-    if start == 0 and cfg.eval.interval > 0:
-        record = {"step": 0, **evaluate(driver, cfg), "time/unix_s": time.time()}
-        if driver:
-            driver.writer.log(0, {k: v for k, v in record.items() if k != "step"})
-        history.append(broadcast_object(record))
+    run = RLRun(cfg, wrap_engine)
+    actor, rollout = run.actor, run.rollout
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            batch = rollout(driver, actor, step, pending, restarts)
-            pending = None
-            prefetch = None
-            if cfg.train.mode == "off-policy" and driver is not None and step < cfg.train.steps:
-                prefetch = Prefetch(driver.collector, step + 1)
-            if prefetch is None:  # nothing in flight: a colocated engine frees the GPUs to train
-                release_engine(driver, cfg)
-            metrics = dict(batch.metrics)
-            seqs, rewards = to_sequences(batch, cfg)
-            if len(seqs) >= dp:
-                t1 = time.perf_counter()
-                minis = plan_micro_batches(seqs, cfg, actor, pad_id)
-                old, ref = logprobs(actor, minis, cfg)
-                metrics.update(advantages(cfg, rewards, seqs, minis, old, ref))
-                t2 = time.perf_counter()
-                metrics.update(train(actor, minis, cfg))
-                t3 = time.perf_counter()
-                tokens = sum(len(s) for s in seqs) * cfg.train.epochs
-                metrics.update({"time/logprobs_s": t2 - t1, "time/train_s": t3 - t2,
-                                "train/tokens": float(tokens)})
-            else:
-                metrics["train/skipped"] = 1.0
-                tokens = 0
-            if prefetch is not None:
-                pending = prefetch.join()
-                if isinstance(pending, EngineFailure):
-                    pending = None  # sampled again next step, after the resync below
-            t4 = time.perf_counter()
-            resume_engine(driver, cfg)
-            sync = actor.sync_to(driver.engine if driver else None, version=step)
-            metrics.update({"time/sync_s": time.perf_counter() - t4, "sync/attempts": float(sync.attempts),
-                            "weight_version": float(step)})
+        for step in run.steps(stop_after):
+            batch = rollout.collect(step, resync=lambda: actor.sync_to(rollout.engine, step - 1))
+            rollout.prefetch(step + 1)  # off-policy only
+            rollout.release_memory()    # colocated engines, when nothing is in flight
+            metrics = learn(actor, batch, cfg, rollout.pad_id)
+            rollout.join_prefetch()
+            metrics |= sync_engine(actor, rollout, step)
             if eval_due(cfg, step):
-                metrics.update(evaluate(driver, cfg))
-            dt = time.perf_counter() - t0
-            metrics.update({"time/step_s": dt, "tokens_per_s": tokens / dt,
-                            "time/unix_s": time.time()})  # wall clock, e.g. for time to accuracy
-            metrics = broadcast_object(metrics)
-            if driver:
-                driver.writer.log(step, metrics)
-            history.append({"step": step, **metrics})
-            _maybe_save(cfg, actor, step, driver, pending, restarts)
-            _maybe_export(cfg, actor, step, hf_dir)
-            if stop_after is not None and step - start >= stop_after:
-                break
+                metrics |= rollout.evaluate()
+            run.end_step(step, metrics)  # log, checkpoint, HF export
     finally:
-        if driver is not None:
-            driver.writer.close()
-            driver.pool.close()
-    if driver is not None and history and history[-1]["step"] == cfg.train.steps:
-        from eureka_megatron.trainer.report import write_report
-
-        write_report(cfg.output.dir, title="eureka-megatron RL run", settings=_settings(cfg, actor))
-    return history
+        rollout.close()
+    return run.finish()
 
 
-def _pad_id(driver: Driver) -> int:
-    pad = getattr(driver.tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
+class RLRun:
+    """One RL run's state: the actor and the rollout service, built in order (process groups,
+    stage-0 warm-up, actor, resume, rollout service, first weight sync), plus the history."""
+
+    def __init__(self, cfg: RLConfig, wrap_engine: Callable | None = None):
+        self.cfg = cfg
+        checkpoint.check_run_dir(cfg.checkpoint_dir, cfg.checkpoint.load)
+        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        self.hf_dir = start_checkpoint(cfg)
+        self.actor = Actor(cfg, need_reference=cfg.algo.kl_coef > 0, hf_dir=self.hf_dir)
+        self.start, state = 0, {}
+        if cfg.checkpoint.load:
+            self.start, state = self.actor.load(cfg.checkpoint.load)
+        self.rollout = RolloutService(cfg, self.hf_dir, self.actor.family.name, self.start,
+                                      state, wrap_engine)
+        self.actor.sync_to(self.rollout.engine, version=self.start)
+        self.history: list[dict] = []
+        self._t0 = time.perf_counter()
+        if self.start == 0 and cfg.eval.interval > 0:
+            record = self.rollout.log(0, {**self.rollout.evaluate(), "time/unix_s": time.time()})
+            self.history.append({"step": 0, **record})
+
+    def steps(self, stop_after: int | None):
+        """The steps this invocation runs; each step's clock starts when it is handed out."""
+        last = self.cfg.train.steps
+        if stop_after is not None:
+            last = min(last, self.start + stop_after)
+        for step in range(self.start + 1, last + 1):
+            self._t0 = time.perf_counter()
+            yield step
+
+    def end_step(self, step: int, metrics: dict) -> None:
+        dt = time.perf_counter() - self._t0
+        metrics.update({"time/step_s": dt, "tokens_per_s": metrics.get("train/tokens", 0.0) / dt,
+                        "time/unix_s": time.time()})  # wall clock, e.g. for time to accuracy
+        self.history.append({"step": step, **self.rollout.log(step, metrics)})
+        c, o, last = self.cfg.checkpoint, self.cfg.output, step == self.cfg.train.steps
+        if (c.save_interval and step % c.save_interval == 0) or last:
+            self.actor.save(self.cfg.checkpoint_dir, step, self.rollout.state_dict(), c.keep_last)
+        if (last and o.hf_export) or (o.hf_export_interval and step % o.hf_export_interval == 0):
+            name = "hf_final" if last and o.hf_export else f"hf_step_{step:08d}"
+            self.actor.export_hf(Path(o.dir) / name)
+
+    def finish(self) -> list[dict]:
+        """The report, once the last step is done; the history."""
+        if self.rollout.is_driver and self.history and self.history[-1]["step"] == self.cfg.train.steps:
+            write_report(self.cfg.output.dir, title="eureka-megatron RL run",
+                         settings=settings(self.cfg, self.actor))
+        return self.history
 
 
-def _resume_source(cfg: RLConfig) -> Path:
-    """The HF directory a resumed run was built from (the stage-0 output when there was one)."""
+def learn(actor: Actor, batch: RolloutBatch, cfg: RLConfig, pad_id: int) -> dict[str, float]:
+    """old / ref log-probs -> (KL-shaped) rewards -> advantages -> train, on every rank."""
+    metrics = dict(batch.metrics)
+    seqs, rewards = to_sequences(batch, cfg)
+    t1 = time.perf_counter()
+    plan = actor.plan(seqs, pad_id)
+    if plan is None:  # fewer sequences than DP ranks
+        return {**metrics, "train/skipped": 1.0, "train/tokens": 0.0}
+    actor.logprobs(plan)
+    if cfg.algo.kl_in == "reward" and cfg.algo.kl_coef > 0:
+        kl = actor.sequence_kl(plan)
+        rewards = rewards - cfg.algo.kl_coef * kl
+        metrics["kl/reward_penalty"] = float(kl.mean())
+    a = cfg.algo
+    adv = compute_advantages(rewards, cfg.group_size, a.estimator,
+                             lengths=[len(s.response_ids) for s in seqs], whiten=a.whiten,
+                             grpo_eps=a.grpo_eps, clip_filter_like_cap=a.clip_filter_like_cap)
+    metrics |= {"advantages/mean": float(adv.mean()), "advantages/abs_mean": float(adv.abs().mean()),
+                "advantages/max": float(adv.max()), "advantages/min": float(adv.min())}
+    t2 = time.perf_counter()
+    metrics |= actor.train(plan, adv)
+    metrics |= {"time/logprobs_s": t2 - t1, "time/train_s": time.perf_counter() - t2,
+                "train/tokens": float(sum(len(s) for s in seqs) * cfg.train.epochs)}
+    return metrics
+
+
+def to_sequences(batch: RolloutBatch, cfg: RLConfig) -> tuple[list[Sequence], torch.Tensor]:
+    """The batch's samples as trainer sequences, and their rewards [N] (with DAPO's overlong
+    penalty when `algo.overlong_buffer` is set)."""
+    seqs, rewards = [], []
+    for g, grp in enumerate(batch.groups):
+        for ids, lp, r in zip(grp.response_ids, grp.rollout_logprobs, grp.rewards):
+            seqs.append(Sequence(grp.prompt_ids, ids, grp.mm_inputs, 0.0, lp, group=g))
+            rewards.append(r)
+    rewards = torch.tensor(rewards, dtype=torch.float64)
+    if cfg.algo.overlong_buffer > 0 and seqs:
+        rewards = rewards + overlong_penalty([len(s.response_ids) for s in seqs],
+                                             cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer,
+                                             cfg.algo.overlong_factor)
+    return seqs, rewards
+
+
+def sync_engine(actor: Actor, rollout: RolloutService, step: int) -> dict[str, float]:
+    """The engine takes its memory back (colocated), then holds this step's weights."""
+    t0 = time.perf_counter()
+    rollout.resume_memory()
+    sync = actor.sync_to(rollout.engine, version=step)
+    return {"time/sync_s": time.perf_counter() - t0, "sync/attempts": float(sync.attempts),
+            "weight_version": float(step)}
+
+
+def eval_due(cfg: RLConfig, step: int) -> bool:
+    return cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
+
+
+def start_checkpoint(cfg: RLConfig) -> Path:
+    """The HF checkpoint the actor starts from: the stage-0 output when there is a format
+    warm-up (made now, or reused by a resumed run), else `model.hf`."""
     stage0 = Path(cfg.output.dir) / "stage0_hf"
-    return stage0 if cfg.warmup.steps and (stage0 / "config.json").is_file() else Path(cfg.model.hf)
+    if cfg.checkpoint.load:
+        return stage0 if cfg.warmup.steps and (stage0 / "config.json").is_file() else Path(cfg.model.hf)
+    return format_warmup(cfg) if cfg.warmup.steps else Path(cfg.model.hf)
 
 
-def _maybe_save(cfg: RLConfig, actor, step: int, driver, pending, restarts) -> None:
-    from eureka_megatron.trainer import checkpoint as ckpt
-
-    c = cfg.checkpoint
-    if not ((c.save_interval and step % c.save_interval == 0) or step == cfg.train.steps):
-        return
-    extra = broadcast_object({"stream": driver.stream.state_dict(), "pending": pending,
-                        "engine_restarts": restarts[0]} if driver else None)
-    ckpt.save_checkpoint(cfg.checkpoint_dir, step, actor.model, extra, c.keep_last)
-
-
-def _maybe_export(cfg: RLConfig, actor, step: int, src: Path) -> None:
-    o = cfg.output
-    last = step == cfg.train.steps and o.hf_export
-    if last or (o.hf_export_interval and step % o.hf_export_interval == 0):
-        name = "hf_final" if last else f"hf_step_{step:08d}"
-        actor.export_hf(Path(o.dir) / name, src)
-
-
-def _settings(cfg: RLConfig, actor) -> dict:
+def settings(cfg: RLConfig, actor: Actor) -> dict:
     return {"model": f"{actor.family.name} ({cfg.model.hf})", "layout": cfg.parallel.describe(),
             "steps": cfg.train.steps, "prompts x samples": f"{cfg.train.rollout_batch_size} x {cfg.rollout.n_samples}",
             "algorithm": f"{cfg.algo.estimator} / {cfg.algo.loss} / {cfg.algo.agg}",
@@ -445,9 +184,6 @@ def _settings(cfg: RLConfig, actor) -> dict:
 
 def describe(cfg: RLConfig) -> str:
     """The resolved layout, for `train --dry-run`."""
-    from eureka_megatron.config import validate_layout
-    from eureka_megatron.convert.families import family_for
-
     path = Path(cfg.model.hf) / "config.json"
     hf = json.loads(path.read_text())
     mcfg = family_for(hf, str(path)).config_from_hf(hf, Path(cfg.model.hf))

@@ -65,7 +65,7 @@ def format_warmup(cfg: RLConfig) -> Path:
                 seqs.append(Sequence(list(item.prompt.input_ids), target, item.prompt.mm_inputs))
         seqs, pad = broadcast_object((seqs, pad_id))
         mbs = actor.micro_batches(dp_share(seqs, dp_rank, dp), pad)
-        m = actor.train(mbs, forward)
+        m = actor.train_micro_batches(mbs, forward)
         if rank0 and cfg.output.progress and (step % 25 == 0 or step in (1, w.steps)):
             print(f"stage 0 (format warm-up) {step}/{w.steps}  nll {m.get('loss', float('nan')):.4f}  "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)

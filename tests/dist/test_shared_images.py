@@ -58,7 +58,7 @@ def rank(cfg):
     out = {}
     for shared in (True, False):
         mbs = micro_batches(seqs, 64, 0, actor.prepare, img if shared else None)
-        lps = actor.logprobs(mbs)
+        lps = actor.forward_logprobs(mbs)
         for c in actor.model.chunks:
             c.zero_grad_buffer()
         from eureka_megatron.trainer.train_step import run_forward_backward

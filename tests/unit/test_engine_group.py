@@ -322,7 +322,7 @@ def test_mem_fraction_static_is_validated(value):
 
 
 def test_colocated_sglang_frees_memory_between_rollout_and_sync():
-    from eureka_megatron.trainer.loop import frees_engine_memory
+    from eureka_megatron.trainer.rollout_service import frees_engine_memory
 
     def cfg(*extra):
         return load_rl_config(None, ["model.hf=ckpt", *extra])
