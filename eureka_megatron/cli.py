@@ -111,7 +111,7 @@ def _launch_rl(cfg, say) -> list[dict]:
     from eureka_megatron.trainer.loop import run_rl
 
     if cfg.cluster.launcher == "ray":
-        from eureka_megatron.trainer.placement import launch_on_ray, plan_layout, ray_init
+        from eureka_megatron.runtime.placement import launch_on_ray, plan_layout, ray_init
 
         use_gpus = _has_gpu()
         ray_init(cfg.cluster.address)

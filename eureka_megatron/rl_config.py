@@ -10,6 +10,7 @@ from pathlib import Path
 from eureka_megatron.config import (AlgoConfig, CheckpointConfig, ConfigError, OptimConfig,
                                     ParallelConfig, RewardConfig, check_threads, from_dict,
                                     read_config_data)
+from eureka_megatron.runtime.layout import plan_layout
 
 ENGINES = ("hf", "sglang")
 WEIGHT_TRANSPORTS = ("auto", "tensor", "distributed")
@@ -199,8 +200,6 @@ class RLConfig:
     def _check_placement(self) -> None:
         """The GPU plan the Ray launcher will make (trainer ranks + SGLang engines), checked at load
         so that `--dry-run` refuses what `plan_layout` would refuse once the cluster is up."""
-        from eureka_megatron.trainer.placement import plan_layout
-
         r, c, n = self.rollout, self.cluster, self.parallel.nproc
         try:
             plan_layout(actor_world=n, engines=r.engines, gpus_per_engine=r.gpus_per_engine,

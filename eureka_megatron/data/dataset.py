@@ -29,7 +29,7 @@ from eureka_megatron.data.jsonl import DataError, Row, SkippedRow
 from eureka_megatron.data.processors import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, internvl_image_tokens,
                                              internvl_pixels, qwen2_5_vl_image_tokens,
                                              qwen2_5_vl_pixels)
-from eureka_megatron.rollout.engine import Prompt
+from eureka_megatron.data.prompt import Prompt
 
 __all__ = ["DataError", "PromptItem", "PromptBuilder", "PromptStream", "FAMILIES"]
 

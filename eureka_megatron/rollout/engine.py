@@ -14,9 +14,11 @@ computes, so the two are directly comparable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
+
+from eureka_megatron.data.prompt import Prompt  # what the engine is asked; data/ makes them
 
 NamedTensors = list[tuple[str, torch.Tensor]]  # one bucket: (HF name, full tensor) pairs
 
@@ -49,22 +51,6 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         return self
-
-
-@dataclass
-class Prompt:
-    """One prompt as the family's processor produced it.
-
-    input_ids: the prompt token ids, image placeholders already expanded.
-    mm_inputs: the processor's tensors for this prompt other than ids (Qwen2.5-VL:
-        pixel_values, image_grid_thw; InternVL: pixel_values), for in-process engines.
-    images: the original images (PIL or paths), for engines that preprocess themselves (SGLang).
-    text: the chat-templated prompt text, for engines that take text.
-    """
-    input_ids: list[int]
-    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    images: list[Any] = field(default_factory=list)
-    text: str | None = None
 
 
 @dataclass

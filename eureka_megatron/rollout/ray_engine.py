@@ -22,6 +22,9 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from eureka_megatron.runtime.layout import COLOCATED_ENGINE_GPU, Layout
+from eureka_megatron.runtime.placement import bundle_gpu_ids, bundle_nodes, bundle_order, ray_init
+
 if TYPE_CHECKING:  # the actor side imports no torch until the engine's factory does
     from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
 
@@ -350,8 +353,6 @@ def spawn_engines(specs: list[dict], *, timeout: float = 600.0) -> list[RemoteEn
     parallel (an SGLang server takes minutes to start); if one fails, all are killed."""
     import ray
 
-    from eureka_megatron.trainer.placement import ray_init
-
     ray_init()
     spawners, handles, names = [], [], []
     for spec in specs:
@@ -375,3 +376,47 @@ def spawn_engines(specs: list[dict], *, timeout: float = 600.0) -> list[RemoteEn
         for h in handles:
             ray.kill(h, no_restart=True)
         raise
+
+
+# --- engines in a placement group ----------------------------------------------------------------------------------
+
+def _engine_options(layout: Layout, pg, e: int, order: list[int]) -> dict:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InBundle
+
+    first = layout.engine_bundles[e][0]
+    res = layout.bundles[first]
+    if layout.colocated:  # the trainer rank of this bundle holds its CPUs; the engine takes turns
+        cpus, gpus = 0, res.get("GPU", 0) * COLOCATED_ENGINE_GPU
+    else:
+        cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    return dict(num_cpus=cpus, num_gpus=gpus,
+                scheduling_strategy=InBundle(pg, placement_group_bundle_index=order[first]))
+
+
+def place_engines(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_engine: int, *,
+                  timeout: float = 600.0) -> list:
+    """One engine actor per `layout.engine_bundles` entry, as `RemoteEngine`s that can respawn
+    their actor in the same bundle on `restart()`.
+
+    The actor sits in the engine's first bundle (a GPU share when colocated, the whole GPU
+    otherwise) and sees the GPUs of all its bundles (CUDA_VISIBLE_DEVICES), in bundle order: a
+    TP-wide SGLang server started there gets exactly the GPUs the plan gave the engine.
+    """
+    nodes, order = bundle_nodes(pg), bundle_order(pg)
+    devices: list[list[str] | None] = [None] * len(layout.engine_bundles)
+    if layout.use_gpus:
+        for e, bundles in enumerate(layout.engine_bundles):
+            if len(bundles) != num_gpus_per_engine:
+                raise ValueError(f"engine {e} has {len(bundles)} GPU bundles in the layout, "
+                                 f"num_gpus_per_engine is {num_gpus_per_engine}")
+            where = {nodes[order[b]] for b in bundles}
+            if len(where) > 1:
+                raise RuntimeError(f"engine {e}'s bundles {bundles} landed on {len(where)} nodes; "
+                                   f"are there gpus_per_node={layout.gpus_per_node} GPUs per node?")
+        flat = [b for bundles in layout.engine_bundles for b in bundles]
+        ids = dict(zip(flat, bundle_gpu_ids(pg, [order[b] for b in flat], timeout=timeout)))
+        devices = [[ids[b][0] for b in bundles] for bundles in layout.engine_bundles]
+    return spawn_engines([dict(factory=factory, kwargs=kwargs, visible_devices=devices[e],
+                               name=f"engine{e}", **_engine_options(layout, pg, e, order))
+                          for e in range(len(layout.engine_bundles))], timeout=timeout)
+

@@ -18,11 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from eureka_megatron.runtime.errors import RankError
 from eureka_megatron.runtime.ports import free_port
-
-
-class RankError(RuntimeError):
-    """A rank raised or died; the message holds its traceback or exit code."""
 
 
 def under_torchrun() -> bool:

@@ -3,7 +3,7 @@
 SGLang engines come one of three ways, first match wins:
 1. `rollout.sglang_url`: connect to running servers ("url1,url2,..."; one engine per URL).
 2. Under the Ray launcher (`placement.current_placement()` with engine bundles): one engine actor
-   per planned engine in the trainer's placement group (`placement.place_engines`), each starting
+   per planned engine in the trainer's placement group (`ray_engine.place_engines`), each starting
    its SGLang server on the GPUs the plan gave it.
 3. Otherwise `rollout.engines` local servers of `rollout.gpus_per_engine` GPUs each: colocated,
    engine e on the trainer's GPUs [e*g, (e+1)*g); disaggregated, on the GPUs after the trainer's
@@ -28,8 +28,12 @@ from pathlib import Path
 import torch
 
 from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.rollout import ray_engine
 from eureka_megatron.rollout.engine_group import EngineGroup
 from eureka_megatron.rollout.hf_engine import HFEngine
+from eureka_megatron.rollout.sglang import SGLangEngine
+from eureka_megatron.rollout.sglang.engine import family_of_checkpoint
+from eureka_megatron.runtime import placement
 
 SGLANG_FACTORY = "eureka_megatron.rollout.sglang:SGLangEngine.launch"
 ENGINE_CALL_TIMEOUT = 3600.0  # Ray engine actors: a whole rollout is one call
@@ -45,17 +49,15 @@ def build_engine(cfg: RLConfig, hf_dir: Path):
 
 
 def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
-    from eureka_megatron.trainer.placement import current_placement, place_engines
-
     r = cfg.rollout
-    placement = current_placement()
+    placed = placement.current_placement()
     if r.sglang_url:
         engines = connect_engines(r.sglang_url, cfg, hf_dir)
-    elif placement is not None and placement[0].engine_bundles:
-        layout, pg = placement
+    elif placed is not None and placed[0].engine_bundles:
+        layout, pg = placed
         # the engine actor gets each bucket through Ray and posts it to its server as tensors
         kwargs = dict(launch_kwargs(cfg, hf_dir), weight_transport="tensor")
-        engines = place_engines(layout, pg, SGLANG_FACTORY, kwargs,
+        engines = ray_engine.place_engines(layout, pg, SGLANG_FACTORY, kwargs,
                                 r.gpus_per_engine, timeout=ENGINE_CALL_TIMEOUT)
     else:
         engines = launch_local_engines(launch_kwargs(cfg, hf_dir), local_engine_gpus(cfg))
@@ -65,9 +67,6 @@ def build_sglang_engine(cfg: RLConfig, hf_dir: Path):
 def connect_engines(urls: str, cfg: RLConfig | None = None, hf_dir: Path | None = None) -> list:
     """Engines for running servers; the prompts' family (how their images are written) is the
     trainer's checkpoint's when known, else what each server reports."""
-    from eureka_megatron.rollout.sglang import SGLangEngine
-    from eureka_megatron.rollout.sglang.engine import family_of_checkpoint
-
     kw = {} if cfg is None else dict(weight_transport=weight_transport(cfg))
     family = family_of_checkpoint(hf_dir) if hf_dir is not None else None
     if family is not None:
@@ -124,8 +123,6 @@ def local_engine_gpus(cfg: RLConfig, visible: list[str] | None = None) -> list[l
 def launch_local_engines(kwargs: dict, gpus: list[list[str] | None]) -> list:
     """One server per entry of `gpus`, started concurrently (each takes minutes on a GPU); if one
     fails, the others are stopped and the error names the engine."""
-    from eureka_megatron.rollout.sglang import SGLangEngine
-
     def start(devices):
         env = {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else None
         return SGLangEngine.launch(**kwargs, env=env)

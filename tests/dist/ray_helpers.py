@@ -40,7 +40,7 @@ def where_am_i(engines=()):
     """Where Ray put this rank; `engines` (RemoteEngines handed to the ranks) answer from here."""
     import ray
 
-    from eureka_megatron.trainer.placement import current_placement
+    from eureka_megatron.runtime.placement import current_placement
 
     layout, pg = current_placement()
     return {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),

@@ -18,8 +18,9 @@ import ray  # noqa: E402
 from eureka_megatron.rollout.engine import EngineDeadError, SamplingParams, StaleWeightsError  # noqa: E402
 from eureka_megatron.rollout.hf_engine import HFEngine, WeightSyncError  # noqa: E402
 from eureka_megatron.rollout.ray_engine import RemoteEngine, spawn_engine  # noqa: E402
-from eureka_megatron.runtime.launcher import RankError  # noqa: E402
-from eureka_megatron.trainer import placement as P  # noqa: E402
+from eureka_megatron.runtime.errors import RankError  # noqa: E402
+from eureka_megatron.rollout.ray_engine import place_engines  # noqa: E402
+from eureka_megatron.runtime import placement as P  # noqa: E402
 from tests import rollout_fixtures as F  # noqa: E402
 from tests.dist.ray_helpers import (allreduce_rank, die_on_rank0, fail_on_rank1, sleep_long,  # noqa: E402
                                     where_am_i)
@@ -103,7 +104,7 @@ def test_fake_gpus_ranks_and_engines(colocate):
     layout = _gpu_layout(colocate)
     pg = P.create_placement_group(layout, timeout=30)
     try:
-        engines = P.place_engines(layout, pg, f"{FACTORIES}:ProbeEngine", {"tag": "e0"}, 2)
+        engines = place_engines(layout, pg, f"{FACTORIES}:ProbeEngine", {"tag": "e0"}, 2)
         ranks = P.launch_on_ray(where_am_i, 2, engines, layout=layout, placement_group=pg, timeout=120)
         rank_gpus = [r["ray_gpus"] for r in ranks]
         assert [len(g) for g in rank_gpus] == [1, 1] and rank_gpus[0] != rank_gpus[1]

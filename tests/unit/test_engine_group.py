@@ -250,7 +250,8 @@ def test_comma_separated_urls_make_a_group(servers, tmp_path):
 
 
 def test_under_the_ray_launcher_engines_are_placed_in_its_group(servers, tmp_path, monkeypatch):
-    from eureka_megatron.trainer import placement
+    from eureka_megatron.rollout import ray_engine
+    from eureka_megatron.runtime import placement
 
     layout = placement.plan_layout(actor_world=4, engines=2, gpus_per_engine=2, colocate=True,
                                    use_gpus=False)
@@ -261,7 +262,7 @@ def test_under_the_ray_launcher_engines_are_placed_in_its_group(servers, tmp_pat
         return [connect(s) for s in servers[:2]]
 
     monkeypatch.setattr(placement, "current_placement", lambda: (layout, "the-pg"))
-    monkeypatch.setattr(placement, "place_engines", place)
+    monkeypatch.setattr(ray_engine, "place_engines", place)
     cfg = load_rl_config(None, ["model.hf=ckpt", "rollout.engine=sglang", "parallel.nproc=4",
                                 "rollout.engines=2", "rollout.gpus_per_engine=2",
                                 "rollout.mem_fraction_static=0.5"])

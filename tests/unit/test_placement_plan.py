@@ -1,7 +1,7 @@
 """plan_layout: which placement-group bundle each trainer rank and rollout engine gets (no Ray)."""
 import pytest
 
-from eureka_megatron.trainer.placement import Layout, plan_layout
+from eureka_megatron.runtime.layout import Layout, plan_layout
 
 
 def plan(**kw):

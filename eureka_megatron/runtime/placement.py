@@ -1,16 +1,13 @@
-"""Ray placement: where trainer ranks and rollout engines run, and launching ranks on Ray.
-
-`plan_layout` is a pure function (no Ray): one placement group of identical bundles (one GPU each,
-or CPU slots without GPUs); trainer rank r gets bundle `actor_bundles[r]`, engine e the bundles
-`engine_bundles[e]` -- the same ones as its trainer ranks when colocated (trainer and engine take
-turns on each GPU), bundles after the trainer's when disaggregated (engines own their GPUs).
+"""Ray bring-up and placement: the Ray session, the placement group of a `runtime.layout.Layout`,
+and launching ranks on it.
 
 `launch_on_ray` has the contract of `runtime.launcher.launch` (results in rank order, a failing
 rank raises `RankError` with its traceback and the others are killed) with ranks as Ray actors,
 so the same training function runs on a multi-node cluster. Ray does not promise that bundle i
 sits on node i // gpus_per_node, so plan indices go through `bundle_order` (bundles grouped by
 node, nodes in order of their first bundle): ranks fill nodes in order and LOCAL_RANK means what
-it means under torchrun. Ray is imported lazily: the plan is usable without it.
+it means under torchrun. Ray (and torch) are imported inside the functions: the Ray actor side
+and the CLI import this module without them.
 """
 from __future__ import annotations
 
@@ -20,89 +17,13 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from eureka_megatron.runtime.errors import RankError
+from eureka_megatron.runtime.layout import COLOCATED_ACTOR_GPU, STRATEGIES, Layout, plan_layout
 from eureka_megatron.runtime.ports import free_port
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK")
-# GPU shares of a bundle when trainer and engine share its GPU: Ray must fit both in one bundle,
-# and a little is left for `bundle_gpu_ids` probes. Disaggregated actors take the whole GPU.
-COLOCATED_ACTOR_GPU = 0.5
-COLOCATED_ENGINE_GPU = 0.4
-_PROBE_GPU = 0.01
-
-
-@dataclass
-class Layout:
-    """Where actor (trainer) ranks and rollout engines go: bundle indices into one placement group."""
-    bundles: list[dict[str, float]]        # e.g. {"GPU": 1, "CPU": 4}; on CPU-only {"CPU": n}
-    actor_bundles: list[int]               # bundle of each trainer rank (rank order)
-    engine_bundles: list[list[int]]        # bundles of each engine (TP-wide engines span several)
-    colocated: bool
-    strategy: str                          # "PACK" | "SPREAD" | "STRICT_PACK" (as ray)
-    gpus_per_node: int = field(default=8, compare=False)
-
-    @property
-    def use_gpus(self) -> bool:
-        return any(b.get("GPU", 0) > 0 for b in self.bundles)
-
-    def describe(self) -> str:
-        kind = "colocated" if self.colocated else "disaggregated"
-        unit = "GPU" if self.use_gpus else "CPU slot"
-        sizes = "/".join(map(str, sorted({len(b) for b in self.engine_bundles})))
-        engines = (f"{len(self.engine_bundles)} engines x {sizes} {unit}(s), {kind}"
-                   if self.engine_bundles else "no engines")
-        return (f"{len(self.actor_bundles)} trainer ranks + {engines}, {len(self.bundles)} bundles "
-                f"{self.bundles[0] if self.bundles else {}} ({self.strategy})")
-
-
-def plan_layout(*, actor_world: int, engines: int, gpus_per_engine: int, colocate: bool,
-                use_gpus: bool, gpus_per_node: int = 8, cpus_per_bundle: float = 1.0) -> Layout:
-    """One bundle per GPU (or CPU slot); trainer ranks first, then (disaggregated) the engines.
-
-    Colocated, engine e shares the bundles of ranks [e*g, (e+1)*g), so engines x gpus_per_engine
-    must equal the trainer world. With GPUs an engine's GPUs must sit on one node (its TP group
-    talks over NVLink), so gpus_per_engine divides gpus_per_node and no engine may straddle a node
-    boundary; a trainer world larger than a node fills whole nodes.
-    """
-    for name, value, low in (("actor_world", actor_world, 1), ("engines", engines, 0),
-                             ("gpus_per_engine", gpus_per_engine, 1), ("gpus_per_node", gpus_per_node, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if cpus_per_bundle < 0 or (not use_gpus and cpus_per_bundle <= 0):
-        raise ValueError(f"cpus_per_bundle must be > 0{' (or 0 with GPUs)' if use_gpus else ''}, "
-                         f"got {cpus_per_bundle}")
-    g = gpus_per_engine
-    if colocate and engines * g != actor_world:
-        raise ValueError(f"colocated layout: engines x gpus_per_engine = {engines} x {g} = {engines * g} "
-                         f"must equal the trainer world size {actor_world} (each engine shares the "
-                         f"GPUs of its trainer ranks)")
-    if use_gpus:
-        if gpus_per_node % g:
-            raise ValueError(f"gpus_per_engine {g} must divide gpus_per_node {gpus_per_node}: an "
-                             f"engine's GPUs must all be on one node")
-        if actor_world > gpus_per_node and actor_world % gpus_per_node:
-            raise ValueError(f"a trainer world of {actor_world} GPUs spans nodes, so it must fill "
-                             f"whole nodes: a multiple of gpus_per_node {gpus_per_node}")
-    bundle = {"GPU": 1.0} if use_gpus else {}
-    if cpus_per_bundle > 0:
-        bundle["CPU"] = float(cpus_per_bundle)
-    actor_bundles = list(range(actor_world))
-    first = 0 if colocate else actor_world
-    engine_bundles = [list(range(first + e * g, first + (e + 1) * g)) for e in range(engines)]
-    total = actor_world if colocate else actor_world + engines * g
-    if use_gpus:
-        for e, b in enumerate(engine_bundles):
-            if b[0] // gpus_per_node != b[-1] // gpus_per_node:
-                raise ValueError(
-                    f"engine {e} would span GPUs {b[0]}..{b[-1]} across nodes {b[0] // gpus_per_node} "
-                    f"and {b[-1] // gpus_per_node}: the trainer's {actor_world} GPUs leave "
-                    f"{gpus_per_node - actor_world % gpus_per_node} on its last node, not a multiple "
-                    f"of gpus_per_engine {g}")
-    strategy = "STRICT_PACK" if use_gpus and total <= gpus_per_node else "PACK"
-    return Layout([dict(bundle) for _ in range(total)], actor_bundles, engine_bundles, colocate,
-                  strategy, gpus_per_node)
+_PROBE_GPU = 0.01  # the GPU share of a `bundle_gpu_ids` probe task
 
 
 # --- Ray session ------------------------------------------------------------------------------
@@ -315,7 +236,6 @@ def launch_on_ray(fn: Callable[..., Any], nproc: int, *args, layout: Layout | No
     from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InBundle
 
-    from eureka_megatron.runtime.launcher import RankError
 
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
@@ -379,49 +299,3 @@ def launch_on_ray(fn: Callable[..., Any], nproc: int, *args, layout: Layout | No
                 pass
         if own_pg:
             remove_placement_group(pg)
-
-
-# --- engines ----------------------------------------------------------------------------------
-
-def _engine_options(layout: Layout, pg, e: int, order: list[int]) -> dict:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as InBundle
-
-    first = layout.engine_bundles[e][0]
-    res = layout.bundles[first]
-    if layout.colocated:  # the trainer rank of this bundle holds its CPUs; the engine takes turns
-        cpus, gpus = 0, res.get("GPU", 0) * COLOCATED_ENGINE_GPU
-    else:
-        cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    return dict(num_cpus=cpus, num_gpus=gpus,
-                scheduling_strategy=InBundle(pg, placement_group_bundle_index=order[first]))
-
-
-def place_engines(layout: Layout, pg, factory: str, kwargs: dict, num_gpus_per_engine: int, *,
-                  timeout: float = 600.0) -> list:
-    """One engine actor per `layout.engine_bundles` entry, as `RemoteEngine`s that can respawn
-    their actor in the same bundle on `restart()`.
-
-    The actor sits in the engine's first bundle (a GPU share when colocated, the whole GPU
-    otherwise) and sees the GPUs of all its bundles (CUDA_VISIBLE_DEVICES), in bundle order: a
-    TP-wide SGLang server started there gets exactly the GPUs the plan gave the engine.
-    """
-    from eureka_megatron.rollout.ray_engine import spawn_engines
-
-    nodes, order = bundle_nodes(pg), bundle_order(pg)
-    devices: list[list[str] | None] = [None] * len(layout.engine_bundles)
-    if layout.use_gpus:
-        for e, bundles in enumerate(layout.engine_bundles):
-            if len(bundles) != num_gpus_per_engine:
-                raise ValueError(f"engine {e} has {len(bundles)} GPU bundles in the layout, "
-                                 f"num_gpus_per_engine is {num_gpus_per_engine}")
-            where = {nodes[order[b]] for b in bundles}
-            if len(where) > 1:
-                raise RuntimeError(f"engine {e}'s bundles {bundles} landed on {len(where)} nodes; "
-                                   f"are there gpus_per_node={layout.gpus_per_node} GPUs per node?")
-        flat = [b for bundles in layout.engine_bundles for b in bundles]
-        ids = dict(zip(flat, bundle_gpu_ids(pg, [order[b] for b in flat], timeout=timeout)))
-        devices = [[ids[b][0] for b in bundles] for bundles in layout.engine_bundles]
-    return spawn_engines([dict(factory=factory, kwargs=kwargs, visible_devices=devices[e],
-                               name=f"engine{e}", **_engine_options(layout, pg, e, order))
-                          for e in range(len(layout.engine_bundles))], timeout=timeout)
-
