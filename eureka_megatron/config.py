@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from eureka_megatron.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the offending key."""
 
 

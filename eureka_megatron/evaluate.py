@@ -23,6 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from eureka_megatron.config import from_dict
+from eureka_megatron.data.chat import R1_SYSTEM_PROMPT
+from eureka_megatron.data.jsonl import load_rows
+from eureka_megatron.data.sources import tile_size
+from eureka_megatron.errors import InputNotFoundError, UserError
+from eureka_megatron.rewards.pool import RewardPool, resolve_function
+
 logger = logging.getLogger(__name__)
 
 SOURCE_FIELDS = ("source", "data_source", "dataset", "category", "subject", "task")
@@ -30,7 +39,7 @@ ENGINES = ("hf", "sglang")
 DEFAULT_JUDGE = "eureka_megatron.rewards:rule_based_scores"
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Unusable eval input: a model dir that is neither HF nor megatron, no usable row, ..."""
 
 
@@ -56,7 +65,7 @@ def model_format(path: Path) -> str:
     if (path / LATEST).is_file() or (path / ".metadata").is_file():
         return "megatron"
     if not path.exists():
-        raise FileNotFoundError(f"--model {path}: does not exist")
+        raise InputNotFoundError(f"--model {path}: does not exist")
     raise EvalError(f"--model {path}: neither an HF checkpoint (config.json + *.safetensors) nor a "
                     "megatron torch_dist checkpoint (a converted dir, a step_* dir or a run dir)")
 
@@ -131,8 +140,6 @@ def load_items(data: list[Path], hf_dir: Path, *, system_prompt: str | None, gro
 
     from eureka_megatron.convert.families import family_for
     from eureka_megatron.data.dataset import FAMILIES, PromptBuilder
-    from eureka_megatron.data.jsonl import load_rows
-    from eureka_megatron.data.sources import tile_size
 
     config = json.loads((hf_dir / "config.json").read_text())
     family = family_for(config, str(hf_dir / "config.json")).name
@@ -192,8 +199,6 @@ def _graded(samples, scored) -> list[dict]:
 def generate_and_grade(engine, pool, items: list[EvalItem], *, samples: int, temperature: float,
                        top_p: float, max_new_tokens: int, batch_size: int, seed: int,
                        progress: bool) -> list[Record]:
-    from tqdm import tqdm
-
     from eureka_megatron.rollout.engine import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens).validate()
@@ -282,69 +287,105 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_eval(model: str | Path, data: list[str | Path], out: str | Path, *, engine: str = "hf",
-             samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 1024, batch_size: int = 32, system_prompt: str | None = "r1",
-             group_by: str | None = None, limit: int | None = None, judge: str = DEFAULT_JUDGE,
-             hf_config: str | Path | None = None, sglang_url: str | None = None, tp: int = 1,
-             max_prompt_length: int = 8192, workers: int = 2, seed: int = 0,
-             progress: bool = True) -> dict:
-    """Evaluate `model` on `data`; writes OUT/results.{json,md} and OUT/samples.jsonl."""
-    from eureka_megatron.data.chat import R1_SYSTEM_PROMPT
-    from eureka_megatron.rewards.pool import RewardPool, resolve_function
+@dataclass
+class EvalRunConfig:
+    """Everything `eureka-megatron eval` takes; the field names are the CLI's flags."""
+    model: str
+    data: list[str]
+    out: str | None = None           # default: runs/eval/MODEL__DATA
+    engine: str = "hf"
+    samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    batch_size: int = 32
+    system_prompt: str | None = "r1"  # "r1", None (no system prompt) or the text
+    group_by: str | None = None
+    limit: int | None = None
+    judge: str = DEFAULT_JUDGE
+    hf_config: str | None = None
+    sglang_url: str | None = None
+    tp: int = 1
+    max_prompt_length: int = 8192
+    workers: int = 2
+    seed: int = 0
+    progress: bool = True
 
-    if engine not in ENGINES:
-        raise EvalError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    if samples < 1:
-        raise EvalError(f"--samples must be >= 1, got {samples}")
-    if batch_size < 1 or max_new_tokens < 1 or tp < 1:
-        raise EvalError("--batch-size, --max-new-tokens and --tp must be >= 1")
-    if limit is not None and limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {limit}")
-    if samples > 1 and not temperature > 0:
-        raise EvalError(f"--samples {samples} needs --temperature > 0 (pass@k of identical greedy "
-                        "samples is the greedy accuracy)")
-    resolve_function(judge)  # a typo fails before the model loads
-    data = [Path(p) for p in data]
+    def validate(self) -> "EvalRunConfig":
+        if self.engine not in ENGINES:
+            raise EvalError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if not self.data:
+            raise EvalError("--data: give at least one JSONL file")
+        for name in ("samples", "batch_size", "max_new_tokens", "tp", "max_prompt_length",
+                     "workers"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise EvalError(f"--limit must be >= 1, got {self.limit}")
+        if self.samples > 1 and not self.temperature > 0:
+            raise EvalError(f"--samples {self.samples} needs --temperature > 0 (pass@k of "
+                            "identical greedy samples is the greedy accuracy)")
+        if not 0 < self.top_p <= 1:
+            raise EvalError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.out is None:
+            self.out = str(Path("runs/eval") / f"{Path(self.model).name}__{Path(self.data[0]).stem}")
+        return self
+
+
+def load_eval_config(values: dict) -> EvalRunConfig:
+    """Typed and validated like a training config: unknown keys and wrong types name the key."""
+    return from_dict(EvalRunConfig, values, "eval").validate()
+
+
+def run_eval(cfg: EvalRunConfig) -> dict:
+    """Evaluate `cfg.model` on `cfg.data`; writes OUT/results.{json,md} and OUT/samples.jsonl."""
+    cfg.validate()
+    resolve_function(cfg.judge)  # a typo fails before the model loads
+    data = [Path(p) for p in cfg.data]
     for p in data:
         if not (p.is_file() or (p / "data.jsonl").is_file()):
-            raise FileNotFoundError(f"--data {p}: no such JSONL file")
-    model, out = Path(model), Path(out)
+            raise InputNotFoundError(f"--data {p}: no such JSONL file")
+    model, out = Path(cfg.model), Path(cfg.out)
     fmt = model_format(model)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=out))
     eng = pool = None
     try:
-        hf_dir = hf_model_dir(model, Path(hf_config) if hf_config else None, scratch, progress)
-        sp = R1_SYSTEM_PROMPT if system_prompt == "r1" else system_prompt
-        items, skipped = load_items(data, hf_dir, system_prompt=sp, group_by=group_by,
-                                    max_prompt_length=max_prompt_length, limit=limit)
+        hf_dir = hf_model_dir(model, Path(cfg.hf_config) if cfg.hf_config else None, scratch,
+                              cfg.progress)
+        sp = R1_SYSTEM_PROMPT if cfg.system_prompt == "r1" else cfg.system_prompt
+        items, skipped = load_items(data, hf_dir, system_prompt=sp, group_by=cfg.group_by,
+                                    max_prompt_length=cfg.max_prompt_length, limit=cfg.limit)
         for reason in skipped[:10]:
             logger.warning("skipped %s", reason)
         # a --judge of the user's may be stochastic: only the rule-based one is memoized
-        pool = RewardPool([judge], num_workers=workers, memoize=judge == DEFAULT_JUDGE)
-        eng = build_engine(engine, hf_dir, sglang_url=sglang_url, tp=tp)
-        records = generate_and_grade(eng, pool, items, samples=samples, temperature=temperature,
-                                     top_p=top_p, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, seed=seed, progress=progress)
+        pool = RewardPool([cfg.judge], num_workers=cfg.workers, memoize=cfg.judge == DEFAULT_JUDGE)
+        eng = build_engine(cfg.engine, hf_dir, sglang_url=cfg.sglang_url, tp=cfg.tp)
+        records = generate_and_grade(eng, pool, items, samples=cfg.samples,
+                                     temperature=cfg.temperature, top_p=cfg.top_p,
+                                     max_new_tokens=cfg.max_new_tokens,
+                                     batch_size=cfg.batch_size, seed=cfg.seed,
+                                     progress=cfg.progress)
     finally:
         if pool is not None:
             pool.close()
-        if eng is not None and hasattr(eng, "shutdown") and not sglang_url:
+        if eng is not None and hasattr(eng, "shutdown") and not cfg.sglang_url:
             eng.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     results = {
         "model": str(model), "model_format": fmt, "data": [str(p) for p in data],
-        "engine": engine, "judge": judge, "samples": samples,
-        "temperature": temperature if samples > 1 else 0.0, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "system_prompt": system_prompt, "seed": seed,
+        "engine": cfg.engine, "judge": cfg.judge, "samples": cfg.samples,
+        "temperature": cfg.temperature if cfg.samples > 1 else 0.0, "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens, "system_prompt": cfg.system_prompt,
+        "seed": cfg.seed,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 2), "skipped_rows": len(skipped),
-        "overall": summarize(records, samples), "by_source": breakdown(records, samples),
+        "overall": summarize(records, cfg.samples),
+        "by_source": breakdown(records, cfg.samples),
     }
     _write_atomic(out / "samples.jsonl", "".join(json.dumps(r.__dict__) + "\n" for r in records))
     _write_atomic(out / "results.json", json.dumps(results, indent=1))
-    _write_atomic(out / "results.md", f"{model} on {', '.join(map(str, data))} ({engine} engine, "
-                  f"{samples} sample(s), max {max_new_tokens} new tokens)\n\n{markdown(results)}\n")
+    _write_atomic(out / "results.md", f"{model} on {', '.join(map(str, data))} ({cfg.engine} "
+                  f"engine, {cfg.samples} sample(s), max {cfg.max_new_tokens} new tokens)\n\n{markdown(results)}\n")
     return results

@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from eureka_megatron.bench import demo, rewards
+from eureka_megatron.bench.report import markdown_table, write_json
+
 ORDER = ["kernels", "step", "sync", "rollout", "convert", "rewards", "lm-step"]
 ABOUT = {"kernels": "fused log-prob + entropy kernel vs the torch reference",
          "step": "one RL step of the real loop: tokens/s, MFU, time split",
@@ -21,8 +24,8 @@ ABOUT = {"kernels": "fused log-prob + entropy kernel vs the torch reference",
 
 
 def _benches() -> dict:
-    from eureka_megatron.bench import (convert, demo, kernels, lm_step, rewards, rollout, step,
-                                       sync)
+    # torch-backed benches: imported on use, so `eureka_megatron.bench` stays torch-free
+    from eureka_megatron.bench import convert, kernels, lm_step, rollout, step, sync
 
     return {"kernels": kernels.run, "step": step.run, "sync": sync.run, "rollout": rollout.run,
             "convert": convert.run, "rewards": rewards.run, "lm-step": lm_step.run,
@@ -32,7 +35,7 @@ def _benches() -> dict:
 def run_bench(what: str, quick: bool = False, out: Path | None = None, **demo_options) -> int:
     """`demo_options` (seeds, out_dir, overrides) go to `bench demo` only."""
     from eureka_megatron.bench.hardware import describe_machine
-    from eureka_megatron.bench.report import markdown_table, write_json
+
 
     benches = _benches()
     names = ORDER if what == "all" else [what]

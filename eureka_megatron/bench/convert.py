@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 
+from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.convert.families import family_for
+from eureka_megatron.convert.hf_io import ShardedSafetensorsWriter
+from eureka_megatron.convert.run import model_skeleton
+
 QWEN2_5_VL_7B = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
     "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
@@ -77,9 +82,6 @@ def _set(d: dict, path, value) -> None:
 
 def model_bytes(config: dict, directory: Path) -> int:
     """bf16 size of the model `config` describes (from its meta-device skeleton)."""
-    from eureka_megatron.convert.families import family_for
-    from eureka_megatron.convert.run import model_skeleton
-
     fam = family_for(config)
     skeleton = model_skeleton(fam, fam.config_from_hf(config, directory))
     return sum(2 * torch.Size(shape).numel() for shape, _ in skeleton.tensors.values())
@@ -87,10 +89,6 @@ def model_bytes(config: dict, directory: Path) -> int:
 
 def write_synthetic(config: dict, out: Path, shard_bytes: int = 5 << 30) -> int:
     """A random bf16 HF checkpoint for `config`; returns its size in bytes."""
-    from eureka_megatron.convert.families import family_for
-    from eureka_megatron.convert.hf_io import ShardedSafetensorsWriter
-    from eureka_megatron.convert.run import model_skeleton
-
     fam = family_for(config)
     cfg = fam.config_from_hf(config, out)
     layout = "chat" if config["model_type"] == "internvl_chat" else "disk"
@@ -158,7 +156,6 @@ def copy_seconds(src: Path, dst: Path) -> float:
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
-    from eureka_megatron.bench.report import LEAD, lead
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.errors import OutputExistsError
 
 SEEDS = (1234, 1, 2, 3, 4)
 FLOOR_S = 108.0  # bare PyTorch loop to 0.94 (shared/reference/cpu-demo-feasibility.md)
@@ -72,7 +73,7 @@ def run(quick: bool = False, seeds: tuple[int, ...] | None = None, out_dir: Path
     for i, seed in enumerate(seeds, 1):
         out = base / f"seed_{seed}"
         if (out / "metrics.jsonl").exists():
-            raise FileExistsError(f"{out} holds a run already; pass another --out")
+            raise OutputExistsError(f"{out} holds a run already; pass another --out")
         print(f"[bench demo] seed {seed} ({i}/{len(seeds)}) -> {out}", file=sys.stderr, flush=True)
         t_start = time.time()
         proc = subprocess.run([*command, "demo", "--out", str(out), f"train.seed={seed}",

@@ -1,6 +1,8 @@
 """The hardware bound the benchmarks compare against: measured dense matmul throughput."""
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
@@ -33,8 +35,6 @@ def matmul_peak_tflops(dtype: torch.dtype | None = None, n: int | None = None, r
 
 
 def describe_machine() -> str:
-    import os
-    import platform
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"

@@ -13,13 +13,15 @@ import time
 
 import torch
 
+from eureka_megatron.bench.hardware import matmul_peak_tflops
+from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.kernels.logprob import logprob_entropy
+
 GPU_SHAPES = [(16384, 5120, 152064), (16384, 5120, 152064 // 8)]
 CPU_SHAPES = [(512, 256, 8192)]
 
 
 def _candidates(cuda: bool):
-    from eureka_megatron.kernels.logprob import logprob_entropy
-
     out = {"torch reference": lambda h, w, y: logprob_entropy(h, w, y, backend="torch")}
     if cuda:
         out = {"eureka triton": lambda h, w, y: logprob_entropy(h, w, y, backend="triton"), **out}
@@ -57,8 +59,6 @@ def _time(fn, backward: bool, repeats: int, cuda: bool) -> tuple[float, float]:
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
-    from eureka_megatron.bench.hardware import matmul_peak_tflops
-    from eureka_megatron.bench.report import LEAD, lead
 
     cuda = torch.cuda.is_available()
     shapes = GPU_SHAPES if cuda and not quick else CPU_SHAPES

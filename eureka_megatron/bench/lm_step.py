@@ -11,7 +11,11 @@ import statistics
 
 import torch
 
+from eureka_megatron.bench.hardware import matmul_peak_tflops
+from eureka_megatron.bench.report import LEAD, lead
 from eureka_megatron.config import Config, LLMConfig, OptimConfig, ParallelConfig, TrainConfig
+from eureka_megatron.runtime.launcher import launch
+from eureka_megatron.trainer.lm_run import run_lm
 
 CPU_MODEL = LLMConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4)
@@ -41,8 +45,6 @@ def host_peak_gib() -> float:
 
 
 def _rank(cfg: Config, warmup: int) -> dict:
-    from eureka_megatron.trainer.lm_run import run_lm
-
     history = run_lm(cfg)
     timed = history[warmup:]
     if torch.cuda.is_available():
@@ -55,9 +57,6 @@ def _rank(cfg: Config, warmup: int) -> dict:
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
-    from eureka_megatron.bench.hardware import matmul_peak_tflops
-    from eureka_megatron.bench.report import LEAD, lead
-    from eureka_megatron.runtime.launcher import launch
 
     gpu = torch.cuda.is_available()
     model = GPU_MODEL if gpu else CPU_MODEL

@@ -20,6 +20,9 @@ import sys
 import time
 from fractions import Fraction
 
+from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.rewards.pool import RewardPool, _named_scores, resolve_function
+
 DEFAULT_FUNCTION = "eureka_megatron.rewards:rule_based_scores"
 PATHOLOGICAL = r"<think>Powers of nine, stacked.</think> <answer>$9^{9^{9^{9^{9}}}}$</answer>"
 _SENTENCES = [
@@ -100,8 +103,6 @@ def make_mix(n: int, seed: int = 0, pathological: bool = True) -> tuple[list[str
 
 def _inline(functions: list[str], responses: list[str], answers: list[str]) -> list[dict]:
     """The same functions called in this process, one after another (no pool, no timeouts)."""
-    from eureka_megatron.rewards.pool import _named_scores, resolve_function
-
     fns = [resolve_function(f) for f in functions]
     out = []
     for r, a in zip(responses, answers):
@@ -139,8 +140,6 @@ def _inline_fresh(functions: list[str], n: int, repeats: int) -> tuple[float, li
 def run(quick: bool = False, functions: list[str] | None = None,
         workers: tuple[int, ...] = (1, 2, 4), timeout: float = 5.0) -> tuple[list[dict], list[str]]:
     """Rows for the table: in-line, then each pool size on the clean and the pathological mix."""
-    from eureka_megatron.bench.report import LEAD, lead
-    from eureka_megatron.rewards.pool import RewardPool
 
     functions = functions or [DEFAULT_FUNCTION]
     n, repeats = (100, 1) if quick else (400, 3)  # best of `repeats`: other load only slows

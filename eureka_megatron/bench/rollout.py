@@ -21,7 +21,11 @@ import time
 
 import torch
 
+from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.bench.sync import copy_bandwidth_gbs, hf_qwen2_config
 from eureka_megatron.config import LLMConfig
+from eureka_megatron.rollout.engine import Prompt, SamplingParams
+from eureka_megatron.rollout.hf_engine import HFEngine
 
 CPU_MODEL = LLMConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408,
                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -39,9 +43,6 @@ def build_engine(model: LLMConfig, dtype: torch.dtype, device: str, max_batch_si
     """An HFEngine over a randomly initialised transformers Qwen2 (built on `device`), EOS off."""
     from transformers import CONFIG_MAPPING, Qwen2ForCausalLM
 
-    from eureka_megatron.bench.sync import hf_qwen2_config
-    from eureka_megatron.rollout.hf_engine import HFEngine
-
     config = CONFIG_MAPPING["qwen2"].from_dict(hf_qwen2_config(model))
     torch.manual_seed(0)
     with torch.device(device):
@@ -56,8 +57,6 @@ def weight_bytes(engine) -> int:
 
 def generate_timed(engine, prompts, n: int, max_new_tokens: int, seed: int = 0):
     """(seconds, samples) of one `engine.generate` call."""
-    from eureka_megatron.rollout.engine import SamplingParams
-
     sampling = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     cuda = engine.device.type == "cuda"
     if cuda:
@@ -71,9 +70,6 @@ def generate_timed(engine, prompts, n: int, max_new_tokens: int, seed: int = 0):
 
 def run(quick: bool = False, sizes: tuple[int, int, int, int] | None = None,
         model: LLMConfig | None = None) -> tuple[list[dict], list[str]]:
-    from eureka_megatron.bench.report import LEAD, lead
-    from eureka_megatron.bench.sync import copy_bandwidth_gbs
-    from eureka_megatron.rollout.engine import Prompt
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"

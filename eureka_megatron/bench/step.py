@@ -35,6 +35,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
+from eureka_megatron.bench.hardware import matmul_peak_tflops
+from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.bench.sync import copy_bandwidth_gbs
+from eureka_megatron.convert.families import family_for
+from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer, tiny_vocab
+from eureka_megatron.rollout.hf_engine import HFEngine
+from eureka_megatron.runtime.launcher import launch
+from eureka_megatron.trainer.demo import demo_config, write_tiny_checkpoint
+from eureka_megatron.trainer.metrics import mfu
 
 # (prompts, samples per prompt, new tokens) and steps run (the last is reported)
 SIZES = {("cpu", True): (8, 8, 12), ("cpu", False): (16, 8, 12),
@@ -46,8 +57,6 @@ def gpu_model_config():
     """Qwen2.5-VL with Qwen2.5-1.5B's LLM and Qwen2.5-VL's vision tower; special-token ids of
     the in-repo tokenizer (the synthetic prompts only use its words)."""
     from transformers import Qwen2_5_VLConfig
-
-    from eureka_megatron.data.tiny_tokenizer import tiny_vocab
 
     v = tiny_vocab()
     eos, pad = v["<|im_end|>"], v["<|endoftext|>"]
@@ -73,8 +82,6 @@ def write_gpu_checkpoint(out: Path) -> Path:
     """The GPU model with random bf16 weights (initialised on the GPU) + the in-repo tokenizer."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer
-
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(gpu_model_config(),
@@ -88,8 +95,6 @@ def write_gpu_checkpoint(out: Path) -> Path:
 
 def bench_config(work: Path, hf: Path, gpu: bool, quick: bool, steps: int):
     """The RL config of the bench: the demo's, with the overrides the module docstring lists."""
-    from eureka_megatron.trainer.demo import demo_config
-
     prompts, n, new = SIZES[("gpu" if gpu else "cpu", quick)]
     over = [f"model.hf={hf}", "warmup.steps=0", f"train.steps={steps + 1}",
             f"train.rollout_batch_size={prompts}", f"rollout.n_samples={n}",
@@ -115,10 +120,6 @@ def _rank(cfg, steps: int) -> dict:
 def model_numbers(hf: Path) -> dict:
     """Parameter counts of the checkpoint: the LLM's (for MFU, without the input embedding, a
     lookup), the LLM's (read every decode step), and every tensor's (what a sync sends)."""
-    from safetensors import safe_open
-
-    from eureka_megatron.convert.families import family_for
-
     hf_config = json.loads((hf / "config.json").read_text())
     mcfg = family_for(hf_config, str(hf / "config.json")).config_from_hf(hf_config, hf)
     text = getattr(mcfg, "text", mcfg)
@@ -133,11 +134,6 @@ def model_numbers(hf: Path) -> dict:
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
-    from eureka_megatron.bench.hardware import matmul_peak_tflops
-    from eureka_megatron.bench.sync import copy_bandwidth_gbs
-    from eureka_megatron.runtime.launcher import launch
-    from eureka_megatron.trainer.demo import write_tiny_checkpoint
-
     gpu = torch.cuda.is_available()
     steps = STEPS[quick]
     work = Path(tempfile.mkdtemp(prefix="bench-step-"))
@@ -159,9 +155,6 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
 def step_rows(m: dict, cfg, numbers: dict, peak_flops: float, bandwidth_gbs: float,
               gpu: bool) -> tuple[list[dict], list[str]]:
     """The table of one step's metrics `m` (a `run_rl` history record)."""
-    from eureka_megatron.bench.report import LEAD, lead
-    from eureka_megatron.rollout.hf_engine import HFEngine
-    from eureka_megatron.trainer.metrics import mfu
 
     prompts, n, new = cfg.train.rollout_batch_size, cfg.rollout.n_samples, cfg.rollout.max_new_tokens
     step_s, tokens = m["time/step_s"], m["train/tokens"]

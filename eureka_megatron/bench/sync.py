@@ -11,7 +11,14 @@ import time
 
 import torch
 
+from eureka_megatron.bench.report import LEAD, lead
 from eureka_megatron.config import LLMConfig, ParallelConfig
+from eureka_megatron.convert.qwen2 import qwen2_mapping
+from eureka_megatron.models.llm import build_llm_chunks
+from eureka_megatron.rollout.hf_engine import HFEngine
+from eureka_megatron.rollout.weight_sync import sync_weights
+from eureka_megatron.runtime.distributed import init_distributed
+from eureka_megatron.runtime.launcher import launch
 
 CPU_MODEL = LLMConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504,
                       num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4)
@@ -49,12 +56,6 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def _rank(model: LLMConfig, par: ParallelConfig, bucket_bytes: int):
-    from eureka_megatron.convert.qwen2 import qwen2_mapping
-    from eureka_megatron.models.llm import build_llm_chunks
-    from eureka_megatron.rollout.hf_engine import HFEngine
-    from eureka_megatron.rollout.weight_sync import sync_weights
-    from eureka_megatron.runtime.distributed import init_distributed
-
     init_distributed(par)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     chunks = [c.to(torch.bfloat16) for c in build_llm_chunks(model, par)]
@@ -71,8 +72,6 @@ def _rank(model: LLMConfig, par: ParallelConfig, bucket_bytes: int):
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
-    from eureka_megatron.bench.report import LEAD, lead
-    from eureka_megatron.runtime.launcher import launch
 
     gpu = torch.cuda.is_available()
     model = GPU_MODEL if gpu else (QUICK_MODEL if quick else CPU_MODEL)

@@ -6,6 +6,7 @@ call that runs a batch through a chunk. Adding a model means adding one entry he
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,9 @@ from typing import Any, Callable
 import torch
 
 from eureka_megatron.config import ConfigError
+from eureka_megatron.convert import internvl, qwen2_5_vl
+from eureka_megatron.convert.qwen2 import llm_config_from_hf, qwen2_mapping
+from eureka_megatron.models.llm import build_llm_chunks
 
 
 @dataclass(frozen=True)
@@ -30,20 +34,14 @@ class Family:
 # --- Qwen2 / Qwen2.5 (text) -------------------------------------------------------------------
 
 def _qwen2_config(hf: dict, directory: Path | None = None):
-    from eureka_megatron.convert.qwen2 import llm_config_from_hf
-
     return llm_config_from_hf(hf)
 
 
 def _qwen2_mapping(cfg, layout: str):
-    from eureka_megatron.convert.qwen2 import qwen2_mapping
-
     return qwen2_mapping(cfg, "model.", "lm_head.weight")
 
 
 def _qwen2_build(cfg, par):
-    from eureka_megatron.models.llm import build_llm_chunks
-
     return build_llm_chunks(cfg, par)
 
 
@@ -72,21 +70,15 @@ def _text_call(cfg, chunk, mb):
 # --- Qwen2.5-VL ---------------------------------------------------------------------------------
 
 def _qwen2_5_vl_config(hf: dict, directory: Path | None = None):
-    from eureka_megatron.convert.qwen2_5_vl import config_from_hf
-
-    return config_from_hf(hf)
+    return qwen2_5_vl.config_from_hf(hf)
 
 
 def _qwen2_5_vl_layout(names):
-    from eureka_megatron.convert.qwen2_5_vl import detect_layout
-
-    return detect_layout(names)
+    return qwen2_5_vl.detect_layout(names)
 
 
 def _qwen2_5_vl_mapping(cfg, layout):
-    from eureka_megatron.convert.qwen2_5_vl import qwen2_5_vl_mapping
-
-    return qwen2_5_vl_mapping(cfg, layout)
+    return qwen2_5_vl.qwen2_5_vl_mapping(cfg, layout)
 
 
 def _qwen2_5_vl_build(cfg, par):
@@ -116,30 +108,22 @@ def _qwen2_5_vl_call(cfg, chunk, mb):
 
 def _internvl_config(hf: dict, directory: Path | None = None):
     """internvl_chat configs do not store the <IMG_CONTEXT> id; the tokenizer config does."""
-    import json
-
-    from eureka_megatron.convert.internvl import config_from_hf, image_token_id_from_tokenizer
-
     token = None
     tok = Path(directory) / "tokenizer_config.json" if directory else None
     if hf.get("model_type") == "internvl_chat":
         if tok is None or not tok.is_file():
             raise ConfigError(f"{tok or 'tokenizer_config.json'} is missing: internvl_chat "
                               "checkpoints keep the <IMG_CONTEXT> token id there")
-        token = image_token_id_from_tokenizer(json.loads(tok.read_text()))
-    return config_from_hf(hf, image_token_id=token)
+        token = internvl.image_token_id_from_tokenizer(json.loads(tok.read_text()))
+    return internvl.config_from_hf(hf, image_token_id=token)
 
 
 def _internvl_layout(names):
-    from eureka_megatron.convert.internvl import detect_layout
-
-    return detect_layout(names)
+    return internvl.detect_layout(names)
 
 
 def _internvl_mapping(cfg, layout):
-    from eureka_megatron.convert.internvl import internvl_mapping
-
-    return internvl_mapping(cfg, layout)
+    return internvl.internvl_mapping(cfg, layout)
 
 
 def _internvl_build(cfg, par):

@@ -8,15 +8,19 @@ code) is carried over verbatim by `copy_side_files`.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
+
 import torch
+
+from eureka_megatron.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError, ValueError):
     """A HF directory that cannot be read; the message names the file."""
 
 
@@ -78,6 +82,10 @@ class HFCheckpoint:
         if not blob:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(blob, dtype=dtype).reshape(entry["shape"])
+
+    def num_parameters(self) -> int:
+        """Elements over every tensor, read from the headers (nothing is loaded)."""
+        return sum(math.prod(self.shape(name)) for name in self.names)
 
     def shape(self, name: str) -> tuple[int, ...]:
         header, _ = self._header(self.dir / self.weight_map[name])

@@ -29,10 +29,12 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from eureka_megatron.errors import UserError
+
 MegatronKey = tuple[str, tuple[int, ...]]  # (checkpoint key, layer offsets) e.g. ("decoder...", (3,))
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     """Names that do not map, or shapes that do not fit; the message lists them."""
 
 

@@ -7,7 +7,7 @@ decoder prefix, so it is given separately (`lm_head`; None when the embeddings a
 """
 from __future__ import annotations
 
-from eureka_megatron.config import LLMConfig
+from eureka_megatron.config import ConfigError, LLMConfig
 from eureka_megatron.convert.mapping import Dims, Mapping, Rule
 
 _L = "decoder.layers."
@@ -54,8 +54,6 @@ def _rope_theta(hf: dict, default: float) -> float:
 
 def llm_config_from_hf(hf: dict, where: str = "config.json", **fields) -> LLMConfig:
     """Our LLMConfig from a Qwen2-style HF text config (top level or a `text_config`)."""
-    from eureka_megatron.config import ConfigError
-
     need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads")
     missing = [k for k in need if k not in hf]

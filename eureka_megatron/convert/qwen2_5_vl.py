@@ -5,9 +5,9 @@ and transformers >= 4.52 in memory (`model.language_model.*`, `model.visual.*`).
 """
 from __future__ import annotations
 
-from eureka_megatron.config import Qwen25VLConfig
-from eureka_megatron.convert.mapping import Dims, Mapping, Rule
-from eureka_megatron.convert.qwen2 import qwen2_mapping
+from eureka_megatron.config import ConfigError, Qwen25VisionConfig, Qwen25VLConfig
+from eureka_megatron.convert.mapping import Dims, Mapping, MappingError, Rule
+from eureka_megatron.convert.qwen2 import llm_config_from_hf, qwen2_mapping
 
 LAYOUTS = {  # layout -> (LLM decoder prefix, vision prefix)
     "disk": ("model.", "visual."),
@@ -56,9 +56,6 @@ def qwen2_5_vl_mapping(cfg: Qwen25VLConfig, layout: str = "disk") -> Mapping:
 def config_from_hf(hf: dict) -> Qwen25VLConfig:
     """Our config from a Qwen2.5-VL config.json: hub files keep the text fields at the top
     level, transformers 5.x writes them under `text_config`."""
-    from eureka_megatron.config import ConfigError, Qwen25VisionConfig
-    from eureka_megatron.convert.qwen2 import llm_config_from_hf
-
     text = dict(hf.get("text_config") or hf)
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
@@ -86,8 +83,6 @@ def config_from_hf(hf: dict) -> Qwen25VLConfig:
 
 def detect_layout(names: set[str]) -> str:
     """disk (`visual.*`, `model.layers.*`) or memory (`model.visual.*`, `model.language_model.*`)."""
-    from eureka_megatron.convert.mapping import MappingError
-
     if any(n.startswith("model.language_model.") for n in names):
         return "memory"
     if any(n.startswith("visual.") for n in names):

@@ -24,12 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from eureka_megatron.convert.families import Family, family_for
+from eureka_megatron.config import ParallelConfig
+from eureka_megatron.convert.families import FAMILIES, Family, family_for
 from eureka_megatron.convert.hf_io import (HFCheckpoint, HFCheckpointError, ShardedSafetensorsWriter,
                                            copy_side_files)
 from eureka_megatron.convert.mapping import MappingError
 from eureka_megatron.convert.torch_dist import TorchDistReader, TorchDistWriter
+from eureka_megatron.errors import OutputExistsError
+from eureka_megatron.models.init import iter_leaves
+from eureka_megatron.runtime.distributed import init_distributed
+from eureka_megatron.runtime.launcher import launch
 
 CONVERSION = "conversion.json"
 HF_SIDE_DIR = "hf"
@@ -50,11 +56,6 @@ def _skeleton_rank(family_name: str, cfg) -> Skeleton:
     """Rank function: build the model on the meta device at TP1/PP1 and list its checkpoint."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-    from eureka_megatron.config import ParallelConfig
-    from eureka_megatron.convert.families import FAMILIES
-    from eureka_megatron.models.init import iter_leaves
-    from eureka_megatron.runtime.distributed import init_distributed
-
     fam = next(f for f in FAMILIES if f.name == family_name)
     par = ParallelConfig()
     init_distributed(par)
@@ -73,8 +74,6 @@ def _skeleton_rank(family_name: str, cfg) -> Skeleton:
 
 
 def model_skeleton(fam: Family, cfg) -> Skeleton:
-    from eureka_megatron.runtime.launcher import launch
-
     return launch(_skeleton_rank, 1, fam.name, cfg)[0]
 
 
@@ -118,15 +117,13 @@ def _expected_shape(skeleton: Skeleton, key: str) -> tuple[int, ...]:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True)
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
+        raise OutputExistsError(f"{out} exists and is not empty (pass --force to replace it)")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

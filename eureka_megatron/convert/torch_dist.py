@@ -21,16 +21,21 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from eureka_megatron.errors import InputNotFoundError, UserError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
 
 
-def _dcp():
-    from torch.distributed.checkpoint import metadata as m
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
+class TorchDistError(UserError, ValueError):
+    """A torch_dist checkpoint whose shards are truncated or do not cover a tensor."""
 
-    return m, _StorageInfo
+
+def _dcp():
+    return dcp_metadata, _StorageInfo
 
 
 class TorchDistWriter:
@@ -123,7 +128,7 @@ class TorchDistReader:
         self.dir = Path(directory)
         meta_file = self.dir / ".metadata"
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file} is missing: {self.dir} is not a torch_dist checkpoint")
+            raise InputNotFoundError(f"{meta_file} is missing: {self.dir} is not a torch_dist checkpoint")
         with open(meta_file, "rb") as f:
             self.meta = pickle.load(f)
         m, _ = _dcp()
@@ -160,8 +165,8 @@ class TorchDistReader:
             out[region] = chunk
             filled += chunk.numel()
         if filled != out.numel():
-            raise ValueError(f"{self.dir}: chunks of {key}{list(layer)} cover {filled} of "
-                             f"{out.numel()} elements")
+            raise TorchDistError(f"{self.dir}: chunks of {key}{list(layer)} cover {filled} of "
+                                 f"{out.numel()} elements")
         return out
 
     def _load(self, info) -> torch.Tensor:
@@ -169,5 +174,5 @@ class TorchDistReader:
             f.seek(info.offset)
             blob = f.read(info.length)
         if len(blob) != info.length:
-            raise ValueError(f"{self.dir / info.relative_path} is truncated")
+            raise TorchDistError(f"{self.dir / info.relative_path} is truncated")
         return torch.load(io.BytesIO(blob), weights_only=True)

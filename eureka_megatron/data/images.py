@@ -17,6 +17,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from eureka_megatron.data.jsonl import DataError
@@ -96,8 +97,6 @@ def _dali_pipeline():
 
 
 def _dali_decode(raw: bytes) -> Image.Image:
-    import numpy as np
-
     with _DALI_LOCK:
         pipe = _dali_pipeline()
         pipe.feed_input("encoded", [np.frombuffer(raw, dtype=np.uint8)])

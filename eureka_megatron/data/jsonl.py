@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eureka_megatron.errors import UserError
+
 __all__ = ["DataError", "Row", "SkippedRow", "LoadResult", "load_rows", "FORMATS"]
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ IMAGE_PLACEHOLDER = "<image>"
 _LOGGED_SKIPS = 20  # individual warnings per file; the rest are counted in the summary
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used: a missing file, no valid rows, a corrupt image."""
 
 
@@ -72,7 +74,7 @@ class _BadRow(Exception):
 def load_rows(path: str | os.PathLike, fmt: str = "auto") -> LoadResult:
     """Every usable row of a JSONL file (or of `<dir>/data.jsonl`), bad rows skipped and counted."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+        raise DataError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
     file = Path(path)
     if file.is_dir():
         file = file / "data.jsonl"

@@ -3,14 +3,16 @@
 loader), and the prompt builder configured for the model family."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, R1_ZERO_SYSTEM_PROMPT
+from eureka_megatron.data.jsonl import load_rows
+from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
 from eureka_megatron.rl_config import RLConfig
 
 
 def _synthetic(cfg: RLConfig, split: str, n: int) -> Path:
-    from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
-
     d = cfg.data
     out = Path(cfg.output.dir) / "data" / f"{split}-{n}-{'+'.join(d.synthetic_tasks)}-{d.image_size}"
     if not (out / "data.jsonl").is_file():
@@ -20,15 +22,11 @@ def _synthetic(cfg: RLConfig, split: str, n: int) -> Path:
 
 
 def train_rows(cfg: RLConfig):
-    from eureka_megatron.data.jsonl import load_rows
-
     src = cfg.data.train or _synthetic(cfg, "train", cfg.data.synthetic_size)
     return load_rows(src, cfg.data.format)  # rows + the rows skipped as bad
 
 
 def eval_rows(cfg: RLConfig):
-    from eureka_megatron.data.jsonl import load_rows
-
     if cfg.eval.interval <= 0:
         return []
     src = cfg.eval.data or _synthetic(cfg, "heldout", cfg.eval.size)
@@ -36,8 +34,6 @@ def eval_rows(cfg: RLConfig):
 
 
 def system_prompt(cfg: RLConfig) -> str | None:
-    from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, R1_ZERO_SYSTEM_PROMPT
-
     sp = cfg.data.system_prompt
     return {"r1": R1_SYSTEM_PROMPT, "r1-zero": R1_ZERO_SYSTEM_PROMPT}.get(sp, sp)
 
@@ -53,8 +49,6 @@ def tile_size(hf_config: dict) -> int | None:
 
 def prompt_builder(cfg: RLConfig, family: str, tokenizer):
     """The builder for `cfg.model.hf`'s family; InternVL tiles at the checkpoint's own size."""
-    import json
-
     from eureka_megatron.data.dataset import PromptBuilder
 
     d = cfg.data

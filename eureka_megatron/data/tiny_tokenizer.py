@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import string
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>", "<unk>"]
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -28,7 +30,6 @@ def tiny_vocab() -> dict[str, int]:
 
 def tiny_tokenizer():
     """A transformers fast tokenizer (save_pretrained-able) over `tiny_vocab()`; eos <|im_end|>."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = tiny_vocab()

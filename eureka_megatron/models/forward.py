@@ -5,6 +5,9 @@ from typing import Callable
 
 import torch
 
+from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
+                                             token_logprobs, unwrap)
+
 
 def forward_logits(chunks: list[torch.nn.Module], micro_batch: dict,
                    call: Callable[[torch.nn.Module, dict], torch.Tensor]) -> torch.Tensor | None:
@@ -39,9 +42,6 @@ def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[di
     building logits; forward only, any TP/PP/VPP; returned on every rank (broadcast over PP)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
-                                                 token_logprobs, unwrap)
 
     out = []
 

@@ -20,10 +20,18 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                           copy_to_tensor_model_parallel_region,
+                                           reduce_from_tensor_model_parallel_region)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from eureka_megatron.config import (ConfigError, InternVisionConfig, InternVLConfig, LLMConfig,
                                     ParallelConfig, validate_layout)
@@ -51,8 +59,6 @@ class FullWidthRMSNorm(torch.nn.Module):
     """
 
     def __init__(self, config, hidden_size: int, eps: float, width: int):
-        from megatron.core import parallel_state as ps
-
         super().__init__()
         local_heads = config.num_attention_heads // ps.get_tensor_model_parallel_world_size()
         self.weight = torch.nn.Parameter(
@@ -60,9 +66,6 @@ class FullWidthRMSNorm(torch.nn.Module):
         self.eps, self.width = eps, width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
-                                                   reduce_from_tensor_model_parallel_region)
-
         flat = x.flatten(2).float()
         sq = flat.pow(2).sum(-1, keepdim=True)
         sq = reduce_from_tensor_model_parallel_region(copy_to_tensor_model_parallel_region(sq))
@@ -70,8 +73,6 @@ class FullWidthRMSNorm(torch.nn.Module):
         return (self.weight * normed.to(x.dtype)).view_as(x)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
         return make_sharded_tensors_for_checkpoint(self.state_dict(keep_vars=True), prefix,
                                                    {"weight": 0}, sharded_offsets)
 
@@ -106,9 +107,6 @@ class LayerScaledTransformerLayer(TransformerLayer):
 
 def internvit_layer_spec(v: InternVisionConfig):
     """The shared vision layer + layer scale, no mask, optional bias-free qkv, full-width qk-norm."""
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
     qk_norm = (ModuleSpec(module=FullWidthRMSNorm, params={"width": v.hidden_size})
                if v.qk_normalization else None)
     return vision_layer_spec(
@@ -125,8 +123,6 @@ class InternViT(MegatronModule):
     tile is one sequence of the batch (non-causal attention within a tile)."""
 
     def __init__(self, v: InternVisionConfig, par: ParallelConfig):
-        from megatron.core.transformer.transformer_block import TransformerBlock
-
         vcfg = vision_transformer_config(v, par)
         super().__init__(config=vcfg)
         self.v = v
@@ -170,9 +166,6 @@ class InternVLProjector(MultimodalProjector):
     """mlp1: LayerNorm(4C, eps 1e-5) then Linear (column-parallel), GELU, Linear (row-parallel)."""
 
     def __init__(self, config, input_size: int):
-        from megatron.core.tensor_parallel import RowParallelLinear
-        from megatron.core.transformer.mlp import MLPSubmodules
-
         super().__init__(config, MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                linear_fc2=RowParallelLinear), "mlp", input_size)
         self.layer_norm = torch.nn.LayerNorm(input_size, eps=1e-5, dtype=config.params_dtype)

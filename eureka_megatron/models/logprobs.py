@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from eureka_megatron.kernels.logprob import logprob_entropy
+
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP / Float16Module wrappers."""
@@ -57,8 +59,6 @@ def token_logprobs(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     """(logprobs, entropy) [B, S] float32 of `labels` [B, S] (global token ids; < 0 ignored)
     from `hidden` [B, S, H]; differentiable, gradients reach the hidden states and the weight."""
     from megatron.core import parallel_state as ps
-
-    from eureka_megatron.kernels.logprob import logprob_entropy
 
     group = (ps.get_tensor_model_parallel_group()
              if ps.get_tensor_model_parallel_world_size() > 1 else None)

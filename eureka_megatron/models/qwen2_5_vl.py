@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
 
-from eureka_megatron.config import ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
+from eureka_megatron.config import LLMConfig, ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
 from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
 
@@ -141,11 +145,6 @@ class PatchEmbed(torch.nn.Module):
 
 class Qwen25VisionModel(MegatronModule):
     def __init__(self, v: Qwen25VisionConfig, par: ParallelConfig):
-        from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.mlp import MLPSubmodules
-        from megatron.core.transformer.transformer_block import TransformerBlock
-
         # The tower always lives whole on the first pipeline stage: its config has PP 1.
         vcfg = transformer_config_for_vision(v, par)
         super().__init__(config=vcfg)
@@ -191,8 +190,6 @@ class Qwen25VisionModel(MegatronModule):
 
 
 def transformer_config_for_vision(v: Qwen25VisionConfig, par: ParallelConfig):
-    from eureka_megatron.config import LLMConfig
-
     base = LLMConfig(hidden_size=v.hidden_size, intermediate_size=v.padded_intermediate_size,
                      num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
                      num_key_value_heads=v.num_heads, rms_norm_eps=1e-6)
@@ -201,8 +198,6 @@ def transformer_config_for_vision(v: Qwen25VisionConfig, par: ParallelConfig):
 
 
 def transformer_config_for_projector(v: Qwen25VisionConfig, par: ParallelConfig):
-    from eureka_megatron.config import LLMConfig
-
     unit = v.spatial_merge_size**2
     base = LLMConfig(hidden_size=v.out_hidden_size, intermediate_size=unit * v.hidden_size,
                      num_hidden_layers=1,

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
+from eureka_megatron.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FUNCTIONS = ("eureka_megatron.rewards:rule_based_scores",)
@@ -47,29 +49,36 @@ class RewardResult:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
 
+class RewardFunctionError(UserError, ValueError):
+    """A reward function spec that does not resolve: bad form, missing module or attribute."""
+
+
 def resolve_function(spec: str) -> tuple[str, Callable]:
     """`"pkg.module:attr[.attr]"` -> (score name for a bare-number result, callable); raises a
-    ValueError naming `spec` for every way it can be wrong, so a config typo fails at start-up."""
+    RewardFunctionError naming `spec` for every way it can be wrong, so a config typo fails at
+    start-up."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"reward function {spec!r}: expected 'module:function'")
+        raise RewardFunctionError(f"reward function {spec!r}: expected 'module:function'")
     module_name, attr_path = spec.split(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name == module_name or module_name.startswith(f"{e.name}."):  # it, or its package
-            raise ValueError(f"reward function {spec!r}: module {module_name!r} not found") from e
-        raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: {e}") from e
+            raise RewardFunctionError(f"reward function {spec!r}: module {module_name!r} "
+                                      "not found") from e
+        raise RewardFunctionError(f"reward function {spec!r}: importing {module_name!r} "
+                                  f"failed: {e}") from e
     except Exception as e:  # noqa: BLE001 -- any import-time failure of a user's module
-        raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: "
-                         f"{type(e).__name__}: {e}") from e
+        raise RewardFunctionError(f"reward function {spec!r}: importing {module_name!r} failed: "
+                                  f"{type(e).__name__}: {e}") from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward function {spec!r}: {module_name!r} has no attribute "
-                             f"{attr_path!r}")
+            raise RewardFunctionError(f"reward function {spec!r}: {module_name!r} has no "
+                                      f"attribute {attr_path!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward function {spec!r}: {attr_path!r} is not callable "
-                         f"({type(obj).__name__})")
+        raise RewardFunctionError(f"reward function {spec!r}: {attr_path!r} is not callable "
+                                  f"({type(obj).__name__})")
     return attr_path.split(".")[-1], obj
 
 

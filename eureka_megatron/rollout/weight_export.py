@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from eureka_megatron.convert.mapping import Mapping, MegatronKey
+from eureka_megatron.models.init import iter_leaves
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ def _local_shards(chunks) -> dict[MegatronKey, list[tuple[tuple[int, ...], torch
     """This rank's main-replica shards: megatron key -> [(offset, data)], plus global shapes."""
     from megatron.core.dist_checkpointing.mapping import (ShardedTensor, apply_factories,
                                                           is_main_replica)
-
-    from eureka_megatron.models.init import iter_leaves
 
     out: dict = {}
     for chunk in chunks:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from eureka_megatron.convert.mapping import Mapping
+from eureka_megatron.rollout.buckets import bucket_by_bytes
 from eureka_megatron.rollout.weight_export import export_hf_weights
 
 DEFAULT_BUCKET_BYTES = 512 << 20
@@ -64,8 +65,6 @@ def sync_weights(chunks: list[torch.nn.Module], mapping: Mapping, engine, versio
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dest: str = "rank0") -> SyncResult:
     """Collective: export the model's weights and load them into `engine` (on the ranks that
     have one) as `version`. Returns the same `ok` on every rank."""
-    from eureka_megatron.rollout.buckets import bucket_by_bytes
-
     start = time.perf_counter()
     counted = _Counted(export_hf_weights(chunks, mapping, dest=dest))
     stream = iter(counted)

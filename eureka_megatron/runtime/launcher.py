@@ -12,12 +12,14 @@ import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import threading
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
 
+from eureka_megatron.runtime.distributed import shutdown
 from eureka_megatron.runtime.errors import RankError
 from eureka_megatron.runtime.ports import free_port
 
@@ -29,8 +31,6 @@ def under_torchrun() -> bool:
 def _exit_with_parent(parent: int) -> None:
     """A rank outlives nothing: if the launching process dies (SIGTERM, SIGKILL, a crash) before
     it could stop its ranks, they exit instead of training on as orphans."""
-    import threading
-
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
@@ -58,8 +58,6 @@ def _rank_main(fn, args, kwargs, rank, world, port, threads, results, parent=Non
     finally:
         if torch.distributed.is_initialized():
             try:
-                from eureka_megatron.runtime.distributed import shutdown
-
                 shutdown()
             except Exception:  # noqa: BLE001 -- teardown after the result was sent
                 pass

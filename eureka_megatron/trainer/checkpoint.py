@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from eureka_megatron.errors import UserError
 from eureka_megatron.trainer.train_step import TrainableModel
 
 LATEST = "latest"
@@ -28,7 +31,7 @@ COMPLETE = "complete.json"
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file."""
 
 
@@ -124,9 +127,6 @@ def _rng_object(state: Any):
 
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
     return {
@@ -138,9 +138,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])

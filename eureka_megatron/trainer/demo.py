@@ -10,9 +10,13 @@ gives a bit-identical metrics.jsonl.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
+from eureka_megatron.data.chat import QWEN_CHAT, jinja_chat_template
+from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer, tiny_vocab
 from eureka_megatron.rl_config import RLConfig, load_rl_config
 
 # Package data (also at examples/demo_cpu.yaml in the source tree): an installed wheel has it too.
@@ -22,8 +26,6 @@ DEMO_CONFIG = Path(str(resources.files("eureka_megatron.trainer") / "demo_cpu.ya
 def tiny_qwen2_5_vl_config():
     """Text: 2 layers, hidden 128, 4 heads / 2 KV heads; vision: depth 2, hidden 64."""
     from transformers import Qwen2_5_VLConfig
-
-    from eureka_megatron.data.tiny_tokenizer import tiny_vocab
 
     v = tiny_vocab()
     eos, pad = v["<|im_end|>"], v["<|endoftext|>"]
@@ -48,13 +50,8 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer with a chat template that renders the demo's prompts, and the image processor's
     config, so `AutoProcessor` / `pipeline` / a server load it like any released model (the
     stage-0 and final exports copy these files)."""
-    import shutil
-
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from eureka_megatron.data.chat import QWEN_CHAT, jinja_chat_template
-    from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
@@ -76,8 +73,6 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 def write_image_processor_config(out_dir: Path, vision) -> None:
     """transformers' Qwen2-VL image processor config with the pixel range the demo's prompts are
     built with (`data.min_pixels` / `max_pixels` defaults) and the tower's patch geometry."""
-    import json
-
     from eureka_megatron.data.processors import (CLIP_MEAN, CLIP_STD, QWEN_MAX_PIXELS,
                                                  QWEN_MIN_PIXELS)
 

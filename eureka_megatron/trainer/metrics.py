@@ -31,6 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from tqdm.auto import tqdm
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -65,7 +67,6 @@ class MetricsWriter:
 
         self._bar = None
         if progress:
-            from tqdm.auto import tqdm
             self._bar = tqdm(total=self.total_steps, initial=min(self.start_step, self.total_steps),
                              unit="step", dynamic_ncols=True, file=sys.stderr)
 

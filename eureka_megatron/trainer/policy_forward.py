@@ -18,7 +18,11 @@ from typing import Callable
 
 import torch
 
+from eureka_megatron.algo.mismatch import corrected, mismatch_sums
+from eureka_megatron.algo.policy_loss import policy_loss_sums
 from eureka_megatron.config import AlgoConfig
+from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
+                                             token_logprobs, unwrap)
 
 
 def gpt_call(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
@@ -33,11 +37,6 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
 
     `call(chunk, micro_batch)` runs one model chunk (the default: our GPT; VLM actors pass their
     own); `temperature` must be the rollout's sampling temperature."""
-    from eureka_megatron.algo.mismatch import corrected, mismatch_sums
-    from eureka_megatron.algo.policy_loss import policy_loss_sums
-    from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
-                                                 token_logprobs, unwrap)
-
     def forward(chunk, mb):
         model = unwrap(chunk)
         if not is_last_stage_chunk(model):

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from eureka_megatron.config import Config
+from eureka_megatron.models.logprobs import unwrap
 from eureka_megatron.runtime import cpu_compat
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -36,8 +37,6 @@ class TrainableModel:
     @property
     def unwrapped(self) -> list[torch.nn.Module]:
         """The bare GPTModel-like chunks (inside DDP and Float16Module)."""
-        from eureka_megatron.models.logprobs import unwrap
-
         return [unwrap(c) for c in self.chunks]
 
 

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import torch
 
+from eureka_megatron.data.dataset import PromptStream
+from eureka_megatron.data.sources import prompt_builder, train_rows
 from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.runtime.distributed import broadcast_object
+from eureka_megatron.trainer.actor import Actor
+from eureka_megatron.trainer.batches import Sequence, dp_share
 
 
 def format_target(think: str, answer: str) -> str:
@@ -25,12 +30,6 @@ def format_target(think: str, answer: str) -> str:
 def format_warmup(cfg: RLConfig) -> Path:
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
-
-    from eureka_megatron.data.dataset import PromptStream
-    from eureka_megatron.data.sources import prompt_builder, train_rows
-    from eureka_megatron.runtime.distributed import broadcast_object
-    from eureka_megatron.trainer.actor import Actor
-    from eureka_megatron.trainer.batches import Sequence, dp_share
 
     out = Path(cfg.output.dir) / "stage0_hf"
     if (out / "config.json").is_file():

@@ -13,12 +13,19 @@ import pytest
 import torch
 
 from eureka_megatron.cli import main
-from eureka_megatron.evaluate import pass_at_k, run_eval
+from eureka_megatron.evaluate import load_eval_config, pass_at_k, run_eval
 from tests.unit import reward_fns
 
 JUDGE = "tests.unit.reward_fns:parity_judge"
 K = 3
 NEW = 12
+
+
+def evaluate(model, data, out, **options) -> dict:
+    """`eureka-megatron eval` as the CLI calls it: a typed, validated EvalRunConfig."""
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return run_eval(load_eval_config({"model": str(model), "data": [str(d) for d in data],
+                                      "out": str(out), **plain}))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,7 @@ def setup(tmp_path_factory):
     hf = write_tiny_checkpoint(root / "tiny")
     write_jsonl(synthetic_dataset(8, "heldout", seed=0, tasks=("count_circles", "read_digit"),
                                   image_size=56), root / "data")
-    results = run_eval(hf, [root / "data" / "data.jsonl"], root / "out_hf", samples=K,
+    results = evaluate(hf, [root / "data" / "data.jsonl"], root / "out_hf", samples=K,
                        max_new_tokens=NEW, batch_size=3, judge=JUDGE, system_prompt=None,
                        progress=False, seed=1)
     return root, hf, results
@@ -109,7 +116,7 @@ def test_megatron_checkpoint_evaluates_to_the_same_responses(setup):
 
     root, hf, results = setup
     hf_to_megatron(hf, root / "meg", progress=False)
-    meg = run_eval(root / "meg", [root / "data" / "data.jsonl"], root / "out_meg", samples=1,
+    meg = evaluate(root / "meg", [root / "data" / "data.jsonl"], root / "out_meg", samples=1,
                    max_new_tokens=NEW, judge=JUDGE, system_prompt=None, progress=False)
     assert meg["model_format"] == "megatron"
     assert [r["greedy"] for r in _records(root / "out_meg")] == \
@@ -127,9 +134,9 @@ def test_megatron_checkpoint_evaluates_to_the_same_responses(setup):
     shutil.rmtree(root / "meg" / "hf")
     (root / "meg" / "conversion.json").unlink()
     with pytest.raises(EvalError, match="--hf-config"):
-        run_eval(root / "meg", [root / "data" / "data.jsonl"], root / "out_meg2", judge=JUDGE,
+        evaluate(root / "meg", [root / "data" / "data.jsonl"], root / "out_meg2", judge=JUDGE,
                  progress=False)
-    run_eval(root / "meg", [root / "data" / "data.jsonl"], root / "out_meg2", hf_config=hf,
+    evaluate(root / "meg", [root / "data" / "data.jsonl"], root / "out_meg2", hf_config=hf,
              max_new_tokens=NEW, judge=JUDGE, system_prompt=None, progress=False, limit=2)
     assert [r["greedy"] for r in _records(root / "out_meg2")] == \
         [r["greedy"] for r in _records(root / "out_hf")][:2]
@@ -143,7 +150,7 @@ def test_sglang_engine_responses_are_the_servers(setup):
     root, hf, _ = setup
     server = FakeSGLangServer().start()
     try:
-        run_eval(hf, [root / "data" / "data.jsonl"], root / "out_sg", engine="sglang",
+        evaluate(hf, [root / "data" / "data.jsonl"], root / "out_sg", engine="sglang",
                  sglang_url=server.url, samples=2, max_new_tokens=NEW, judge=JUDGE,
                  system_prompt=None, progress=False, limit=4)
         weights = server.weights

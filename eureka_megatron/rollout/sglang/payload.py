@@ -22,6 +22,7 @@ import io
 import pickle
 
 import torch
+from torch.multiprocessing.reductions import reduce_tensor
 
 from eureka_megatron.rollout.buckets import FlatBucket, FlatTensorMeta
 
@@ -42,8 +43,6 @@ class _SGLangPickler(pickle._Pickler):
 
     def reducer_override(self, obj):
         if isinstance(obj, torch.Tensor) and obj.is_cuda:
-            from torch.multiprocessing.reductions import reduce_tensor
-
             _, args = reduce_tensor(obj)
             args = list(args)
             args[_CUDA_DEVICE_ARG] = str(torch.cuda.get_device_properties(

@@ -5,43 +5,75 @@ with `torch.save`) through the megatron model, loaded by megatron's own dist_che
 requested layout, and compare the logits with transformers'. Returns `{"logits": [B, S, vocab]}`
 in float32 with the vocab padding removed. `--engine hf` instead syncs the loaded weights into a
 rollout engine (the same export as training's weight sync) and returns the engine's logits: the
-check that an engine runs exactly the trained weights.
+check that an engine runs exactly the trained weights. torch is imported on use, so the parser
+stays torch-free.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import torch
-
 from eureka_megatron.config import ConfigError, LLMConfig, ParallelConfig, validate_layout
-from eureka_megatron.convert.run import read_conversion
+from eureka_megatron.errors import InputNotFoundError, UserError
+
+ENGINES = ("hf",)
+
+
+class InputsError(UserError, ValueError):
+    """An --inputs file that is not a dict of tensors with input_ids."""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "forward", help="logits of a megatron checkpoint at a chosen TP/PP (check a conversion)",
+        description="Load a megatron checkpoint with megatron's dist_checkpointing at TP x PP "
+                    "(spawning TP*PP ranks on this machine) and run one batch. IN.pt is the dict "
+                    "an HF processor returns, saved with torch.save (input_ids, optional "
+                    "attention_mask; Qwen2.5-VL pixel_values + image_grid_thw; InternVL "
+                    "pixel_values [tiles,3,H,W]). OUT.pt is {'logits': [B,S,vocab] float32}, "
+                    "vocab padding removed.")
+    p.add_argument("--megatron", required=True, type=Path, help="converted dir or step_* / run dir")
+    p.add_argument("--inputs", required=True, type=Path, help="IN.pt")
+    p.add_argument("--out", required=True, type=Path, help="OUT.pt")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--hf-config", type=Path, default=None,
+                   help="dir with config.json (default: MEGATRON/hf)")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="sync the loaded weights into this rollout engine and return ITS logits "
+                        "(checks that an engine runs exactly the trained weights)")
+    return p
+
+
+def run(args) -> int:
+    logits = run_forward(args.megatron, args.inputs, args.out, tp=args.tp, pp=args.pp,
+                         hf_config_dir=args.hf_config, engine=args.engine)
+    via = f", synced into the {args.engine} engine" if args.engine else ""
+    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (TP{args.tp} x PP{args.pp}{via})")
+    return 0
 
 
 def load_inputs(path: str | Path) -> dict:
     """The saved processor output as a plain dict of tensors (BatchFeature/BatchEncoding ok)."""
+    import torch
+    from transformers import BatchEncoding, BatchFeature
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"inputs file does not exist: {path}")
-    safe = []
+        raise InputNotFoundError(f"inputs file does not exist: {path}")
     try:
-        from transformers import BatchEncoding, BatchFeature
-
-        safe = [BatchEncoding, BatchFeature]
-    except ImportError:
-        pass
-    try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals([BatchEncoding, BatchFeature]):
             obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 -- unpickling errors have many types
-        raise ValueError(f"{path}: cannot be read as a dict of tensors ({e}); save it with "
-                         "torch.save(dict(processor(...)), path)") from None
+        raise InputsError(f"{path}: cannot be read as a dict of tensors ({e}); save it with "
+                          "torch.save(dict(processor(...)), path)") from None
     data = dict(getattr(obj, "data", obj)) if not isinstance(obj, dict) else dict(obj)
     if "input_ids" not in data:
-        raise ValueError(f"{path}: no `input_ids` (keys: {', '.join(sorted(data)) or 'none'})")
+        raise InputsError(f"{path}: no `input_ids` (keys: {', '.join(sorted(data)) or 'none'})")
     for k, v in data.items():
         if v is not None and not torch.is_tensor(v):
-            raise ValueError(f"{path}: `{k}` is a {type(v).__name__}, expected a tensor "
-                             "(use return_tensors='pt')")
+            raise InputsError(f"{path}: `{k}` is a {type(v).__name__}, expected a tensor "
+                              "(use return_tensors='pt')")
     return data
 
 
@@ -59,13 +91,11 @@ def check_layout(cfg, tp: int, pp: int) -> ParallelConfig:
     return par
 
 
-ENGINES = ("hf",)
-
-
 def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dict,
                   engine: str | None = None, raw_inputs: dict | None = None):
     from megatron.core import dist_checkpointing
 
+    from eureka_megatron.convert.run import read_conversion
     from eureka_megatron.models.forward import forward_logits
     from eureka_megatron.runtime.distributed import init_distributed
 
@@ -86,6 +116,7 @@ def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dic
 
 def _engine_logits(fam, cfg, chunks, side: Path, inputs: dict):
     """Sync the loaded megatron weights into an HF engine (rank 0) and return its logits."""
+    import torch
     import torch.distributed as dist
 
     from eureka_megatron.rollout.hf_engine import HFEngine
@@ -105,10 +136,12 @@ def _engine_logits(fam, cfg, chunks, side: Path, inputs: dict):
 
 
 def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, tp: int = 1,
-                pp: int = 1, hf_config_dir: str | Path | None = None,
-                engine: str | None = None) -> torch.Tensor:
+                pp: int = 1, hf_config_dir: str | Path | None = None, engine: str | None = None):
     """Logits of the megatron checkpoint at TP x PP; with `engine="hf"`, the logits of an HF
     engine after a weight sync from that megatron model (the engine runs the trained weights)."""
+    import torch
+
+    from eureka_megatron.convert.run import read_conversion
     from eureka_megatron.runtime.launcher import launch
     from eureka_megatron.trainer.checkpoint import resolve_checkpoint
 
