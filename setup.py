@@ -24,6 +24,7 @@ install_requires = [
     "tensorboard",
     "matplotlib",  # the run report's PNG plots (the demo promises them)
     "pyyaml",
+    "requests",  # the SGLang client (ray installs it too)
     "tqdm",
     "packaging",
 ]

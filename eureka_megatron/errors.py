@@ -12,6 +12,10 @@ class UserError(Exception):
     """Bad input the user can fix; the CLI prints it without a traceback."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
 class InputNotFoundError(UserError, FileNotFoundError):
     """A path the user named (model, data, inputs file) does not exist."""
 

@@ -16,7 +16,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -25,10 +24,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eureka_megatron.config import from_dict
+from eureka_megatron.atomic import write_text_atomic
+from eureka_megatron.config import DEFAULT_REWARD, from_dict
 from eureka_megatron.data.chat import R1_SYSTEM_PROMPT
 from eureka_megatron.data.jsonl import load_rows
-from eureka_megatron.data.sources import tile_size
 from eureka_megatron.errors import InputNotFoundError, UserError
 from eureka_megatron.rewards.pool import RewardPool, resolve_function
 
@@ -36,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE_FIELDS = ("source", "data_source", "dataset", "category", "subject", "task")
 ENGINES = ("hf", "sglang")
-DEFAULT_JUDGE = "eureka_megatron.rewards:rule_based_scores"
 
 
 class EvalError(UserError, ValueError):
@@ -89,24 +87,6 @@ def hf_model_dir(path: Path, hf_config: Path | None, scratch: Path, progress: bo
     return out
 
 
-def build_engine(engine: str, hf_dir: Path, *, sglang_url: str | None, tp: int):
-    if engine == "sglang":
-        from eureka_megatron.rollout.sglang import SGLangEngine
-        from eureka_megatron.rollout.sglang.engine import family_of_checkpoint
-
-        family = family_of_checkpoint(hf_dir)  # how the prompts write their images
-        if sglang_url:
-            return SGLangEngine.connect(sglang_url, **({"family": family} if family else {}))
-        return SGLangEngine.launch(str(hf_dir), tp=tp)
-    import torch
-
-    from eureka_megatron.rollout.hf_engine import HFEngine
-
-    cuda = torch.cuda.is_available()
-    return HFEngine.from_pretrained(hf_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-                                    device="cuda" if cuda else "cpu")
-
-
 # --- the prompts ---------------------------------------------------------------------------------
 
 
@@ -138,18 +118,18 @@ def load_items(data: list[Path], hf_dir: Path, *, system_prompt: str | None, gro
     """Built prompts with their report group, and the reasons of the rows skipped."""
     from transformers import AutoTokenizer
 
-    from eureka_megatron.convert.families import family_for
-    from eureka_megatron.data.dataset import FAMILIES, PromptBuilder
+    from eureka_megatron.data.dataset import PromptBuilder
+    from eureka_megatron.models.registry import FAMILIES, family_for
 
     config = json.loads((hf_dir / "config.json").read_text())
-    family = family_for(config, str(hf_dir / "config.json")).name
-    if family not in FAMILIES:
-        raise EvalError(f"{hf_dir}: eval serves the VLM families ({', '.join(FAMILIES)}); "
+    family = family_for(config, str(hf_dir / "config.json"))
+    if not family.is_vlm:
+        vlms = ", ".join(f.name for f in FAMILIES if f.is_vlm)
+        raise EvalError(f"{hf_dir}: eval serves the VLM families ({vlms}); "
                         f"this checkpoint is {config.get('model_type')!r}")
-    size = tile_size(config) if family == "internvl" else None
     builder = PromptBuilder(family, AutoTokenizer.from_pretrained(str(hf_dir)),
                             system_prompt=system_prompt, max_prompt_length=max_prompt_length,
-                            **({"image_size": size} if size else {}))
+                            **family.image_options_from_hf(config))
     loaded = [(path, load_rows(path)) for path in data]
     rows = [r for _, lr in loaded for r in lr.rows]
     skipped = [f"{s.source}: {s.reason}" for _, lr in loaded for s in lr.skipped]
@@ -281,12 +261,6 @@ def markdown(results: dict) -> str:
 # --- the command ---------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @dataclass
 class EvalRunConfig:
     """Everything `eureka-megatron eval` takes; the field names are the CLI's flags."""
@@ -302,7 +276,7 @@ class EvalRunConfig:
     system_prompt: str | None = "r1"  # "r1", None (no system prompt) or the text
     group_by: str | None = None
     limit: int | None = None
-    judge: str = DEFAULT_JUDGE
+    judge: str = DEFAULT_REWARD
     hf_config: str | None = None
     sglang_url: str | None = None
     tp: int = 1
@@ -339,6 +313,8 @@ def load_eval_config(values: dict) -> EvalRunConfig:
 
 def run_eval(cfg: EvalRunConfig) -> dict:
     """Evaluate `cfg.model` on `cfg.data`; writes OUT/results.{json,md} and OUT/samples.jsonl."""
+    from eureka_megatron.rollout.factory import build_engine
+
     cfg.validate()
     resolve_function(cfg.judge)  # a typo fails before the model loads
     data = [Path(p) for p in cfg.data]
@@ -360,8 +336,10 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         for reason in skipped[:10]:
             logger.warning("skipped %s", reason)
         # a --judge of the user's may be stochastic: only the rule-based one is memoized
-        pool = RewardPool([cfg.judge], num_workers=cfg.workers, memoize=cfg.judge == DEFAULT_JUDGE)
-        eng = build_engine(cfg.engine, hf_dir, sglang_url=cfg.sglang_url, tp=cfg.tp)
+        pool = RewardPool([cfg.judge], num_workers=cfg.workers, memoize=cfg.judge == DEFAULT_REWARD)
+        # bf16 on a GPU, fp32 on the CPU: eval has no trainer whose numerics to match
+        eng = build_engine(cfg.engine, hf_dir, dtype="auto", sglang_url=cfg.sglang_url,
+                           launch={"tp": cfg.tp})
         records = generate_and_grade(eng, pool, items, samples=cfg.samples,
                                      temperature=cfg.temperature, top_p=cfg.top_p,
                                      max_new_tokens=cfg.max_new_tokens,
@@ -384,8 +362,10 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         "overall": summarize(records, cfg.samples),
         "by_source": breakdown(records, cfg.samples),
     }
-    _write_atomic(out / "samples.jsonl", "".join(json.dumps(r.__dict__) + "\n" for r in records))
-    _write_atomic(out / "results.json", json.dumps(results, indent=1))
-    _write_atomic(out / "results.md", f"{model} on {', '.join(map(str, data))} ({cfg.engine} "
-                  f"engine, {cfg.samples} sample(s), max {cfg.max_new_tokens} new tokens)\n\n{markdown(results)}\n")
+    write_text_atomic(out / "samples.jsonl",
+                      "".join(json.dumps(r.__dict__) + "\n" for r in records))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(out / "results.md", f"{model} on {', '.join(map(str, data))} ({cfg.engine} "
+                      f"engine, {cfg.samples} sample(s), max {cfg.max_new_tokens} new tokens)\n\n"
+                      f"{markdown(results)}\n")
     return results

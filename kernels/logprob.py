@@ -52,9 +52,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["logprob_entropy", "triton_usable"]
+from .options import BACKENDS
 
-BACKENDS = ("triton", "torch")
+__all__ = ["logprob_entropy", "triton_usable"]
 
 # Torch backend block: _TORCH_CHUNK_T tokens x _TORCH_CHUNK_V vocabulary rows at a time.
 _TORCH_CHUNK_T = 1024

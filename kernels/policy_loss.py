@@ -76,9 +76,8 @@ import numbers
 import torch
 from torch.autograd.function import once_differentiable
 
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "k3")
-BACKENDS = ("triton", "torch")
+from .options import AGGS, BACKENDS, KL_TYPES
+
 LOG_RATIO_CLAMP = 20.0
 
 __all__ = ["policy_loss", "kl_estimate", "row_weights", "AGGS", "KL_TYPES", "BACKENDS",

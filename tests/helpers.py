@@ -1,8 +1,9 @@
 """Helpers shared by tests: tiny configs and rank functions (module level, so ranks can import them)."""
 from __future__ import annotations
 
-from eureka_megatron.config import (CheckpointConfig, Config, LLMConfig, OptimConfig,
-                                    ParallelConfig, TrainConfig)
+from eureka_megatron.config import (CheckpointConfig, Config, OptimConfig, ParallelConfig,
+                                    TrainConfig)
+from eureka_megatron.models.llm_config import LLMConfig
 
 
 def tiny_config(tp=1, pp=1, vpp=None, nproc=None, steps=3, tie=False, ckpt_dir=None, load=None,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from eureka_megatron.config import ESTIMATORS
+from eureka_megatron.config.sections import ESTIMATORS
 
 EPS = 1e-6
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from eureka_megatron.config import ROLLOUT_IS_MODES as MODES
+from eureka_megatron.config.sections import ROLLOUT_IS_MODES as MODES
 
 
 def _log_ratio(old: torch.Tensor, rollout: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from eureka_megatron.bench.report import LEAD, lead
-from eureka_megatron.convert.families import family_for
 from eureka_megatron.convert.hf_io import ShardedSafetensorsWriter
 from eureka_megatron.convert.run import model_skeleton
+from eureka_megatron.models.registry import family_for
 
 QWEN2_5_VL_7B = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",

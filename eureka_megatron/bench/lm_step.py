@@ -13,7 +13,8 @@ import torch
 
 from eureka_megatron.bench.hardware import matmul_peak_tflops
 from eureka_megatron.bench.report import LEAD, lead
-from eureka_megatron.config import Config, LLMConfig, OptimConfig, ParallelConfig, TrainConfig
+from eureka_megatron.config import Config, OptimConfig, ParallelConfig, TrainConfig
+from eureka_megatron.models.llm_config import LLMConfig
 from eureka_megatron.runtime.launcher import launch
 from eureka_megatron.trainer.lm_run import run_lm
 

@@ -21,9 +21,10 @@ import time
 from fractions import Fraction
 
 from eureka_megatron.bench.report import LEAD, lead
+from eureka_megatron.config import DEFAULT_REWARD
 from eureka_megatron.rewards.pool import RewardPool, _named_scores, resolve_function
+from eureka_megatron.stats import mean
 
-DEFAULT_FUNCTION = "eureka_megatron.rewards:rule_based_scores"
 PATHOLOGICAL = r"<think>Powers of nine, stacked.</think> <answer>$9^{9^{9^{9^{9}}}}$</answer>"
 _SENTENCES = [
     "Let me read the figure carefully: the side lengths are {a} and {b}.",
@@ -141,7 +142,7 @@ def run(quick: bool = False, functions: list[str] | None = None,
         workers: tuple[int, ...] = (1, 2, 4), timeout: float = 5.0) -> tuple[list[dict], list[str]]:
     """Rows for the table: in-line, then each pool size on the clean and the pathological mix."""
 
-    functions = functions or [DEFAULT_FUNCTION]
+    functions = functions or [DEFAULT_REWARD]
     n, repeats = (100, 1) if quick else (400, 3)  # best of `repeats`: other load only slows
     clean = make_mix(n, seed=0, pathological=False)
     mixed = make_mix(n, seed=0, pathological=True)
@@ -156,7 +157,7 @@ def run(quick: bool = False, functions: list[str] | None = None,
                     inline_rate, "responses/s", 100.0, "itself (the in-line rate)"),
              "mix": "clean", "workers": "in-line (no pool)", "responses": n,
              "seconds": round(inline_s, 2), "responses/s": round(n / inline_s, 1),
-             "mean accuracy": _mean(e.get("accuracy", 0.0) for e in expected)}]
+             "mean accuracy": round(mean(e.get("accuracy", 0.0) for e in expected), 3)}]
     for k in workers:
         t0 = time.perf_counter()
         with RewardPool(functions, num_workers=k, timeout=timeout, memoize=False) as pool:
@@ -180,15 +181,10 @@ def run(quick: bool = False, functions: list[str] | None = None,
                        "responses/s": round(n / secs, 1), "start-up s": round(start_s, 2),
                        "timeouts": res.counters["reward/timeouts"],
                        "errors": res.counters["reward/errors"],
-                       "mean accuracy": _mean(res.scores.get("accuracy", [0.0]))}
+                       "mean accuracy": round(mean(res.scores.get("accuracy", [0.0])), 3)}
                 if label == "clean":
                     got = [{m: res.scores[m][i] for m in names} for i in range(n)]
                     row["equals in-line"] = "yes" if got == [{m: e[m] for m in names}
                                                              for e in expected] else "NO"
                 rows.append(row)
     return rows, LEAD + ["start-up s", "timeouts", "errors", "mean accuracy", "equals in-line"]
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return round(sum(xs) / max(len(xs), 1), 3)

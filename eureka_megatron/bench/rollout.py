@@ -23,7 +23,7 @@ import torch
 
 from eureka_megatron.bench.report import LEAD, lead
 from eureka_megatron.bench.sync import copy_bandwidth_gbs, hf_qwen2_config
-from eureka_megatron.config import LLMConfig
+from eureka_megatron.models.llm_config import LLMConfig
 from eureka_megatron.rollout.engine import Prompt, SamplingParams
 from eureka_megatron.rollout.hf_engine import HFEngine
 

@@ -40,8 +40,8 @@ from safetensors import safe_open
 from eureka_megatron.bench.hardware import matmul_peak_tflops
 from eureka_megatron.bench.report import LEAD, lead
 from eureka_megatron.bench.sync import copy_bandwidth_gbs
-from eureka_megatron.convert.families import family_for
 from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer, tiny_vocab
+from eureka_megatron.models.registry import family_for
 from eureka_megatron.rollout.hf_engine import HFEngine
 from eureka_megatron.runtime.launcher import launch
 from eureka_megatron.trainer.demo import demo_config, write_tiny_checkpoint

@@ -12,9 +12,10 @@ import time
 import torch
 
 from eureka_megatron.bench.report import LEAD, lead
-from eureka_megatron.config import LLMConfig, ParallelConfig
-from eureka_megatron.convert.qwen2 import qwen2_mapping
+from eureka_megatron.config import ParallelConfig
 from eureka_megatron.models.llm import build_llm_chunks
+from eureka_megatron.models.llm_config import LLMConfig
+from eureka_megatron.models.qwen2.hf import qwen2_mapping
 from eureka_megatron.rollout.hf_engine import HFEngine
 from eureka_megatron.rollout.weight_sync import sync_weights
 from eureka_megatron.runtime.distributed import init_distributed

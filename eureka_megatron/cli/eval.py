@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from eureka_megatron.evaluate import (DEFAULT_JUDGE, ENGINES, EvalRunConfig, load_eval_config,
-                                      markdown, run_eval)
+from eureka_megatron.evaluate import ENGINES, EvalRunConfig, load_eval_config, markdown, run_eval
+from eureka_megatron.config import DEFAULT_REWARD
 
 EPILOG = """\
 examples:
@@ -52,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="row field for the per-source breakdown (default: auto)")
     p.add_argument("--system-prompt", default="r1",
                    help="'r1' (MM-Eureka's reasoning prompt, the default), 'none', or the text")
-    p.add_argument("--judge", default=DEFAULT_JUDGE, metavar="MODULE:FUNCTION",
+    p.add_argument("--judge", default=DEFAULT_REWARD, metavar="MODULE:FUNCTION",
                    help="reward function returning {'accuracy': 0|1, 'format': 0|1}")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")

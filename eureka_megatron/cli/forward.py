@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eureka_megatron.config import ConfigError, LLMConfig, ParallelConfig, validate_layout
+from eureka_megatron.atomic import replacing
+from eureka_megatron.config import ConfigError, ParallelConfig
 from eureka_megatron.errors import InputNotFoundError, UserError
+from eureka_megatron.models.llm_config import LLMConfig, validate_layout
 
 ENGINES = ("hf",)
 
@@ -158,7 +160,6 @@ def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, t
     logits = next(r for r in results if r is not None)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"logits": logits}, tmp)
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        torch.save({"logits": logits}, tmp)
     return logits

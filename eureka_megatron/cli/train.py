@@ -6,7 +6,7 @@ from pathlib import Path
 
 from eureka_megatron.cli.common import add_overrides, launch_rl, rl_summary, say, with_nproc
 from eureka_megatron.config import ConfigError
-from eureka_megatron.rl_config import load_rl_config
+from eureka_megatron.config import load_rl_config
 
 EPILOG = """\
 examples:

@@ -27,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from eureka_megatron.config import ParallelConfig
-from eureka_megatron.convert.families import FAMILIES, Family, family_for
 from eureka_megatron.convert.hf_io import (HFCheckpoint, HFCheckpointError, ShardedSafetensorsWriter,
                                            copy_side_files)
-from eureka_megatron.convert.mapping import MappingError
 from eureka_megatron.convert.torch_dist import TorchDistReader, TorchDistWriter
 from eureka_megatron.errors import OutputExistsError
 from eureka_megatron.models.init import iter_leaves
+from eureka_megatron.models.mapping import MappingError
+from eureka_megatron.models.family import Family
+from eureka_megatron.models.registry import FAMILIES, family_for
 from eureka_megatron.runtime.distributed import init_distributed
 from eureka_megatron.runtime.launcher import launch
 

@@ -10,15 +10,19 @@ Layout (system turn only when a system prompt is given):
 One image is `image_start + image_pad * n + image_end` (Qwen2.5-VL: <|vision_start|>
 <|image_pad|>... <|vision_end|>; InternVL: <img><IMG_CONTEXT>...</img>). Images go in front of
 the question, InternVL followed by "\\n" (its "<image>\\n{question}" convention); a question with
-literal "<image>" placeholders gets its images there instead, one per placeholder.
+literal "<image>" placeholders gets its images there instead, one per placeholder. Each family's
+markup (`ChatTokens`) lives in its package, `models/<family>/__init__.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["ChatTokens", "QWEN_CHAT", "INTERNVL_CHAT", "R1_SYSTEM_PROMPT", "R1_ZERO_SYSTEM_PROMPT",
+if TYPE_CHECKING:
+    from eureka_megatron.models.family import ChatTokens
+
+__all__ = ["R1_SYSTEM_PROMPT", "R1_ZERO_SYSTEM_PROMPT",
            "IMAGE_PLACEHOLDER",
-           "render_prompt", "chat_for_family", "jinja_chat_template"]
+           "render_prompt", "jinja_chat_template"]
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -42,32 +46,6 @@ R1_ZERO_SYSTEM_PROMPT = (
     "tags with the final result in \\boxed{}, for example <think> reasoning here </think>"
     "<answer> The result is \\boxed{2}. </answer>."
 )
-
-
-@dataclass(frozen=True)
-class ChatTokens:
-    """The special strings of one model family's chat and image markup."""
-    im_start: str
-    im_end: str
-    image_start: str
-    image_pad: str      # repeated once per LLM token of the image
-    image_end: str
-    image_sep: str = ""  # after an image placed in front of the question
-
-
-QWEN_CHAT = ChatTokens("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
-                       "<|vision_end|>")
-INTERNVL_CHAT = ChatTokens("<|im_start|>", "<|im_end|>", "<img>", "<IMG_CONTEXT>", "</img>",
-                           image_sep="\n")
-
-_FAMILIES = {"qwen2_5_vl": QWEN_CHAT, "internvl": INTERNVL_CHAT}
-
-
-def chat_for_family(family: str) -> ChatTokens:
-    try:
-        return _FAMILIES[family]
-    except KeyError:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_FAMILIES)}") from None
 
 
 def render_prompt(chat: ChatTokens, question: str, image_tokens: list[int],

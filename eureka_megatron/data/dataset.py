@@ -23,19 +23,17 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from eureka_megatron.data.chat import ChatTokens, chat_for_family, render_prompt
+from eureka_megatron.data.chat import render_prompt
 from eureka_megatron.data.images import load_image
 from eureka_megatron.data.jsonl import DataError, Row, SkippedRow
-from eureka_megatron.data.processors import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, internvl_image_tokens,
-                                             internvl_pixels, qwen2_5_vl_image_tokens,
-                                             qwen2_5_vl_pixels)
 from eureka_megatron.data.prompt import Prompt
+from eureka_megatron.models.family import ChatTokens, Family
+from eureka_megatron.models.images import ImageOptions
+from eureka_megatron.models.registry import family_named
 
-__all__ = ["DataError", "PromptItem", "PromptBuilder", "PromptStream", "FAMILIES"]
+__all__ = ["DataError", "PromptItem", "PromptBuilder", "PromptStream"]
 
 logger = logging.getLogger(__name__)
-
-FAMILIES = ("qwen2_5_vl", "internvl")
 
 
 @dataclass
@@ -48,32 +46,25 @@ class PromptItem:
 
 
 class PromptBuilder:
-    """Turns a `Row` into a `PromptItem` for one model family ("qwen2_5_vl" | "internvl")."""
+    """Turns a `Row` into a `PromptItem` for one VLM family (a name or its `Family`); the
+    keyword arguments after `max_prompt_length` are `ImageOptions` (each family reads its own)."""
 
-    def __init__(self, family: str, tokenizer, *, system_prompt: str | None, max_prompt_length: int,
-                 min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS,
-                 image_size: int = 448, max_tiles: int = 12, use_thumbnail: bool = True,
-                 chat: ChatTokens | None = None, patch_size: int = 14, downsample_ratio: float = 0.5,
-                 merge_size: int = 2, temporal_patch_size: int = 2, min_tiles: int = 1):
-        if family not in FAMILIES:
-            raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    def __init__(self, family: str | Family, tokenizer, *, system_prompt: str | None,
+                 max_prompt_length: int, chat: ChatTokens | None = None, **image_options):
+        fam = family_named(family) if isinstance(family, str) else family
+        if not fam.is_vlm:
+            raise ValueError(f"model family {fam.name!r} takes no images: prompts are built for "
+                             "the VLM families")
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-        if not 0 < min_pixels <= max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-        self.family = family
+        self.options = ImageOptions(**image_options).validate()
+        fam.check_images(self.options)
+        self.family = fam.name
+        self._image_inputs = fam.image_inputs
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_prompt_length = max_prompt_length
-        self.chat = chat or chat_for_family(family)
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.image_size, self.min_tiles, self.max_tiles = image_size, min_tiles, max_tiles
-        self.use_thumbnail = use_thumbnail
-        self.patch_size, self.merge_size = patch_size, merge_size
-        self.temporal_patch_size, self.downsample_ratio = temporal_patch_size, downsample_ratio
-        if family == "internvl":  # fail now on a tile size that is not a whole number of tokens
-            internvl_image_tokens([1], image_size=image_size, patch_size=patch_size,
-                                  downsample_ratio=downsample_ratio)
+        self.chat = chat or fam.chat
         self.image_token_id = self._single_token_id(self.chat.image_pad)
 
     def _single_token_id(self, token: str) -> int:
@@ -109,20 +100,7 @@ class PromptBuilder:
     def _pixels(self, row: Row) -> tuple[dict[str, torch.Tensor], list[int]]:
         images = [load_image(p) for p in row.images]
         try:
-            if self.family == "qwen2_5_vl":
-                pixel_values, grid = qwen2_5_vl_pixels(
-                    images, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                    patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
-                    merge_size=self.merge_size)
-                return ({"pixel_values": pixel_values, "image_grid_thw": grid},
-                        qwen2_5_vl_image_tokens(grid, self.merge_size))
-            pixel_values, tiles = internvl_pixels(
-                images, image_size=self.image_size, min_tiles=self.min_tiles,
-                max_tiles=self.max_tiles, use_thumbnail=self.use_thumbnail)
-            return ({"pixel_values": pixel_values},
-                    internvl_image_tokens(tiles, image_size=self.image_size,
-                                          patch_size=self.patch_size,
-                                          downsample_ratio=self.downsample_ratio))
+            return self._image_inputs(images, self.options)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"{row.source}: cannot preprocess image: {e}") from None
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eureka_megatron.config import RLConfig
 from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, R1_ZERO_SYSTEM_PROMPT
+from eureka_megatron.data.dataset import PromptBuilder
 from eureka_megatron.data.jsonl import load_rows
 from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
-from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.models.registry import family_named
 
 
 def _synthetic(cfg: RLConfig, split: str, n: int) -> Path:
@@ -38,26 +40,14 @@ def system_prompt(cfg: RLConfig) -> str | None:
     return {"r1": R1_SYSTEM_PROMPT, "r1-zero": R1_ZERO_SYSTEM_PROMPT}.get(sp, sp)
 
 
-def tile_size(hf_config: dict) -> int | None:
-    """InternVL's tile side in pixels (448 for InternVL2.5/3; `force_image_size` in internvl_chat
-    configs, `vision_config.image_size` in transformers-native ones), None when not given."""
-    size = hf_config.get("force_image_size") or hf_config.get("vision_config", {}).get("image_size")
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    return int(size) if size else None
-
-
-def prompt_builder(cfg: RLConfig, family: str, tokenizer):
-    """The builder for `cfg.model.hf`'s family; InternVL tiles at the checkpoint's own size."""
-    from eureka_megatron.data.dataset import PromptBuilder
-
+def prompt_builder(cfg: RLConfig, family: str, tokenizer) -> PromptBuilder:
+    """The builder for `cfg.model.hf`'s family, with the image options the checkpoint sets
+    (InternVL tiles at its own size)."""
     d = cfg.data
-    extra = {}
+    fam = family_named(family)
     config_file = Path(cfg.model.hf) / "config.json"
-    if family == "internvl" and config_file.is_file():
-        size = tile_size(json.loads(config_file.read_text()))
-        extra = {"image_size": size} if size else {}
-    return PromptBuilder(family, tokenizer, system_prompt=system_prompt(cfg),
-                         max_prompt_length=d.max_prompt_length, min_pixels=d.min_pixels,
-                         max_pixels=d.max_pixels, max_tiles=d.max_tiles,
-                         use_thumbnail=d.use_thumbnail, **extra)
+    extra = fam.image_options_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else {}
+    options = dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_tiles=d.max_tiles,
+                   use_thumbnail=d.use_thumbnail) | extra
+    return PromptBuilder(fam, tokenizer, system_prompt=system_prompt(cfg),
+                         max_prompt_length=d.max_prompt_length, **options)

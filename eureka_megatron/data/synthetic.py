@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw
+
+from eureka_megatron.atomic import write_text_atomic
 
 __all__ = [
     "SPLITS",
@@ -153,15 +154,7 @@ def write_jsonl(examples: Sequence[Example], out_dir: str | os.PathLike) -> Path
         lines.append(json.dumps({"id": ex.id, "images": [rel], "question": ex.question,
                                  "answer": ex.answer, "task": ex.task}))
     path = out / "data.jsonl"
-    fd, tmp = tempfile.mkstemp(prefix=".data.jsonl.", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
     return path
 
 

@@ -6,11 +6,16 @@ otherwise; fp32 on CPU, bf16 through Float16Module on GPU.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from eureka_megatron.config import LLMConfig, ParallelConfig
+from eureka_megatron.models.llm_config import LLMConfig
 from eureka_megatron.runtime import cpu_compat
+
+if TYPE_CHECKING:
+    from eureka_megatron.config import ParallelConfig
 
 
 def have_transformer_engine() -> bool:

@@ -13,12 +13,12 @@ Reward functions follow the seam `(response_text, gold_answer, sample_meta) -> {
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import numbers
 import os
 import pickle
+import pkgutil
 import signal
 import socket
 import subprocess
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
+from eureka_megatron.config.sections import DEFAULT_REWARD
 from eureka_megatron.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FUNCTIONS = ("eureka_megatron.rewards:rule_based_scores",)
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.5}  # MM-Eureka: r = r_acc + 0.5 * r_format
 COUNTERS = ("reward/timeouts", "reward/errors", "reward/worker_restarts")
 MAX_ATTEMPTS = 2  # a sample whose worker died is retried once on a fresh worker
@@ -61,21 +61,16 @@ def resolve_function(spec: str) -> tuple[str, Callable]:
         raise RewardFunctionError(f"reward function {spec!r}: expected 'module:function'")
     module_name, attr_path = spec.split(":")
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name or module_name.startswith(f"{e.name}."):  # it, or its package
-            raise RewardFunctionError(f"reward function {spec!r}: module {module_name!r} "
-                                      "not found") from e
-        raise RewardFunctionError(f"reward function {spec!r}: importing {module_name!r} "
-                                  f"failed: {e}") from e
-    except Exception as e:  # noqa: BLE001 -- any import-time failure of a user's module
-        raise RewardFunctionError(f"reward function {spec!r}: importing {module_name!r} failed: "
-                                  f"{type(e).__name__}: {e}") from e
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise RewardFunctionError(f"reward function {spec!r}: {module_name!r} has no "
-                                      f"attribute {attr_path!r}")
-        obj = getattr(obj, part)
+        obj = pkgutil.resolve_name(spec)
+    except Exception as e:  # noqa: BLE001 -- any import-time failure of a user's module too
+        if isinstance(e, ModuleNotFoundError) and (  # the module itself, or its package
+                e.name == module_name or module_name.startswith(f"{e.name}.")):
+            why = f"module {module_name!r} not found"
+        elif isinstance(e, AttributeError) and module_name in sys.modules:  # imported fine
+            why = f"{module_name!r} has no attribute {attr_path!r}"
+        else:
+            why = f"importing {module_name!r} failed: {type(e).__name__}: {e}"
+        raise RewardFunctionError(f"reward function {spec!r}: {why}") from e
     if not callable(obj):
         raise RewardFunctionError(f"reward function {spec!r}: {attr_path!r} is not callable "
                                   f"({type(obj).__name__})")
@@ -224,7 +219,7 @@ class RewardPool:
     timeouts and errors are never remembered). Turn it off for a stochastic judge.
     """
 
-    def __init__(self, functions: list[str] | tuple[str, ...] = DEFAULT_FUNCTIONS,
+    def __init__(self, functions: list[str] | tuple[str, ...] = (DEFAULT_REWARD,),
                  weights: dict[str, float] | None = None, num_workers: int = 2,
                  timeout: float = 5.0, start_timeout: float = 120.0, memoize: bool = True,
                  memo_size: int = 1 << 16):

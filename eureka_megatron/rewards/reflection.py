@@ -3,9 +3,10 @@ whether the reflective ones are more accurate, logged per batch next to response
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Iterable, Sequence
+
+from eureka_megatron.stats import mean
 
 DEFAULT_REFLECTION_PHRASES: tuple[str, ...] = (
     "wait",
@@ -71,10 +72,6 @@ def reflection_metrics(
         "response_length/mean": sum(lengths) / n,
         "response_length/max": float(max(lengths)),
         "response_length/clipped_rate": sum(1 for x in lengths if x >= max_length) / n,
-        "accuracy/reflective": _mean(reflective),
-        "accuracy/non_reflective": _mean(plain),
+        "accuracy/reflective": mean(reflective),
+        "accuracy/non_reflective": mean(plain),
     }
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan

@@ -21,18 +21,11 @@ several, an error names the engine (index and address) and keeps its type where 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
+from eureka_megatron.rollout.bucket_stream import BucketFeed
 from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
-
-_END, _ABORT = object(), object()
-
-
-class SyncAborted(RuntimeError):
-    """The group stopped an engine's weight sync (the bucket stream failed)."""
 
 
 def _slices(total: int, parts: int) -> list[tuple[int, int]]:
@@ -44,48 +37,6 @@ def _slices(total: int, parts: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
-
-
-class _Feed:
-    """One engine's `update_weights(<buckets as the group hands them over>, version)` in a thread.
-
-    `ready()` blocks until the engine asks for its next bucket (True) or its update ended (False);
-    `error` then says how it ended."""
-
-    def __init__(self, engine, version: int, index: int):
-        self.index = index
-        self.inbox: queue.Queue = queue.Queue()
-        self._asks: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.ended_early = False
-        self.thread = threading.Thread(target=self._run, args=(engine, version), daemon=True,
-                                       name=f"engine{index}-sync-v{version}")
-        self.thread.start()
-
-    def _buckets(self):
-        while True:
-            self._asks.put(True)
-            item = self.inbox.get()
-            if item is _END:
-                return
-            if item is _ABORT:
-                raise SyncAborted("weight sync aborted: the bucket stream failed")
-            yield item
-            item = None  # the engine holds the bucket now, not this frame
-
-    def _run(self, engine, version):
-        stream = self._buckets()
-        try:
-            engine.update_weights(stream, version)
-            if stream.gi_frame is not None:  # returned without asking for the end of the stream
-                self.ended_early = True
-        except BaseException as e:  # noqa: BLE001 -- reported by EngineGroup.update_weights
-            self.error = e
-        finally:
-            self._asks.put(False)
-
-    def ready(self) -> bool:
-        return self._asks.get()
 
 
 class EngineGroup:
@@ -179,29 +130,27 @@ class EngineGroup:
         index) is raised, naming its engine (the failed engines' versions are None)."""
         if len(self.engines) == 1:
             return self.engines[0].update_weights(buckets, version)
-        feeds = [_Feed(e, version, i) for i, e in enumerate(self.engines)]
+        feeds = [BucketFeed(e, version, name=f"engine{i}-sync-v{version}")
+                 for i, e in enumerate(self.engines)]
         live = [f for f in feeds if f.ready()]
         try:
             for bucket in buckets:
                 for f in live:
-                    f.inbox.put(bucket)
+                    f.put(bucket)
                 del bucket
                 live = [f for f in live if f.ready()]
                 if not live:
                     break
         except BaseException:
-            for f in live:
-                f.inbox.put(_ABORT)
             for f in feeds:
-                f.thread.join()
+                f.end(abort=True)
+            for f in feeds:
+                f.wait()
             raise
-        for f in live:
-            f.inbox.put(_END)
         for f in feeds:
-            f.thread.join()
-        errors = {f.index: f.error or RuntimeError("its update_weights returned before the last "
-                                                   "bucket")
-                  for f in feeds if f.error is not None or f.ended_early}
+            f.end()
+        outcomes = [f.wait() for f in feeds]
+        errors = {i: e for i, e in enumerate(outcomes) if e is not None}
         if errors:
             first = min(errors)
             raise self._tagged(first, errors[first], sorted(errors)[1:]) from errors[first]

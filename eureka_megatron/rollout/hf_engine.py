@@ -24,12 +24,12 @@ from typing import Any, Iterable
 
 import torch
 
+from eureka_megatron.models.registry import FAMILIES
 from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams, StaleWeightsError
 
-LAYOUTS = {"Qwen2ForCausalLM": "causal_lm", "Qwen2_5_VLForConditionalGeneration": "memory",
-           "InternVLForConditionalGeneration": "native_memory"}
-_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-            "internvl": "InternVLForConditionalGeneration"}
+# what each family's transformers model is called, and how its state_dict names its tensors
+LAYOUTS = {f.hf_class: f.hf_layout for f in FAMILIES}
+_CLASSES = {f.hf_model_type: f.hf_class for f in FAMILIES}
 # processor outputs that are per token (recomputed here from the padded ids), not per image
 _PER_TOKEN = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "position_ids"}
 

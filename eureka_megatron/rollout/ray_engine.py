@@ -9,103 +9,34 @@ if the actor is gone, starts a new actor in the same placement.
 
 Weight sync streams: `update_weights` ships one bucket per actor call through the object store,
 so neither side ever holds the whole model in flight. The actor feeds the buckets to the engine's
-own `update_weights` from a thread (`begin_update` / `load_bucket` / `finish_update`), so the
-engine's checks apply unchanged; if the trainer's bucket stream or the engine fails half-way,
-the engine's sync is aborted and it is left at weight version None, exactly like a local engine.
+own `update_weights` from a thread (`begin_update` / `load_bucket` / `finish_update`, through
+`bucket_stream.BucketFeed`), so the engine's checks apply unchanged; if the trainer's bucket
+stream or the engine fails half-way, the engine's sync is aborted (`SyncAborted`) and it is left
+at weight version None, exactly like a local engine.
 Ray is imported lazily.
 """
 from __future__ import annotations
 
-import importlib
 import os
-import queue
-import threading
+import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from eureka_megatron.rollout.bucket_stream import BucketFeed
 from eureka_megatron.runtime.layout import COLOCATED_ENGINE_GPU, Layout
 from eureka_megatron.runtime.placement import bundle_gpu_ids, bundle_nodes, bundle_order, ray_init
 
 if TYPE_CHECKING:  # the actor side imports no torch until the engine's factory does
     from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
 
-_END, _ABORT = object(), object()
-
-
-class SyncAborted(RuntimeError):
-    """The trainer stopped a weight sync half-way (its bucket stream failed)."""
-
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """"module:function" or "module:Class.method" -> the callable."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
+    if ":" not in spec:  # pkgutil would read a dotted name as modules and attributes
         raise ValueError(f"engine factory must be 'module:function' or 'module:Class.method', got {spec!r}")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    obj = pkgutil.resolve_name(spec)
     if not callable(obj):
         raise ValueError(f"engine factory {spec!r} is not callable")
     return obj
-
-
-class _StreamedUpdate:
-    """Runs `engine.update_weights(<buckets as they arrive>, version)` in a thread; `push` returns
-    once the engine has taken the bucket and asked for the next one (or failed)."""
-
-    def __init__(self, engine, version: int, kw: dict):
-        self._in: queue.Queue = queue.Queue()
-        self._out: queue.Queue = queue.Queue()
-        self.buckets = 0
-        self.finished = False
-        self._thread = threading.Thread(target=self._run, args=(engine, version, kw), daemon=True,
-                                         name=f"weight-sync-v{version}")
-        self._thread.start()
-
-    def _feed(self):
-        while True:
-            item = self._in.get()
-            if item is _END:
-                return
-            if item is _ABORT:
-                raise SyncAborted("weight sync aborted: the trainer's bucket stream failed")
-            yield item
-            self._out.put(("ack", None))
-
-    def _run(self, engine, version, kw):
-        try:
-            engine.update_weights(self._feed(), version, **kw)
-            self._out.put(("done", None))
-        except BaseException as e:  # noqa: BLE001 -- handed to the caller of push/finish
-            self._out.put(("failed", e))
-
-    def _wait(self, want: str):
-        kind, err = self._out.get()
-        if kind == "failed":
-            self.finished = True
-            raise err
-        if kind != want:  # the engine returned without asking for every bucket
-            self.finished = True
-            raise RuntimeError(f"engine sync ended early ({kind} while waiting for {want})")
-
-    def push(self, bucket: NamedTensors) -> None:
-        if self.finished:
-            raise RuntimeError("no weight sync in progress (it already ended)")
-        self.buckets += 1
-        self._in.put(bucket)
-        self._wait("ack")
-
-    def finish(self) -> None:
-        if self.finished:
-            raise RuntimeError("no weight sync in progress (it already ended)")
-        self._in.put(_END)
-        self._wait("done")
-        self.finished = True
-
-    def abort(self, timeout: float = 60.0) -> None:
-        if not self.finished:
-            self._in.put(_ABORT)
-            self._thread.join(timeout)
-            self.finished = True
 
 
 class EngineActor:
@@ -120,7 +51,7 @@ class EngineActor:
         if visible_devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in visible_devices)
         self.engine = resolve_factory(factory)(**(kwargs or {}))
-        self._sync: _StreamedUpdate | None = None
+        self._sync: BucketFeed | None = None
         self.last_sync_buckets = 0
 
     # --- protocol -------------------------------------------------------------------------------
@@ -155,9 +86,11 @@ class EngineActor:
 
     def begin_update(self, version: int, partial: bool = False) -> None:
         self.abort_update()
-        self._sync = _StreamedUpdate(self.engine, version, {"partial": True} if partial else {})
+        self._sync = BucketFeed(self.engine, version, name=f"weight-sync-v{version}",
+                                **({"partial": True} if partial else {}))
 
     def load_bucket(self, bucket: NamedTensors) -> None:
+        """Returns once the engine has taken the bucket and asked for the next one."""
         if self._sync is None:
             raise RuntimeError("load_bucket without begin_update")
         self._sync.push(bucket)
@@ -167,7 +100,10 @@ class EngineActor:
             raise RuntimeError("finish_update without begin_update")
         sync, self._sync = self._sync, None
         self.last_sync_buckets = sync.buckets
-        sync.finish()
+        sync.end()
+        error = sync.wait()
+        if error is not None:
+            raise error
         return self.engine.weight_version
 
     def abort_update(self) -> None:
@@ -175,7 +111,8 @@ class EngineActor:
         if self._sync is not None:
             sync, self._sync = self._sync, None
             self.last_sync_buckets = sync.buckets
-            sync.abort()
+            sync.end(abort=True)
+            sync.wait(timeout=60.0)
 
     # --- extras ---------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from eureka_megatron.convert.mapping import Mapping, MegatronKey
 from eureka_megatron.models.init import iter_leaves
+from eureka_megatron.models.mapping import Mapping, MegatronKey
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from eureka_megatron.convert.mapping import Mapping
+from eureka_megatron.models.mapping import Mapping
 from eureka_megatron.rollout.buckets import bucket_by_bytes
 from eureka_megatron.rollout.weight_export import export_hf_weights
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from eureka_megatron.config import ParallelConfig
 from eureka_megatron.runtime import cpu_compat
+
+if TYPE_CHECKING:
+    from eureka_megatron.config import ParallelConfig
 
 
 def backend() -> str:
@@ -65,9 +68,16 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
+    """A rank's teardown once its result is made (the launcher's and the Ray ranks'): leave
+    megatron's parallel state and the process group. A no-op without a group; never raises, so a
+    failing teardown cannot hide the result or the error it follows."""
+    if not torch.distributed.is_initialized():
+        return
+    try:
+        from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- teardown after the result was sent
+        pass

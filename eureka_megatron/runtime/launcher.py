@@ -56,11 +56,7 @@ def _rank_main(fn, args, kwargs, rank, world, port, threads, results, parent=Non
     except BaseException:  # noqa: BLE001 -- every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        if torch.distributed.is_initialized():
-            try:
-                shutdown()
-            except Exception:  # noqa: BLE001 -- teardown after the result was sent
-                pass
+        shutdown()
 
 
 def launch(fn: Callable[..., Any], nproc: int, *args, timeout: float = 900.0,

@@ -187,14 +187,10 @@ class _RankActor:
         except BaseException:  # noqa: BLE001 -- every failure must reach the driver
             return "error", traceback.format_exc()
         finally:
-            torch = sys.modules.get("torch")
-            if torch is not None and torch.distributed.is_initialized():
-                try:
-                    from eureka_megatron.runtime.distributed import shutdown
+            if "torch" in sys.modules:  # a rank that never imported torch has no group to leave
+                from eureka_megatron.runtime.distributed import shutdown
 
-                    shutdown()
-                except Exception:  # noqa: BLE001 -- teardown after the result is made
-                    pass
+                shutdown()
 
 
 def _rank_envs(layout: Layout, infos: list[tuple[str, list[str]]], port: int,

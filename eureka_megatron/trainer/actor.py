@@ -9,7 +9,6 @@ GPU it lives in host memory between uses (`offload_reference`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,13 +17,13 @@ from pathlib import Path
 import torch
 
 from eureka_megatron.algo.reward_shaping import kl_penalized_rewards
-from eureka_megatron.convert.families import family_for
+from eureka_megatron.config import RLConfig
 from eureka_megatron.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter, copy_side_files
 from eureka_megatron.models.forward import forward_token_logprobs
 from eureka_megatron.models.init import fill_global_tensors
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
-from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.models.registry import family_for
 from eureka_megatron.rollout.weight_export import export_hf_weights
 from eureka_megatron.rollout.weight_sync import sync_with_restart
 from eureka_megatron.runtime.distributed import broadcast_object
@@ -63,11 +62,7 @@ class Actor:
         self.hf_dir = hf_dir = Path(hf_dir or cfg.model.hf)
         self.hf_config = json.loads((hf_dir / "config.json").read_text())
         self.family = family_for(self.hf_config, str(hf_dir / "config.json"))
-        mcfg = self.family.config_from_hf(self.hf_config, hf_dir)
-        if hasattr(mcfg, "freeze_vision"):
-            mcfg.freeze_vision = cfg.model.freeze_vision
-        if hasattr(mcfg, "freeze_projector"):
-            mcfg.freeze_projector = cfg.model.freeze_projector
+        mcfg = self.family.trainable(self.family.config_from_hf(self.hf_config, hf_dir), cfg.model)
         self.model_cfg = mcfg
         self.text_cfg = getattr(mcfg, "text", mcfg)
         ckpt = HFCheckpoint(hf_dir)
@@ -82,10 +77,8 @@ class Actor:
         if cfg.parallel.pipeline_parallel > 1:  # micro-batches differ in rows and length
             chunks[0].config.variable_seq_lengths = True
         t = cfg.train
-        opt_steps = t.steps * t.mini_batches * t.epochs
-        wcfg = dataclasses.replace(cfg, optim=dataclasses.replace(
-            cfg.optim, decay_steps=cfg.optim.decay_steps or opt_steps))
-        self.model = wrap_for_training(chunks, wcfg)
+        self.model = wrap_for_training(chunks, cfg.optim, bf16=cfg.parallel.bf16,
+                                       decay_steps=t.steps * t.mini_batches * t.epochs)
         self.reference = None
         if need_reference:
             ref = self.family.build_chunks(mcfg, cfg.parallel)

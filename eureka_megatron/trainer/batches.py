@@ -1,6 +1,6 @@
 """Rollout sequences -> the actor's micro-batches: DP shares, token-budget micro-batching, collation.
 
-A `Sequence` is one prompt + one sampled response with its advantage. Micro-batches hold whole
+A `Sequence` is one prompt + one sampled response (the actor adds advantages per step). Micro-batches hold whole
 sequences, right-padded to the longest in the micro-batch, with at most `budget` padded tokens
 (at least one sequence). The same partition is used for the old/ref log-prob passes and for
 training, so the first step's ratio is exactly 1 and its KL exactly 0 (same ops, same shapes).
@@ -21,7 +21,6 @@ class Sequence:
     prompt_ids: list[int]
     response_ids: list[int]
     mm_inputs: dict = field(default_factory=dict)  # the prompt's processor tensors
-    advantage: float = 0.0
     rollout_logprobs: list[float] | None = None
     group: int = 0  # index of the prompt's group in the rollout batch
     index: int = -1  # position in the step's sequence list
@@ -55,7 +54,7 @@ def token_budget_partition(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None) -> dict:
-    """Right-padded ids, attention mask, labels, loss mask and advantages [B], plus the mm tensors.
+    """Right-padded ids, attention mask, labels, loss mask and rollout log-probs, plus the mm tensors.
 
     Without `image_token_id` every row carries its own copy of its prompt's images (mm tensors
     concatenated in row order). With it, rows that share a prompt share its images: the tensors
@@ -79,7 +78,6 @@ def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None
                 rollout_lp[i, p - 1:p - 1 + r] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
     out = {"input_ids": ids, "attention_mask": attn, "labels": labels,
            "loss_mask": (labels != IGNORE).float(),
-           "advantages": torch.tensor([s.advantage for s in seqs], dtype=torch.float32),
            "rollout_logprobs": rollout_lp}
     keys = sorted({k for s in seqs for k in s.mm_inputs})
     if image_token_id is None or not keys:
@@ -114,7 +112,7 @@ def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None
 def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
                   image_token_id: int | None = None) -> list[dict]:
     """Collated micro-batches of `seqs` (this DP rank's share); `prepare(inputs) -> mb` adds the
-    family's model inputs (positions, mm tensors) -- see convert.families.Family.prepare.
+    family's model inputs (positions, mm tensors) -- see models.family.Family.prepare.
     `image_token_id`: share images between rows of the same prompt (see `collate`)."""
     out = []
     for idx in token_budget_partition([len(s) for s in seqs], budget):
@@ -126,7 +124,7 @@ def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
             mb = prepare(raw)
         if "image_index" in raw:
             mb["image_index"] = raw["image_index"]
-        for k in ("labels", "loss_mask", "advantages", "rollout_logprobs"):
+        for k in ("labels", "loss_mask", "rollout_logprobs"):
             mb[k] = raw[k]
         # Right padding: causal attention alone keeps real tokens from seeing padding, so no
         # [B, 1, S, S] mask is built (positions were derived from the mask above).

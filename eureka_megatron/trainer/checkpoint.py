@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eureka_megatron.atomic import write_text_atomic
 from eureka_megatron.errors import UserError
 from eureka_megatron.trainer.train_step import TrainableModel
 
@@ -190,11 +191,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
     if rank == 0:
         info = {"step": step, "layout": _layout(), "saved_at": time.time(),
                 "seconds": round(time.perf_counter() - t0, 3)}
-        _write_atomic(tmp / COMPLETE, json.dumps(info, indent=1))
+        write_text_atomic(tmp / COMPLETE, json.dumps(info, indent=1))
         if final.exists():  # a re-save of the same step after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(run_dir / LATEST, final.name)
+        write_text_atomic(run_dir / LATEST, final.name)
         if keep_last > 0:
             _prune(run_dir, keep_last)
     torch.distributed.barrier()
@@ -236,15 +237,6 @@ def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: boo
 
 def _inner_optimizers(opt) -> list:
     return list(getattr(opt, "chained_optimizers", [opt]))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from eureka_megatron.algo.filtering import online_filter
 from eureka_megatron.rewards.reflection import DEFAULT_REFLECTION_PHRASES, reflection_metrics
-from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.config import RLConfig
 from eureka_megatron.rollout.engine import SamplingParams
+from eureka_megatron.stats import mean
 
 
 @dataclass
@@ -56,11 +57,6 @@ def prompts_to_sample(want: int, kept: int, generated: int, round_: int) -> int:
         return want
     rate = kept / generated
     return max(missing, min(want, math.ceil(missing / rate)))
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 class Collector:
@@ -129,8 +125,8 @@ class Collector:
                                   rollout_logprobs=[s.logprobs for s in rows],
                                   rewards=scored.total[g * n:(g + 1) * n],
                                   accuracy=acc[g * n:(g + 1) * n]))
-        metrics = {"rewards/total": _mean(totals), "rewards/accuracy": _mean(accs),
-                   "rewards/format": _mean(fmts), "filter/rounds": float(rounds),
+        metrics = {"rewards/total": mean(totals), "rewards/accuracy": mean(accs),
+                   "rewards/format": mean(fmts), "filter/rounds": float(rounds),
                    # weights the samples came from: step - 1 on-policy, step - 2 off-policy
                    "rollout/weight_version": float(min(versions)) if versions else float("nan"),
                    "filter/keep_rate": len(kept) / max(generated, 1),
@@ -162,6 +158,6 @@ def greedy_accuracy(engine, pool, items, max_new_tokens: int) -> dict[str, float
                                                          max_new_tokens=max_new_tokens))
     scored = pool.score([s.text for s in samples], [it.answer for it in items],
                         [it.meta for it in items])
-    return {"eval/accuracy": _mean(scored.scores.get("accuracy", [])),
-            "eval/format": _mean(scored.scores.get("format", [])),
-            "eval/response_length": _mean(len(s.token_ids) for s in samples)}
+    return {"eval/accuracy": mean(scored.scores.get("accuracy", [])),
+            "eval/format": mean(scored.scores.get("format", [])),
+            "eval/response_length": mean(len(s.token_ids) for s in samples)}

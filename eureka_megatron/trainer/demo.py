@@ -15,9 +15,10 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from eureka_megatron.data.chat import QWEN_CHAT, jinja_chat_template
+from eureka_megatron.config import RLConfig, load_rl_config
+from eureka_megatron.data.chat import jinja_chat_template
 from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer, tiny_vocab
-from eureka_megatron.rl_config import RLConfig, load_rl_config
+from eureka_megatron.models.images import CLIP_MEAN, CLIP_STD, QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
 
 # Package data (also at examples/demo_cpu.yaml in the source tree): an installed wheel has it too.
 DEMO_CONFIG = Path(str(resources.files("eureka_megatron.trainer") / "demo_cpu.yaml"))
@@ -53,6 +54,8 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from eureka_megatron.models.qwen2_5_vl import QWEN_CHAT  # torch
+
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
@@ -73,9 +76,6 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 def write_image_processor_config(out_dir: Path, vision) -> None:
     """transformers' Qwen2-VL image processor config with the pixel range the demo's prompts are
     built with (`data.min_pixels` / `max_pixels` defaults) and the tower's patch geometry."""
-    from eureka_megatron.data.processors import (CLIP_MEAN, CLIP_STD, QWEN_MAX_PIXELS,
-                                                 QWEN_MIN_PIXELS)
-
     config = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
               "do_convert_rgb": True, "do_resize": True, "resample": 3,  # PIL bicubic
               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,

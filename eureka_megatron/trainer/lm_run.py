@@ -26,7 +26,7 @@ def build_trainable(cfg: Config) -> TrainableModel:
     """Model chunks with layout-invariant weights, wrapped for training (parallel_state ready)."""
     chunks = build_llm_chunks(cfg.model, cfg.parallel)
     layout_invariant_init(chunks, cfg.train.seed, cfg.model.init_std)
-    return wrap_for_training(chunks, cfg)
+    return wrap_for_training(chunks, cfg.optim, bf16=cfg.parallel.bf16, decay_steps=cfg.train.steps)
 
 
 def run_lm(cfg: Config, stop_after: int | None = None, progress: bool = False) -> list[dict]:

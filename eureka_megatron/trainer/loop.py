@@ -23,9 +23,9 @@ import torch
 
 from eureka_megatron.algo.advantages import compute_advantages
 from eureka_megatron.algo.reward_shaping import overlong_penalty
-from eureka_megatron.config import validate_layout
-from eureka_megatron.convert.families import family_for
-from eureka_megatron.rl_config import RLConfig
+from eureka_megatron.config import RLConfig
+from eureka_megatron.models.llm_config import validate_layout
+from eureka_megatron.models.registry import family_for
 from eureka_megatron.runtime.distributed import init_distributed
 from eureka_megatron.trainer import checkpoint
 from eureka_megatron.trainer.actor import Actor
@@ -143,7 +143,7 @@ def to_sequences(batch: RolloutBatch, cfg: RLConfig) -> tuple[list[Sequence], to
     seqs, rewards = [], []
     for g, grp in enumerate(batch.groups):
         for ids, lp, r in zip(grp.response_ids, grp.rollout_logprobs, grp.rewards):
-            seqs.append(Sequence(grp.prompt_ids, ids, grp.mm_inputs, 0.0, lp, group=g))
+            seqs.append(Sequence(grp.prompt_ids, ids, grp.mm_inputs, lp, group=g))
             rewards.append(r)
     rewards = torch.tensor(rewards, dtype=torch.float64)
     if cfg.algo.overlong_buffer > 0 and seqs:

@@ -14,10 +14,10 @@ cannot silently interleave two runs (a fresh run is start_step=0: truncate_after
 a stale file).
 
 TensorBoard: each writer opens a new event file under `out_dir/tensorboard`, so after a resume
-the event files hold the steps after N twice (old run and new run). A resumed writer first writes
-a SessionLog.START event at step N+1, which tells TensorBoard to discard the older events from
-step N+1 on (TensorBoard's orphaned-data purge); readers that ignore it see both copies of those
-steps, the newer written last.
+the event files hold the steps after N twice (old run and new run). A resumed writer
+(`SummaryWriter(purge_step=N+1)`) first writes a SessionLog.START event at step N+1, which tells
+TensorBoard to discard the older events from step N+1 on (TensorBoard's orphaned-data purge);
+readers that ignore it see both copies of those steps, the newer written last.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ import math
 import numbers
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from tqdm.auto import tqdm
+
+from eureka_megatron.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -61,7 +62,6 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
         self._tb = None
-        self._tb_event = self._tb_summary = None
         if tensorboard:
             self._open_tensorboard()
 
@@ -71,21 +71,14 @@ class MetricsWriter:
                              unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def _open_tensorboard(self) -> None:
-        # tensorboard's own writer: no torch import (2 s) and the same event format torch writes.
-        try:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        try:  # torch is loaded already where metrics are written: the training process
+            from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # keep training; the JSONL log is the record of truth
             warnings.warn(f"TensorBoard logging disabled: {e}")
             return
-        self._tb_event, self._tb_summary = event_pb2, summary_pb2
-        self._tb = EventFileWriter(str(self.out_dir / TENSORBOARD_DIR))
-        if self.start_step > 0:
-            # Resumed run: purge the killed run's events from step start_step+1 on (see module doc).
-            self._tb.add_event(event_pb2.Event(
-                wall_time=time.time(), step=self.start_step + 1,
-                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-            self._tb.flush()
+        # a resumed run purges the killed run's events from start_step+1 on (see module doc)
+        self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR),
+                                 purge_step=self.start_step + 1 if self.start_step > 0 else None)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append one line for `step` (durable on return), add the finite values to TensorBoard and
@@ -109,13 +102,10 @@ class MetricsWriter:
         self._last_step = step
 
         if self._tb is not None:
-            finite = [self._tb_summary.Summary.Value(tag=k, simple_value=float(v))
-                      for k, v in values.items() if math.isfinite(v)]
-            if finite:
-                summary = self._tb_summary.Summary(value=finite)
-                self._tb.add_event(self._tb_event.Event(wall_time=time.time(), step=step,
-                                                        summary=summary))
-                self._tb.flush()  # a step takes seconds; keep TensorBoard as current as the JSONL
+            for k, v in values.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, float(v), step)
+            self._tb.flush()  # a step takes seconds; keep TensorBoard as current as the JSONL
 
         if self._bar is not None:
             for k in self.postfix_keys:
@@ -214,9 +204,8 @@ def read_metrics(path) -> list[dict]:
 def truncate_after(path, step: int) -> int:
     """Keep only the records with "step" <= `step` (and drop a torn last line); returns how many
     were kept. Used on resume from checkpoint `step`: later lines were written by the killed run
-    after its last checkpoint and will be logged again. Atomic: the kept lines go to a temporary
-    file that replaces the original with os.replace, so a kill here leaves the old or the new file,
-    never a half-written one. A missing file returns 0."""
+    after its last checkpoint and will be logged again. Atomic (`write_text_atomic`): a kill here
+    leaves the old or the new file, never a half-written one. A missing file returns 0."""
     path = Path(path)
     if not path.exists():
         return 0
@@ -225,32 +214,8 @@ def truncate_after(path, step: int) -> int:
     new = "".join(t + "\n" for t in kept)
     if new.encode("utf-8") == path.read_bytes():
         return len(kept)  # nothing to drop: leave the file (and its mtime) alone
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(new)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_text_atomic(path, new)
     return len(kept)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make the rename durable (best effort: not every OS/filesystem allows fsync on a dir)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _prepare_for_append(path: Path, start_step: int) -> None:

@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer
 
+from eureka_megatron.config import RLConfig
 from eureka_megatron.data.dataset import PromptStream
 from eureka_megatron.data.sources import eval_rows, prompt_builder, train_rows
 from eureka_megatron.rewards.pool import RewardPool
-from eureka_megatron.rl_config import RLConfig
 from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer.collect import Collector, EngineFailure, RolloutBatch, greedy_accuracy
 from eureka_megatron.trainer.engines import build_engine

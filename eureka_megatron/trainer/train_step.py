@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from eureka_megatron.config import Config
+from eureka_megatron.config import OptimConfig
 from eureka_megatron.models.logprobs import unwrap
 from eureka_megatron.runtime import cpu_compat
 
@@ -32,7 +32,6 @@ class TrainableModel:
     chunks: list  # DDP-wrapped megatron modules, one per virtual pipeline stage
     optimizer: Any
     scheduler: Any
-    config: Config
 
     @property
     def unwrapped(self) -> list[torch.nn.Module]:
@@ -40,8 +39,10 @@ class TrainableModel:
         return [unwrap(c) for c in self.chunks]
 
 
-def wrap_for_training(chunks: list[torch.nn.Module], cfg: Config) -> TrainableModel:
-    """DDP + distributed optimizer + scheduler around freshly built (and initialised) chunks."""
+def wrap_for_training(chunks: list[torch.nn.Module], optim: OptimConfig, *, bf16: bool,
+                      decay_steps: int) -> TrainableModel:
+    """DDP + distributed optimizer + scheduler around freshly built (and initialised) chunks;
+    the lr decays over `optim.decay_steps`, else `decay_steps` optimizer steps."""
     cpu_compat.activate()
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig,
@@ -51,8 +52,8 @@ def wrap_for_training(chunks: list[torch.nn.Module], cfg: Config) -> TrainableMo
     from megatron.core.transformer.module import Float16Module
 
     tcfg = chunks[0].config
-    o = cfg.optim
-    if cfg.parallel.bf16:
+    o = optim
+    if bf16:
         chunks = [Float16Module(tcfg, c) for c in chunks]
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -66,12 +67,11 @@ def wrap_for_training(chunks: list[torch.nn.Module], cfg: Config) -> TrainableMo
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad, bf16=cfg.parallel.bf16,
-        params_dtype=torch.bfloat16 if cfg.parallel.bf16 else torch.float32,
+        clip_grad=o.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=o.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, wrapped)
-    decay = o.decay_steps or cfg.train.steps
+    decay = o.decay_steps or decay_steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(decay, o.warmup_steps + 1),
@@ -83,7 +83,7 @@ def wrap_for_training(chunks: list[torch.nn.Module], cfg: Config) -> TrainableMo
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
     tcfg.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-    return TrainableModel(wrapped, optimizer, scheduler, cfg)
+    return TrainableModel(wrapped, optimizer, scheduler)
 
 
 def _last_stage_broadcast(t: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from eureka_megatron.config import RLConfig
 from eureka_megatron.data.dataset import PromptStream
 from eureka_megatron.data.sources import prompt_builder, train_rows
-from eureka_megatron.rl_config import RLConfig
 from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer.actor import Actor
 from eureka_megatron.trainer.batches import Sequence, dp_share

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eureka_megatron.config import ParallelConfig
-from eureka_megatron.convert.families import FAMILIES
+from eureka_megatron.models.registry import FAMILIES
 from eureka_megatron.rollout.engine import Prompt, SamplingParams
 from eureka_megatron.runtime.launcher import launch
 

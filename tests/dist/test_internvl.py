@@ -16,11 +16,12 @@ import os
 import pytest
 import torch
 
-from eureka_megatron.config import (ConfigError, InternVisionConfig, InternVLConfig, LLMConfig,
-                                    ParallelConfig)
-from eureka_megatron.convert.internvl import (config_from_hf, detect_layout,
+from eureka_megatron.config import ConfigError, ParallelConfig
+from eureka_megatron.models.internvl.config import InternVisionConfig, InternVLConfig
+from eureka_megatron.models.internvl.hf import (config_from_hf, detect_layout,
                                               image_token_id_from_tokenizer, internvl_mapping)
-from eureka_megatron.convert.mapping import MappingError
+from eureka_megatron.models.llm_config import LLMConfig
+from eureka_megatron.models.mapping import MappingError
 from eureka_megatron.runtime.launcher import launch
 from tests.helpers import fill_and_forward
 
@@ -381,7 +382,7 @@ def test_config_from_hf_both_formats(name):
 
 
 def test_config_and_layout_errors():
-    from eureka_megatron.models.internvl import validate_internvl_layout
+    from eureka_megatron.models.internvl.model import validate_internvl_layout
 
     chat = chat_config_json(our_config("internlm2"))
     with pytest.raises(ConfigError, match="image_token_id"):

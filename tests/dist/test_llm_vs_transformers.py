@@ -7,7 +7,7 @@ must match transformers; the mapping's inverse gives back the HF tensors bit for
 import pytest
 import torch
 
-from eureka_megatron.convert.qwen2 import qwen2_mapping
+from eureka_megatron.models.qwen2.hf import qwen2_mapping
 from eureka_megatron.runtime.launcher import launch
 from tests.helpers import fill_and_forward, tiny_config
 

@@ -118,7 +118,8 @@ def rank_fn(dp, splits, with_reference):
         if with_reference:
             results[(name, agg, "reference")] = _reference_grad(model, batch, algo)
             model.zero_grad(set_to_none=True)
-        trainable = wrap_for_training([model], cfg)
+        trainable = wrap_for_training([model], cfg.optim, bf16=cfg.parallel.bf16,
+                                      decay_steps=cfg.train.steps)
         forward = policy_forward(algo, VOCAB, sum_norm_length=L_NORM, backend="torch")
         mine = {k: v[rank * B // dp:(rank + 1) * B // dp] for k, v in batch.items()}
         for n_micro in splits:

@@ -8,9 +8,11 @@ must match transformers at TP1, TP2, PP2 and TP2xPP2.
 import pytest
 import torch
 
-from eureka_megatron.config import LLMConfig, ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
-from eureka_megatron.convert.qwen2_5_vl import qwen2_5_vl_mapping
+from eureka_megatron.config import ParallelConfig
 from eureka_megatron.models import qwen2_5_vl as vl
+from eureka_megatron.models.llm_config import LLMConfig
+from eureka_megatron.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
+from eureka_megatron.models.qwen2_5_vl.hf import qwen2_5_vl_mapping
 from eureka_megatron.runtime.launcher import launch
 from tests.helpers import fill_and_forward
 

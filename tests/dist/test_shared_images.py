@@ -26,9 +26,9 @@ def test_collate_labels_and_image_index():
     img = 9
     mm_a = {"pixel_values": torch.arange(8.).view(4, 2), "image_grid_thw": torch.tensor([[1, 2, 2]])}
     mm_b = {"pixel_values": -torch.arange(8.).view(4, 2), "image_grid_thw": torch.tensor([[1, 2, 2]])}
-    seqs = [Sequence([5, img, 6], [7, 8], mm_a, 1.0, [-0.1, -0.2]),
-            Sequence([5, img, 6], [7], mm_a, -1.0, [-0.3]),
-            Sequence([5, img, 6], [8, 8, 8], mm_b, 0.5, [-0.4, -0.5, -0.6])]
+    seqs = [Sequence([5, img, 6], [7, 8], mm_a, [-0.1, -0.2]),
+            Sequence([5, img, 6], [7], mm_a, [-0.3]),
+            Sequence([5, img, 6], [8, 8, 8], mm_b, [-0.4, -0.5, -0.6])]
     out = collate(seqs, pad_id=0, image_token_id=img)
     assert out["labels"][0].tolist() == [-100, -100, 7, 8, -100, -100]
     assert out["loss_mask"][2].tolist() == [0, 0, 1, 1, 1, 0]
@@ -54,10 +54,12 @@ def rank(cfg):
               "image_grid_thw": torch.tensor([[1, 4, 4]])}
         for j in range(4):
             resp = torch.randint(8, 60, (2 + j,), generator=gen).tolist()
-            seqs.append(Sequence(prompt, resp, mm, float(j - 1.5), [0.0] * len(resp), group=g))
+            seqs.append(Sequence(prompt, resp, mm, [0.0] * len(resp), group=g))
     out = {}
     for shared in (True, False):
         mbs = micro_batches(seqs, 64, 0, actor.prepare, img if shared else None)
+        for mb in mbs:  # advantage j - 1.5 for the response of 2 + j tokens
+            mb["advantages"] = mb["loss_mask"].sum(1) - 3.5
         lps = actor.forward_logprobs(mbs)
         for c in actor.model.chunks:
             c.zero_grad_buffer()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eureka_megatron.config import ParallelConfig
-from eureka_megatron.convert.families import FAMILIES
+from eureka_megatron.models.registry import FAMILIES
 from eureka_megatron.runtime.launcher import launch
 
 FAMILY = {f.name: f for f in FAMILIES}

@@ -220,7 +220,7 @@ def test_mm_eureka_release_configs_carry_their_settings(name, tmp_path, capsys):
 
 
 def cli_config(path: Path, model: Path, tmp_path: Path):
-    from eureka_megatron.rl_config import load_rl_config
+    from eureka_megatron.config import load_rl_config
 
     return load_rl_config(str(path), [f"model.hf={model}", f"data.train={_rows(tmp_path)}"])
 

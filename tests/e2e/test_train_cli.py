@@ -45,7 +45,7 @@ def test_help_lists_train_and_demo():
 @pytest.mark.parametrize("name", ["qwen2_5_vl_7b", "qwen2_5_vl_32b", "internvl2_5_38b"])
 def test_cluster_recipes_validate(name, tmp_path):
     """The recipes load and validate (the model directory itself is checked separately)."""
-    from eureka_megatron.rl_config import load_rl_config
+    from eureka_megatron.config import load_rl_config
 
     cfg = load_rl_config(EXAMPLES / f"{name}.yaml", [f"model.hf={tmp_path}"])
     assert cfg.parallel.nproc % (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel) == 0

@@ -167,7 +167,8 @@ ProcessorMixin.check_argument_for_proper_class = _check_processor_argument_allow
 
 # --- tiny checkpoints -----------------------------------------------------------------------------
 def _tiny_tokenizer(extra_special: list[str] = ()):
-    from eureka_megatron.data.chat import QWEN_CHAT, jinja_chat_template
+    from eureka_megatron.data.chat import jinja_chat_template
+    from eureka_megatron.models.qwen2_5_vl import QWEN_CHAT
     from eureka_megatron.data.tiny_tokenizer import SPECIAL, tiny_tokenizer
 
     tok = tiny_tokenizer()

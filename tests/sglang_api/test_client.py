@@ -229,7 +229,7 @@ def test_internvl_prompts_with_one_placeholder_per_image(internvl_dir, image_fil
 
     SGLang's InternVL processor breaks aspect-ratio ties towards the most tiles
     (multimodal/processors/internvl.py, dynamic_preprocess); InternVL's own
-    find_closest_aspect_ratio (and data/processors.py) takes more tiles only while the image is
+    find_closest_aspect_ratio (and models/internvl/images.py) takes more tiles only while the image is
     larger than half their area. A 3:2 image has one closest ratio (3x2 tiles + thumbnail) in
     both; a small square one is 1 tile for InternVL and 3x3 + thumbnail for SGLang."""
     from transformers import AutoTokenizer

@@ -2,7 +2,7 @@
 import pytest
 
 from eureka_megatron.bench import rollout
-from eureka_megatron.config import LLMConfig
+from eureka_megatron.models.llm_config import LLMConfig
 
 TINY = LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
+from eureka_megatron.config import load_rl_config
 from eureka_megatron.data.dataset import PromptItem
 from eureka_megatron.rewards.pool import RewardPool
-from eureka_megatron.rl_config import load_rl_config
 from eureka_megatron.rollout.engine import Prompt, Sample
 from eureka_megatron.trainer.collect import Collector
 

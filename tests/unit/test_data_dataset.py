@@ -11,13 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from eureka_megatron.data.chat import (INTERNVL_CHAT, QWEN_CHAT, R1_SYSTEM_PROMPT, ChatTokens,
-                                       render_prompt)
+from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, render_prompt
 from eureka_megatron.data.dataset import PromptBuilder, PromptItem, PromptStream
 from eureka_megatron.data.images import load_image
 from eureka_megatron.data.jsonl import DataError, Row, load_rows
-from eureka_megatron.data.processors import internvl_pixels, qwen2_5_vl_pixels
 from eureka_megatron.data.synthetic import TASKS, synthetic_dataset, write_jsonl
+from eureka_megatron.models.family import ChatTokens
+from eureka_megatron.models.internvl import INTERNVL_CHAT
+from eureka_megatron.models.internvl.images import internvl_pixels
+from eureka_megatron.models.qwen2_5_vl import QWEN_CHAT
+from eureka_megatron.models.qwen2_5_vl.images import qwen2_5_vl_pixels
 from eureka_megatron.rollout.engine import Prompt
 from tests import rollout_fixtures as F
 
@@ -280,7 +283,7 @@ def test_rl_prompt_builder_tiles_at_the_checkpoints_size(tmp_path, config):
     import json
 
     from eureka_megatron.data.sources import prompt_builder
-    from eureka_megatron.rl_config import RLConfig
+    from eureka_megatron.config import RLConfig
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     Image.new("RGB", (112, 56), (9, 99, 199)).save(tmp_path / "wide.png")

@@ -13,10 +13,11 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil, smart_resize as hf_smart_resize)
 
-from eureka_megatron.data.processors import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                             internvl_image_tokens, internvl_pixels,
-                                             internvl_tiles, qwen2_5_vl_image_tokens,
-                                             qwen2_5_vl_pixels, smart_resize, tile_grid)
+from eureka_megatron.models.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from eureka_megatron.models.internvl.images import (internvl_image_tokens, internvl_pixels,
+                                                    internvl_tiles, tile_grid)
+from eureka_megatron.models.qwen2_5_vl.images import (qwen2_5_vl_image_tokens, qwen2_5_vl_pixels,
+                                                      smart_resize)
 
 
 def noise(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

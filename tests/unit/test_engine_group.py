@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from eureka_megatron.config import ConfigError
-from eureka_megatron.rl_config import load_rl_config
+from eureka_megatron.config import load_rl_config
+from eureka_megatron.rollout import factory as engine_factory
 from eureka_megatron.rollout.buckets import bucket_by_bytes
 from eureka_megatron.rollout.engine import (EngineDeadError, Prompt, RolloutEngine,
                                             SamplingParams, StaleWeightsError)
@@ -215,7 +216,7 @@ def _pid(engine):
 
 
 def test_restart_replaces_only_the_dead_engine():
-    engines = run_engines.launch_local_engines(
+    engines = engine_factory.launch_local_engines(
         dict(model_path="unused", command=FAKE_CMD,
              health_timeout=2.0, startup_timeout=60), [["0"], ["1"]])
     grp = EngineGroup(engines)
@@ -243,10 +244,10 @@ def test_restart_replaces_only_the_dead_engine():
 def test_comma_separated_urls_make_a_group(servers, tmp_path):
     cfg = load_rl_config(None, ["model.hf=ckpt", "rollout.engine=sglang",
                                 f"rollout.sglang_url={servers[0].url}, {servers[1].url}"])
-    grp = run_engines.build_sglang_engine(cfg, tmp_path)
+    grp = run_engines.build_engine(cfg, tmp_path)
     assert isinstance(grp, EngineGroup) and [e.url for e in grp.engines] == [s.url for s in servers[:2]]
     cfg.rollout.sglang_url = servers[2].url
-    assert isinstance(run_engines.build_sglang_engine(cfg, tmp_path), SGLangEngine)
+    assert isinstance(run_engines.build_engine(cfg, tmp_path), SGLangEngine)
 
 
 def test_under_the_ray_launcher_engines_are_placed_in_its_group(servers, tmp_path, monkeypatch):
@@ -266,10 +267,10 @@ def test_under_the_ray_launcher_engines_are_placed_in_its_group(servers, tmp_pat
     cfg = load_rl_config(None, ["model.hf=ckpt", "rollout.engine=sglang", "parallel.nproc=4",
                                 "rollout.engines=2", "rollout.gpus_per_engine=2",
                                 "rollout.mem_fraction_static=0.5"])
-    grp = run_engines.build_sglang_engine(cfg, tmp_path)
+    grp = run_engines.build_engine(cfg, tmp_path)
     assert isinstance(grp, EngineGroup) and len(grp) == 2
     ((lay, pg, factory, kwargs, gpus),) = placed
-    assert (lay, pg, factory, gpus) == (layout, "the-pg", run_engines.SGLANG_FACTORY, 2)
+    assert (lay, pg, factory, gpus) == (layout, "the-pg", engine_factory.SGLANG_FACTORY, 2)
     assert kwargs["mem_fraction_static"] == 0.5 and kwargs["tp"] == 2
     from eureka_megatron.rollout.ray_engine import resolve_factory
 
@@ -303,7 +304,7 @@ def test_local_engine_gpus_and_launch_arguments(tmp_path):
         "extra_args": None} == kw | dict(tp=1, mem_fraction_static=None, deterministic=True,
                                          weight_transport="distributed", extra_args=None)
     assert cfg().rollout.mem_fraction_static is None
-    with pytest.raises(ConfigError, match="weight_transport='nccl'; expected one of auto"):
+    with pytest.raises(ConfigError, match="weight_transport='nccl' is not one of auto"):
         cfg("rollout.weight_transport=nccl")
 
 
@@ -311,9 +312,10 @@ def test_deterministic_run_refuses_servers_that_ignore_seeds(servers):
     servers[1].deterministic = False
     c = load_rl_config(None, ["model.hf=ckpt", "rollout.engine=sglang", "rollout.deterministic=true"])
     urls = f"{servers[0].url},{servers[1].url}"
+    deterministic = c.rollout.deterministic
     with pytest.raises(ValueError, match=f"{servers[1].url}.*without --enable-deterministic"):
-        run_engines.connect_engines(urls, c)
-    assert len(run_engines.connect_engines(servers[0].url, c)) == 1
+        engine_factory.connect_engines(urls, deterministic=deterministic)
+    assert len(engine_factory.connect_engines(servers[0].url, deterministic=deterministic)) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1", "true"])

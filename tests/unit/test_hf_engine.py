@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from eureka_megatron.convert.families import family_for
+from eureka_megatron.models.registry import family_for
 from eureka_megatron.rollout.engine import RolloutEngine, SamplingParams, StaleWeightsError
 from eureka_megatron.rollout.hf_engine import HFEngine, WeightSyncError
 from tests import rollout_fixtures as F

@@ -169,8 +169,7 @@ def test_function_level_imports_only_defer_heavy_modules():
     assert bad == []
 
 
-@pytest.mark.parametrize("module", ["eureka_megatron.cli", "eureka_megatron.config",
-                                    "eureka_megatron.rl_config"])
+@pytest.mark.parametrize("module", ["eureka_megatron.cli", "eureka_megatron.config"])
 def test_cli_start_imports_no_heavy_module(module):
     """`eureka-megatron --help` and config validation stay torch-free."""
     pulled = {t for x in top_closure(module) for t, top in EDGES.get(x, ()) if top and t in HEAVY}

@@ -11,7 +11,7 @@ import torch
 
 from eureka_megatron.data.packing import (cu_seqlens, pack_rows, pack_sequences,
                                           packed_causal_mask, packed_position_ids)
-from eureka_megatron.models.qwen2_5_vl import mrope_position_ids
+from eureka_megatron.models.qwen2_5_vl.model import mrope_position_ids
 
 
 def test_pack_sequences_hand_computed():

@@ -3,7 +3,7 @@
 import pytest
 
 from eureka_megatron.config import ConfigError
-from eureka_megatron.rl_config import load_rl_config
+from eureka_megatron.config import load_rl_config
 
 RAY_SGLANG = ["model.hf=ckpt", "cluster.launcher=ray", "rollout.engine=sglang"]
 

@@ -64,7 +64,7 @@ class SGLangEngine:
         sampling_seed is honoured (seeded rollouts repeat; samples equal across engine counts).
         Without it SGLang ignores seeds and samples with `n` in one request.
     weight_transport: "tensor" (colocated) or "distributed" (a broadcast group; see module doc).
-    transport: the HTTP transport (default: urllib; tests drive SGLang's app in-process)."""
+    transport: the HTTP transport (default: requests; tests drive SGLang's app in-process)."""
 
     weight_layout = "disk"  # SGLang loads the checkpoint's on-disk HF names
 

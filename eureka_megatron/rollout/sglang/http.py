@@ -1,16 +1,15 @@
 """JSON over HTTP to one SGLang server, through a replaceable transport.
 
-The default transport is the standard library (no new dependency, never a proxy). Tests swap in
+The default transport is `requests` (a fresh session per call, never a proxy). Tests swap in
 an in-process one that drives SGLang's own FastAPI app (tests/sglang_api), so the same client
 code is checked against SGLang's routes without a network server.
 """
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
-from http.client import HTTPException
 from typing import Any, Callable
+
+import requests
 
 from eureka_megatron.rollout.engine import EngineDeadError
 
@@ -34,23 +33,13 @@ class SGLangRefused(RuntimeError):
         self.path, self.message = path, message
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def urllib_transport(method: str, url: str, body: bytes | None, headers: dict[str, str],
-                     timeout: float) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers=headers, method=method)
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        try:
-            raw = e.read()
-        except (OSError, HTTPException):
-            raw = b""
-        return e.code, raw
-    except HTTPException as e:  # closed mid-answer: the same as no answer
-        raise ConnectionError(f"{type(e).__name__}: {e}") from e
+def requests_transport(method: str, url: str, body: bytes | None, headers: dict[str, str],
+                       timeout: float) -> tuple[int, bytes]:
+    """requests' errors (refused, reset, timed out, closed mid-answer) are OSErrors."""
+    with requests.Session() as session:
+        session.trust_env = False  # no proxy or .netrc from the environment: the server is ours
+        resp = session.request(method, url, data=body, headers=headers, timeout=timeout)
+        return resp.status_code, resp.content
 
 
 class SGLangHTTP:
@@ -60,7 +49,7 @@ class SGLangHTTP:
                  transport: Transport | None = None):
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self.transport = transport or urllib_transport
+        self.transport = transport or requests_transport
 
     def get(self, path: str, *, timeout: float) -> Any:
         return self.request("GET", path, None, timeout)
@@ -90,9 +79,8 @@ class SGLangHTTP:
         try:
             status, raw = self.transport(method, url, data, headers, timeout)
         except OSError as e:  # refused, reset, timed out
-            reason = getattr(e, "reason", None) or e
             raise EngineDeadError(f"SGLang server at {self.url} did not answer {method} {path}: "
-                                  f"{type(e).__name__}: {reason}") from e
+                                  f"{type(e).__name__}: {e}") from e
         text = raw.decode("utf-8", "replace")
         if status >= 400:
             raise SGLangHTTPError(method, url, status, text)

@@ -16,15 +16,11 @@ import os
 import re
 from typing import Any
 
-from eureka_megatron.data.chat import chat_for_family
+from eureka_megatron.models.registry import FAMILIES, family_named
 from eureka_megatron.rollout.engine import Prompt, Sample, SamplingParams, StaleWeightsError
 
-# What SGLang's processor for each family matches as one image (qwen_vl.py: its image_token;
-# internvl.py: IMAGE_PLACEHOLDER_TOKEN, which it wraps in <img>...</img> itself).
-SGLANG_IMAGE_PLACEHOLDER = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-                            "internvl": "<image>"}
-FAMILY_OF_MODEL_TYPE = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl",
-                        "internvl_chat": "internvl"}
+# The VLM family of each HF model_type SGLang serves (for its image placeholders).
+FAMILY_OF_MODEL_TYPE = {t: f.name for f in FAMILIES if f.sglang_image_placeholder for t in f.model_types}
 
 
 class PromptMismatchError(ValueError):
@@ -54,10 +50,11 @@ def image_item(img: Any) -> str:
 def sglang_prompt_text(text: str, family: str) -> tuple[str, int]:
     """`text` with each expanded image block (start, pads, end) replaced by SGLang's
     one-placeholder form for `family`; returns the text and the number of images found."""
-    chat = chat_for_family(family)
+    fam = family_named(family)
+    chat = fam.chat
     block = re.compile(re.escape(chat.image_start) + "(?:" + re.escape(chat.image_pad) + ")+"
                        + re.escape(chat.image_end))
-    return block.subn(lambda _: SGLANG_IMAGE_PLACEHOLDER[family], text)
+    return block.subn(lambda _: fam.sglang_image_placeholder, text)
 
 
 def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
@@ -77,10 +74,11 @@ def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
         params["stop_token_ids"] = [int(t) for t in sp.stop_token_ids]
     images = [image_item(im) for im in prompt.images]
     if images:
-        if family not in SGLANG_IMAGE_PLACEHOLDER:
+        known = sorted(set(FAMILY_OF_MODEL_TYPE.values()))
+        if family not in known:
             raise ValueError(f"prompt {index} has images, but the engine does not know the model "
-                             f"family ({family!r}; one of {sorted(SGLANG_IMAGE_PLACEHOLDER)}) to "
-                             "write SGLang's image placeholders")
+                             f"family ({family!r}; one of {known}) to write SGLang's image "
+                             "placeholders")
         if prompt.text is None:
             raise ValueError(f"prompt {index} has images but no text: SGLang expands image "
                              "placeholders itself and needs the prompt text")

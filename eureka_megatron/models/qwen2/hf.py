@@ -7,8 +7,9 @@ decoder prefix, so it is given separately (`lm_head`; None when the embeddings a
 """
 from __future__ import annotations
 
-from eureka_megatron.config import ConfigError, LLMConfig
-from eureka_megatron.convert.mapping import Dims, Mapping, Rule
+from eureka_megatron.errors import ConfigError
+from eureka_megatron.models.llm_config import LLMConfig
+from eureka_megatron.models.mapping import Dims, Mapping, Rule
 
 _L = "decoder.layers."
 

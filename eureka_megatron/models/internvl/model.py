@@ -16,6 +16,8 @@ embeddings replace the embeddings of the `image_token_id` positions of our GPTMo
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import functools
 
 import torch
@@ -33,10 +35,14 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from eureka_megatron.config import (ConfigError, InternVisionConfig, InternVLConfig, LLMConfig,
-                                    ParallelConfig, validate_layout)
+from eureka_megatron.errors import ConfigError
+from eureka_megatron.models.internvl.config import InternVisionConfig, InternVLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
+from eureka_megatron.models.llm_config import LLMConfig, validate_layout
 from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
+
+if TYPE_CHECKING:
+    from eureka_megatron.config import ParallelConfig
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,21 +1,18 @@
 """The RL run's configuration (`eureka-megatron train CONFIG.yaml`): typed sections, validated at
 load, before any rank starts. Shares the parallel / optimizer / checkpoint / algorithm / reward
-sections with `config.py`; the model comes from an HF checkpoint directory.
+sections with `train-lm` (`config/sections.py`); the model comes from an HF checkpoint directory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from eureka_megatron.config import (AlgoConfig, CheckpointConfig, ConfigError, OptimConfig,
-                                    ParallelConfig, RewardConfig, check_threads, from_dict,
-                                    read_config_data)
+from eureka_megatron.config.loader import load
+from eureka_megatron.config.sections import (AlgoConfig, CheckpointConfig, OptimConfig,
+                                             ParallelConfig, RewardConfig)
+from eureka_megatron.errors import ConfigError
 from eureka_megatron.runtime.layout import plan_layout
-
-ENGINES = ("hf", "sglang")
-WEIGHT_TRANSPORTS = ("auto", "tensor", "distributed")
-LAUNCHERS = ("local", "ray")
-MODES = ("on-policy", "off-policy")
 
 
 @dataclass
@@ -27,7 +24,7 @@ class PolicyModelConfig:
     # InternVL's mlp1 projector (Qwen2.5-VL's merger is part of its tower); null: as freeze_vision.
     # MM-Eureka's InternVL runs froze only the tower: false there.
     freeze_projector: bool | None = None
-    rollout_dtype: str = "fp32"  # the HF engine's dtype: fp32 | bf16
+    rollout_dtype: Literal["fp32", "bf16"] = "fp32"  # the HF engine's dtype
 
 
 @dataclass
@@ -37,14 +34,14 @@ class RLTrainConfig:
     micro_batch_tokens: int = 4096  # micro-batches hold at most this many (padded) tokens
     mini_batches: int = 1          # optimizer steps per RL step (the batch split in this many)
     epochs: int = 1                # passes over the rollout batch
-    mode: str = "on-policy"        # on-policy | off-policy (one step stale, rollout overlapped)
+    # off-policy: one step stale, the next rollout overlapped with training
+    mode: Literal["on-policy", "off-policy"] = "on-policy"
     seed: int = 1234
-    log_interval: int = 1
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"             # hf (in-process transformers) | sglang
+    engine: Literal["hf", "sglang"] = "hf"  # hf: in-process transformers
     n_samples: int = 8             # responses per prompt (the GRPO group)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -57,7 +54,8 @@ class RolloutConfig:
     sglang_url: str | None = None  # connect to running server(s) ("url1,url2") instead of launching
     mem_fraction_static: float | None = None  # SGLang's --mem-fraction-static; null: its default
     deterministic: bool = False    # SGLang --enable-deterministic-inference: seeds honoured (slower)
-    weight_transport: str = "auto"  # SGLang weight sync: auto | tensor (IPC/HTTP) | distributed (NCCL)
+    # SGLang weight sync: tensor (IPC/HTTP) | distributed (NCCL); auto: by placement
+    weight_transport: Literal["auto", "tensor", "distributed"] = "auto"
 
 
 @dataclass
@@ -71,7 +69,7 @@ class EvalConfig:
 @dataclass
 class DataConfig:
     train: str | None = None       # JSONL file/dir (MM-Eureka Qwen / InternVL / plain rows); null: synthetic
-    format: str = "auto"           # auto | qwen | internvl | plain
+    format: Literal["auto", "qwen", "internvl", "plain"] = "auto"
     synthetic_tasks: list[str] = field(default_factory=lambda: ["count_circles"])
     synthetic_size: int = 4096
     image_size: int = 56           # synthetic images
@@ -97,7 +95,8 @@ class WarmupConfig:
 
 @dataclass
 class ClusterConfig:
-    launcher: str = "local"        # local (spawned ranks) | ray (placement group; Ray local on CPU)
+    # local: spawned ranks | ray: a placement group (Ray local on CPU)
+    launcher: Literal["local", "ray"] = "local"
     address: str | None = None     # ray cluster address ("auto"); null: local Ray
     colocate: bool = True          # engines share the actor's GPUs (memory released while training)
     gpus_per_node: int = 8
@@ -149,37 +148,20 @@ class RLConfig:
                         ("rollout.engines", r.engines), ("parallel.nproc", p.nproc)):
             if v < 1:
                 raise ConfigError(f"{name}={v} must be >= 1")
-        check_threads(p)
-        if p.nproc % (p.tensor_parallel * p.pipeline_parallel):
-            raise ConfigError(f"parallel.nproc={p.nproc} is not divisible by TP*PP = "
-                              f"{p.tensor_parallel}*{p.pipeline_parallel}")
+        p.validate()
         if t.rollout_batch_size % t.mini_batches:
             raise ConfigError(f"train.rollout_batch_size={t.rollout_batch_size} must be divisible "
                               f"by train.mini_batches={t.mini_batches} (whole groups per mini-batch)")
-        if t.mode not in MODES:
-            raise ConfigError(f"train.mode={t.mode!r}; expected one of {', '.join(MODES)}")
-        if r.engine not in ENGINES:
-            raise ConfigError(f"rollout.engine={r.engine!r}; expected one of {', '.join(ENGINES)}")
         if r.mem_fraction_static is not None and (
                 isinstance(r.mem_fraction_static, bool)
                 or not isinstance(r.mem_fraction_static, (int, float))
                 or not 0 < r.mem_fraction_static < 1):
             raise ConfigError(f"rollout.mem_fraction_static={r.mem_fraction_static!r} must be in "
                               "(0, 1) (the GPU memory share of SGLang's weights + KV cache) or null")
-        if r.weight_transport not in WEIGHT_TRANSPORTS:
-            raise ConfigError(f"rollout.weight_transport={r.weight_transport!r}; expected one of "
-                              f"{', '.join(WEIGHT_TRANSPORTS)}")
-        if not isinstance(r.deterministic, bool):
-            raise ConfigError(f"rollout.deterministic={r.deterministic!r} must be true or false")
         if r.sglang_url is not None and not [u for u in r.sglang_url.split(",") if u.strip()]:
             raise ConfigError(f"rollout.sglang_url={r.sglang_url!r} names no server")
-        if self.cluster.launcher not in LAUNCHERS:
-            raise ConfigError(f"cluster.launcher={self.cluster.launcher!r}; expected one of "
-                              f"{', '.join(LAUNCHERS)}")
         if self.cluster.launcher == "ray" and r.engine == "sglang":
             self._check_placement()
-        if self.model.rollout_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"model.rollout_dtype={self.model.rollout_dtype!r}; expected fp32 or bf16")
         if r.n_samples < 2 and self.algo.estimator != "reinforce++":
             raise ConfigError(f"rollout.n_samples={r.n_samples}: group estimators "
                               f"({self.algo.estimator}) need at least 2 samples per prompt")
@@ -188,8 +170,6 @@ class RLConfig:
                               "of softmax(logits / T))")
         if self.eval.interval < 0 or self.eval.size < 1:
             raise ConfigError("eval.interval must be >= 0 and eval.size >= 1")
-        if self.data.format not in ("auto", "qwen", "internvl", "plain"):
-            raise ConfigError(f"data.format={self.data.format!r}; expected auto|qwen|internvl|plain")
         if self.warmup.steps < 0:
             raise ConfigError(f"warmup.steps={self.warmup.steps} must be >= 0")
         if self.model.hf is None:
@@ -213,4 +193,4 @@ class RLConfig:
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:
     """YAML file (optional) + dotted overrides -> a validated RLConfig."""
-    return from_dict(RLConfig, read_config_data(path, overrides)).validate()
+    return load(RLConfig, path, overrides)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import warnings
 
-from eureka_megatron.config import ConfigError, InternVisionConfig, InternVLConfig, LLMConfig
-from eureka_megatron.convert.mapping import Dims, Mapping, MappingError, Rule
-from eureka_megatron.convert.qwen2 import llm_config_from_hf, qwen2_mapping
+from eureka_megatron.errors import ConfigError
+from eureka_megatron.models.internvl.config import InternVisionConfig, InternVLConfig
+from eureka_megatron.models.llm_config import LLMConfig
+from eureka_megatron.models.mapping import Dims, Mapping, MappingError, Rule
+from eureka_megatron.models.qwen2.hf import llm_config_from_hf, qwen2_mapping
 
 LAYOUTS = {  # layout -> (vision prefix, projector prefix, LLM decoder prefix, output head)
     "chat": ("vision_model.", "mlp1.", "language_model.model.", "language_model.lm_head.weight"),

@@ -25,12 +25,14 @@ and tested.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 
 from eureka_megatron.errors import UserError
 
+Transform = Literal["copy", "pad_vocab", "qkv", "fused_qkv", "concat", "ffn_cols", "head_cols",
+                    "head_rows"]
 MegatronKey = tuple[str, tuple[int, ...]]  # (checkpoint key, layer offsets) e.g. ("decoder...", (3,))
 
 
@@ -42,7 +44,7 @@ class MappingError(UserError, ValueError):
 class Rule:
     megatron: str             # torch_dist key (layer index implied for per-layer rules)
     hf: tuple[str, ...]       # HF names; "{i}" is replaced by the layer index
-    transform: str = "copy"   # copy | pad_vocab | qkv | fused_qkv | concat
+    transform: Transform = "copy"  # one of the eight above
     per_layer: bool = False
 
 

@@ -5,9 +5,10 @@ and transformers >= 4.52 in memory (`model.language_model.*`, `model.visual.*`).
 """
 from __future__ import annotations
 
-from eureka_megatron.config import ConfigError, Qwen25VisionConfig, Qwen25VLConfig
-from eureka_megatron.convert.mapping import Dims, Mapping, MappingError, Rule
-from eureka_megatron.convert.qwen2 import llm_config_from_hf, qwen2_mapping
+from eureka_megatron.errors import ConfigError
+from eureka_megatron.models.mapping import Dims, Mapping, MappingError, Rule
+from eureka_megatron.models.qwen2.hf import llm_config_from_hf, qwen2_mapping
+from eureka_megatron.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
 
 LAYOUTS = {  # layout -> (LLM decoder prefix, vision prefix)
     "disk": ("model.", "visual."),

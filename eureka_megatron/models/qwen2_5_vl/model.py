@@ -13,6 +13,8 @@ image-token positions before the first decoder layer.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -21,9 +23,13 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from eureka_megatron.config import LLMConfig, ParallelConfig, Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
+from eureka_megatron.models.llm_config import LLMConfig
+from eureka_megatron.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
+
+if TYPE_CHECKING:
+    from eureka_megatron.config import ParallelConfig
 
 
 # --- the index arithmetic of Qwen2.5-VL (pure functions, tested against transformers) ----------

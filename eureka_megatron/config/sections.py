@@ -1,0 +1,173 @@
+"""The run-config sections every run shares: parallel layout, optimizer, checkpoints, the RL
+algorithm and the rewards. Choices are `Literal[...]` types: the loader refuses any other value,
+naming the key, and the algorithm code reads its allowed names from the same types."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from eureka_megatron.errors import ConfigError
+from eureka_megatron.kernels.options import Agg, KLType
+
+DEFAULT_REWARD = "eureka_megatron.rewards:rule_based_scores"  # the run's and eval's default
+
+Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce++"]
+PolicyLoss = Literal["ppo", "gspo", "cpgd"]
+RolloutIS = Literal["off", "token", "sequence", "mask"]  # algo/mismatch.py
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+ROLLOUT_IS_MODES: tuple[str, ...] = get_args(RolloutIS)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    nproc: int = 1  # world size; DP = nproc / (TP * PP)
+    bf16: bool = False  # Float16Module + bf16 params (GPU); CPU runs default to fp32
+    # torch intra-op threads per rank; null: the launcher's share (CPU cores / local ranks)
+    threads: int | None = None
+    # Uneven LLM split: decoder layers on the first / last pipeline stage (the rest are spread
+    # evenly); e.g. fewer on the first stage, which also runs the vision tower. None: even.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    @property
+    def dp(self) -> int:
+        return self.nproc // (self.tensor_parallel * self.pipeline_parallel)
+
+    def validate(self) -> "ParallelConfig":
+        """The layout's own rules (the model's are `validate_layout`)."""
+        tp, pp, vpp, n = self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline, self.nproc
+        for name, v in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("nproc", n)):
+            if v < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {v}")
+        if n % (tp * pp):
+            raise ConfigError(f"world size parallel.nproc={n} is not divisible by TP*PP = "
+                              f"{tp}*{pp} = {tp * pp}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ConfigError(f"parallel.threads={self.threads!r} must be a positive integer or null")
+        if vpp is not None and vpp < 2:
+            raise ConfigError(f"parallel.virtual_pipeline must be >= 2 or null, got {vpp}")
+        if vpp and pp < 2:
+            raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+        return self
+
+    def describe(self) -> str:
+        vpp = f" x VPP{self.virtual_pipeline}" if self.virtual_pipeline else ""
+        return (f"TP{self.tensor_parallel} x PP{self.pipeline_parallel}{vpp} x DP{self.dp} = "
+                f"{self.nproc} ranks")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    decay_steps: int | None = None  # default: train.steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 3
+    load: str | None = None  # a run dir (uses its `latest`) or one step_* dir
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm: advantage estimator, online filter, policy loss, KL, entropy, shaping.
+
+    Defaults are MM-Eureka-Qwen's recipe (GRPO, online filter [0.1, 0.9], eps 0.2, ratio cap 3,
+    no KL) with a token-mean loss; see docs in `eureka_megatron/algo/`.
+    """
+
+    estimator: Estimator = "grpo"
+    whiten: bool = False  # whiten advantages over the batch's tokens (always for reinforce++)
+    grpo_eps: float = 1e-6  # grpo's (r - mean) / (std + eps); MM-Eureka's group_norm: 1e-9
+    # CPGD's clip-filter-like group weight min(G / (G - #zero-variance groups), cap); null: off
+    clip_filter_like_cap: float | None = None
+    online_filter: bool = True  # keep groups whose mean accuracy lies in [filter_low, filter_high]
+    filter_low: float = 0.1
+    filter_high: float = 0.9
+    loss: PolicyLoss = "ppo"  # ppo (clip, clip-higher, dual clip) | gspo (sequence ratio) | cpgd
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher (e.g. 0.28)
+    dual_clip: float | None = 3.0  # ppo/gspo: cap -A*ratio for A < 0 (MM-Eureka's ratio cap 3)
+    agg: Agg = "token-mean"
+    kl_coef: float = 0.0
+    kl_type: KLType = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"  # a loss term | subtracted from each sequence's reward
+    entropy_coef: float = 0.0
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0 = off
+    overlong_factor: float = 1.0
+    cpgd_drift_coef: float = 0.01  # CPGD policy-drift weight and ratio clip (MM-Eureka defaults)
+    cpgd_drift_clip: float = 2.0
+    # train/rollout mismatch correction with the engine's log-probs (algo/mismatch.py):
+    # capped at rollout_is_cap
+    rollout_is: RolloutIS = "off"
+    rollout_is_cap: float = 2.0
+
+    def validate(self) -> "AlgoConfig":
+        if not 0.0 <= self.filter_low <= self.filter_high <= 1.0:
+            raise ConfigError(f"algo.filter_low={self.filter_low} / filter_high="
+                              f"{self.filter_high} must satisfy 0 <= low <= high <= 1")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ConfigError(f"algo.clip_low={self.clip_low} must be in [0, 1)")
+        if self.clip_high < 0.0:
+            raise ConfigError(f"algo.clip_high={self.clip_high} must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ConfigError(f"algo.dual_clip={self.dual_clip} must be > 1 or null")
+        if self.kl_coef < 0 or self.entropy_coef < 0 or self.cpgd_drift_coef < 0:
+            raise ConfigError("algo.kl_coef, algo.entropy_coef and algo.cpgd_drift_coef must "
+                              "be >= 0")
+        if not self.grpo_eps > 0:
+            raise ConfigError(f"algo.grpo_eps={self.grpo_eps} must be > 0")
+        if self.clip_filter_like_cap is not None and not self.clip_filter_like_cap >= 1.0:
+            raise ConfigError(f"algo.clip_filter_like_cap={self.clip_filter_like_cap} must be "
+                              ">= 1 or null")
+        if not self.rollout_is_cap > 1.0:
+            raise ConfigError(f"algo.rollout_is_cap={self.rollout_is_cap} must be > 1")
+        if self.loss == "gspo" and self.rollout_is == "token":
+            raise ConfigError("algo.rollout_is=token weights tokens; algo.loss=gspo has one ratio "
+                              "per sequence: use rollout_is=sequence or mask")
+        if self.overlong_buffer < 0:
+            raise ConfigError(f"algo.overlong_buffer={self.overlong_buffer} must be >= 0")
+        return self
+
+
+@dataclass
+class RewardConfig:
+    """Reward functions (`module:function`, each `(response, answer, meta) -> {name: score}`),
+    the weight of each named score in the total, and the worker pool running them."""
+
+    functions: list[str] = field(default_factory=lambda: [DEFAULT_REWARD])
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    num_workers: int = 2
+    timeout: float = 5.0  # seconds per response; a timeout scores 0 and counts reward/timeouts
+    # Score each distinct (response, gold, meta) once and remember it: rule-based rewards are pure
+    # functions, and RL batches repeat responses (a converged group is n copies). Off for a
+    # stochastic judge.
+    memoize: bool = True
+    # Phrases counted by the reflection ("visual aha") metrics; null: the built-in list.
+    reflection_phrases: list[str] | None = None
+
+    def validate(self) -> "RewardConfig":
+        if not self.functions:
+            raise ConfigError("rewards.functions must name at least one module:function")
+        for i, f in enumerate(self.functions):
+            if f.count(":") != 1 or not all(f.split(":")):
+                raise ConfigError(f"rewards.functions[{i}]={f!r} is not of the form "
+                                  "module:function")
+        if self.num_workers < 1:
+            raise ConfigError(f"rewards.num_workers={self.num_workers} must be >= 1")
+        if not self.timeout > 0:
+            raise ConfigError(f"rewards.timeout={self.timeout} must be > 0")
+        return self
