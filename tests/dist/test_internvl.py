@@ -196,7 +196,7 @@ def megatron_outputs(models, par, ref_grads):
     tower's gradients (first stage)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    from eureka_megatron.models import internvl
+    from eureka_megatron.models.internvl import model as internvl
     from eureka_megatron.runtime.distributed import init_distributed
 
     init_distributed(par)
@@ -289,7 +289,7 @@ def save_checkpoints(models, par, root):
     """Rank function: each model filled from its HF tensors, saved as a torch_dist checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from eureka_megatron.models import internvl
+    from eureka_megatron.models.internvl import model as internvl
     from eureka_megatron.models.init import fill_global_tensors
     from eureka_megatron.runtime.distributed import init_distributed
 
@@ -304,7 +304,7 @@ def load_and_forward(models, par, root):
     """Rank function: each model loaded from its checkpoint; full logits on the last stage."""
     from megatron.core import dist_checkpointing
 
-    from eureka_megatron.models import internvl
+    from eureka_megatron.models.internvl import model as internvl
     from eureka_megatron.models.forward import forward_logits
     from eureka_megatron.runtime.distributed import init_distributed
 
@@ -413,7 +413,7 @@ def test_config_and_layout_errors():
 
 def wrong_image_count(cfg, par):
     """Rank function: a batch whose image tokens do not match the tiles must fail clearly."""
-    from eureka_megatron.models import internvl
+    from eureka_megatron.models.internvl import model as internvl
     from eureka_megatron.runtime.distributed import init_distributed
 
     init_distributed(par)

@@ -87,14 +87,14 @@ def test_resume_across_layouts(reference, tmp_path):
 def _crash_while_saving(cfg, crash_step):
     """Rank function: train, but die (like a SIGKILL) after step `crash_step`'s shards are
     written and before the checkpoint is marked complete."""
-    orig = ckpt._write_atomic
+    orig = ckpt.write_text_atomic
 
     def write(path, text):
         if path.name == ckpt.COMPLETE and json.loads(text)["step"] == crash_step:
             os._exit(9)
         orig(path, text)
 
-    ckpt._write_atomic = write
+    ckpt.write_text_atomic = write
     return run_lm(cfg)
 
 

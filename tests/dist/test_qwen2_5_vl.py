@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eureka_megatron.config import ParallelConfig
-from eureka_megatron.models import qwen2_5_vl as vl
+from eureka_megatron.models.qwen2_5_vl import model as vl
 from eureka_megatron.models.llm_config import LLMConfig
 from eureka_megatron.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
 from eureka_megatron.models.qwen2_5_vl.hf import qwen2_5_vl_mapping
