@@ -50,9 +50,9 @@ def run(args) -> int:
             cfg.checkpoint.load = str(cfg.checkpoint_dir)
         else:
             say(f"--resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
-    if not (Path(cfg.model.hf) / "config.json").is_file():
-        raise ConfigError(f"model.hf={cfg.model.hf}: no config.json there (an HF checkpoint "
-                          "directory is expected)")
+    if not (cfg.model.hf_dir / "config.json").is_file():
+        raise ConfigError(f"{cfg.model.hf_dir}: no config.json there (model.hf: an HF checkpoint "
+                          "directory; model.megatron: its HF side files in hf/ or model.hf)")
     ckpt.check_run_dir(cfg.checkpoint_dir, cfg.checkpoint.load)
     if cfg.checkpoint.load:
         say(f"resuming from {ckpt.resolve_checkpoint(cfg.checkpoint.load)}")

@@ -17,14 +17,23 @@ from eureka_megatron.runtime.layout import plan_layout
 
 @dataclass
 class PolicyModelConfig:
-    """The policy: an HF checkpoint directory (config.json, weights, tokenizer files)."""
+    """The policy: an HF checkpoint directory (config.json, weights, tokenizer files), or a
+    megatron torch_dist checkpoint for the weights (`convert hf-to-megatron`'s output, a training
+    step or run directory) with the HF side files (config, tokenizer) beside it in `hf/` or in
+    `hf`: every rank then reads only its own shards, the path for 32B+ models."""
 
     hf: str | None = None
+    megatron: str | None = None
     freeze_vision: bool = True  # the vision tower stays frozen
     # InternVL's mlp1 projector (Qwen2.5-VL's merger is part of its tower); null: as freeze_vision.
     # MM-Eureka's InternVL runs froze only the tower: false there.
     freeze_projector: bool | None = None
     rollout_dtype: Literal["fp32", "bf16"] = "fp32"  # the HF engine's dtype
+
+    @property
+    def hf_dir(self) -> Path:
+        """Config, tokenizer and processor files (and the weights, without `megatron`)."""
+        return Path(self.hf) if self.hf else Path(self.megatron) / "hf"
 
 
 @dataclass
@@ -172,9 +181,10 @@ class RLConfig:
             raise ConfigError("eval.interval must be >= 0 and eval.size >= 1")
         if self.warmup.steps < 0:
             raise ConfigError(f"warmup.steps={self.warmup.steps} must be >= 0")
-        if self.model.hf is None:
+        if self.model.hf is None and self.model.megatron is None:
             raise ConfigError("model.hf is required: an HF checkpoint directory (config.json, "
-                              "weights, tokenizer)")
+                              "weights, tokenizer); or model.megatron: a torch_dist checkpoint "
+                              "with its HF side files in hf/ (or in model.hf)")
         return self
 
     def _check_placement(self) -> None:

@@ -41,11 +41,11 @@ def system_prompt(cfg: RLConfig) -> str | None:
 
 
 def prompt_builder(cfg: RLConfig, family: str, tokenizer) -> PromptBuilder:
-    """The builder for `cfg.model.hf`'s family, with the image options the checkpoint sets
+    """The builder for the policy's family, with the image options the checkpoint sets
     (InternVL tiles at its own size)."""
     d = cfg.data
     fam = family_named(family)
-    config_file = Path(cfg.model.hf) / "config.json"
+    config_file = cfg.model.hf_dir / "config.json"
     extra = fam.image_options_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else {}
     options = dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_tiles=d.max_tiles,
                    use_thumbnail=d.use_thumbnail) | extra

@@ -42,6 +42,7 @@ def fill_global_tensors(chunks: list[torch.nn.Module], source: Source) -> list[s
                                      f"{tuple(full.shape)} != expected {tuple(sh.global_shape[pre:])}")
                 index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[pre:], sh.data.shape))
                 sh.data.copy_(full[index])
+                del full  # before the next read: one global tensor alive at a time
                 filled.append(sh.key)
     return filled
 

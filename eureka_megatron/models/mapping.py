@@ -118,6 +118,21 @@ class Mapping:
         """All megatron global tensors, reading HF tensors through `hf(name)`."""
         return dict(self.iter_megatron(hf))
 
+    def source(self, hf: Callable[[str], torch.Tensor]):
+        """A `models.init.Source`: each megatron global tensor built on demand from the HF
+        tensors it needs, read through `hf(name)` then and dropped after the caller's copy --
+        loading holds one tensor at a time, never the model."""
+        index = {key: (rule, dims, names) for rule, dims, key, names in self.entries()}
+
+        def source(key: str, layer: tuple[int, ...], shape: tuple[int, ...]):
+            if (key, layer) not in index:
+                raise MappingError(f"the model has {key}{list(layer)}, which the mapping does not "
+                                   "produce (wrong family config or layout?)")
+            rule, dims, names = index[(key, layer)]
+            return _to_megatron(rule, dims, [hf(n) for n in names])
+
+        return source
+
     # -- megatron -> HF ----------------------------------------------------------------------
     def iter_hf(self, megatron: Callable[[MegatronKey], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) pairs one megatron tensor at a time: the converter's and the

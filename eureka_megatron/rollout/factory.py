@@ -20,7 +20,7 @@ import torch
 
 from eureka_megatron.rollout import ray_engine
 from eureka_megatron.rollout.engine_group import EngineGroup
-from eureka_megatron.rollout.hf_engine import HFEngine
+from eureka_megatron.rollout.hf_engine import HFEngine, load_processor
 from eureka_megatron.rollout.sglang import SGLangEngine
 from eureka_megatron.rollout.sglang.engine import family_of_checkpoint
 from eureka_megatron.runtime import placement
@@ -34,7 +34,8 @@ def build_engine(kind: str, hf_dir: Path, *, dtype: str = "auto", device: str | 
                  sglang_url: str | None = None, launch: dict | None = None,
                  engine_gpus: Callable[[], Sequence[list[str] | None]] = lambda: [None],
                  weight_transport: str | None = None, deterministic: bool = False):
-    """An engine serving `hf_dir`'s weights.
+    """An engine serving `hf_dir`'s weights; for a directory of side files only (a megatron
+    checkpoint's `hf/`), an engine of the right shapes that waits for its first weight sync.
 
     kind "hf": an HFEngine on `device` (default: cuda when available) in `dtype`: "bf16",
         "fp32", or "auto" (bf16 on a GPU, fp32 on the CPU).
@@ -44,14 +45,21 @@ def build_engine(kind: str, hf_dir: Path, *, dtype: str = "auto", device: str | 
         launched here; weight_transport, deterministic: of connected servers (default theirs;
         deterministic refuses servers that ignore seeds).
     """
+    weights = has_weights(hf_dir)
     if kind == "hf":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
             dtype = "bf16" if device != "cpu" else "fp32"
+        if not weights:  # the trainer loaded a megatron checkpoint: its first sync fills these
+            return HFEngine.from_config(hf_dir, dtype=HF_DTYPES[dtype], device=device,
+                                        tokenizer_or_processor=load_processor(hf_dir))
         return HFEngine.from_pretrained(hf_dir, dtype=HF_DTYPES[dtype], device=device)
     if kind != "sglang":
         raise ValueError(f"rollout engine {kind!r}: expected 'hf' or 'sglang'")
     launch = {"model_path": str(hf_dir), **(launch or {})}
+    if not weights:  # random weights of the right shapes; generating waits for the first sync
+        launch |= {"weight_version": None,
+                   "extra_args": [*launch.get("extra_args", ()), "--load-format", "dummy"]}
     placed = placement.current_placement()
     if sglang_url:
         engines = connect_engines(sglang_url, hf_dir, weight_transport=weight_transport,
@@ -65,6 +73,12 @@ def build_engine(kind: str, hf_dir: Path, *, dtype: str = "auto", device: str | 
     else:
         engines = launch_local_engines(launch, engine_gpus())
     return engines[0] if len(engines) == 1 else EngineGroup(engines)
+
+
+def has_weights(hf_dir: Path) -> bool:
+    """An HF directory with weights, or only the side files (config, tokenizer) of a megatron
+    checkpoint (`convert hf-to-megatron`'s `hf/`)."""
+    return any(Path(hf_dir).glob("*.safetensors"))
 
 
 def connect_engines(urls: str, hf_dir: Path | None = None, *, weight_transport: str | None = None,

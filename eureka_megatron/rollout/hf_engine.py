@@ -146,7 +146,7 @@ class HFEngine:
                         attn_implementation: str | None = None, **kw) -> "HFEngine":
         """Load weights and the processor/tokenizer of `path`; serves version 0."""
         model = cls._load(path, dtype, device, attn_implementation)
-        engine = cls(model, _load_processor(path), **kw)
+        engine = cls(model, load_processor(path), **kw)
         engine._recipe = ("pretrained", str(path), dtype, device, attn_implementation)
         return engine
 
@@ -426,7 +426,7 @@ class HFEngine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
 
 
-def _load_processor(path) -> Any:
+def load_processor(path) -> Any:
     """The checkpoint's processor (VLMs) or tokenizer; None when it ships neither. A processor
     that cannot be built here (Qwen2.5-VL's needs torchvision for its video half) falls back to
     the tokenizer: prompts reach the engine already tokenized, only decoding is left to do."""

@@ -150,3 +150,16 @@ def export_hf_weights(chunks: list[torch.nn.Module], mapping: Mapping, *, dest: 
         for name, tensor in mapping.iter_hf(assemble):
             if assemble.receives:
                 yield name, tensor
+
+
+def export_plan(chunks: list[torch.nn.Module], mapping: Mapping, *,
+                group=None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Collective: every (HF name, shape, dtype) that `export_hf_weights` yields, in its order,
+    from the global shapes alone (a meta-tensor pass; nothing is gathered) -- what a writer that
+    streams tensors straight to disk needs up front."""
+    plan = _plan(_local_shards(chunks), group)
+
+    def meta(key: MegatronKey) -> torch.Tensor:
+        return torch.empty(plan[key].shape, dtype=plan[key].dtype, device="meta")
+
+    return [(name, tuple(t.shape), t.dtype) for name, t in mapping.iter_hf(meta)]

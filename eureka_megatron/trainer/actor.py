@@ -19,15 +19,17 @@ import torch
 from eureka_megatron.algo.reward_shaping import kl_penalized_rewards
 from eureka_megatron.config import RLConfig
 from eureka_megatron.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter, copy_side_files
+from eureka_megatron.convert.run import CONVERSION
 from eureka_megatron.models.forward import forward_token_logprobs
 from eureka_megatron.models.init import fill_global_tensors
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 from eureka_megatron.models.registry import family_for
-from eureka_megatron.rollout.weight_export import export_hf_weights
+from eureka_megatron.rollout.weight_export import export_hf_weights, export_plan
 from eureka_megatron.rollout.weight_sync import sync_with_restart
 from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer import checkpoint
+from eureka_megatron.trainer.checkpoint import CheckpointError
 from eureka_megatron.trainer.batches import Sequence, dp_share, micro_batches
 from eureka_megatron.trainer.policy_forward import policy_forward
 from eureka_megatron.trainer.train_step import train_step, wrap_for_training
@@ -55,25 +57,37 @@ class TrainPlan:
 
 
 class Actor:
-    def __init__(self, cfg: RLConfig, need_reference: bool, hf_dir: Path | None = None):
-        """`hf_dir`: the checkpoint to start from (default `cfg.model.hf`; the stage-0 output
-        after a format warm-up)."""
+    def __init__(self, cfg: RLConfig, need_reference: bool, hf_dir: Path | None = None,
+                 megatron_dir: str | Path | None = None):
+        """Weights from `megatron_dir` (a torch_dist checkpoint: each rank reads its own shards)
+        or else from the HF checkpoint `hf_dir`, streamed one tensor at a time; `hf_dir` also
+        gives the config and tokenizer. Default: the configured model (`model.megatron` /
+        `model.hf`); the stage-0 output after a format warm-up."""
         self.cfg = cfg
-        self.hf_dir = hf_dir = Path(hf_dir or cfg.model.hf)
+        if hf_dir is None:
+            hf_dir, megatron_dir = cfg.model.hf_dir, cfg.model.megatron
+        self.hf_dir = hf_dir = Path(hf_dir)
         self.hf_config = json.loads((hf_dir / "config.json").read_text())
         self.family = family_for(self.hf_config, str(hf_dir / "config.json"))
         mcfg = self.family.trainable(self.family.config_from_hf(self.hf_config, hf_dir), cfg.model)
         self.model_cfg = mcfg
         self.text_cfg = getattr(mcfg, "text", mcfg)
-        ckpt = HFCheckpoint(hf_dir)
-        layout = self.family.detect_layout(ckpt.names)
-        tensors = self.family.mapping(mcfg, layout).to_megatron(ckpt.get)
+        if megatron_dir is not None:
+            self.hf_layout = source_layout(Path(megatron_dir), hf_dir)
 
-        def source(key, layer, shape):
-            return tensors[(key, layer)]
+            def load(chunks):
+                checkpoint.load_weights(chunks, megatron_dir)
+        else:
+            ckpt = HFCheckpoint(hf_dir)
+            self.hf_layout = self.family.detect_layout(ckpt.names)
+            # one global tensor at a time, straight from the files: never the model in memory
+            source = self.family.mapping(mcfg, self.hf_layout).source(ckpt.get)
+
+            def load(chunks):
+                fill_global_tensors(chunks, source)
 
         chunks = self.family.build_chunks(mcfg, cfg.parallel)
-        fill_global_tensors(chunks, source)
+        load(chunks)
         if cfg.parallel.pipeline_parallel > 1:  # micro-batches differ in rows and length
             chunks[0].config.variable_seq_lengths = True
         t = cfg.train
@@ -82,12 +96,11 @@ class Actor:
         self.reference = None
         if need_reference:
             ref = self.family.build_chunks(mcfg, cfg.parallel)
-            fill_global_tensors(ref, source)
+            load(ref)
             for c in ref:
                 c.eval().requires_grad_(False)
             self.reference = ref
             self._offload(ref)
-        del tensors
 
     # --- the RL step ---------------------------------------------------------------------------
 
@@ -267,26 +280,25 @@ class Actor:
                                  bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20)
 
     def export_hf(self, out_dir: Path, src_dir: Path | None = None) -> None:
-        """Collective: write the policy as an HF checkpoint (the layout of the source checkpoint,
-        default the one it was built from, side files copied), atomically."""
+        """Collective: write the policy as an HF checkpoint (in the naming layout it was loaded
+        from, with `src_dir`'s side files, default its own), atomically and tensor by tensor."""
         src_dir = Path(src_dir or self.hf_dir)
-        layout = self.family.detect_layout(HFCheckpoint(src_dir).names)
+        layout = self.hf_layout
         mapping = self.family.mapping(self.model_cfg, layout)
         rank0 = torch.distributed.get_rank() == 0
         tmp = out_dir.with_name(out_dir.name + ".tmp")
+        plan = export_plan(self.model.unwrapped, mapping)
+        writer = None
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             copy_side_files(src_dir, tmp)
-            tensors = {}
-        for name, t in export_hf_weights(self.model.unwrapped, mapping, dest="rank0"):
-            if rank0:
-                tensors[name] = t.detach().clone()
-        if rank0:
-            plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
             writer = ShardedSafetensorsWriter(tmp, plan)
-            for n, t in tensors.items():
-                writer.add(n, t)
+        # each tensor goes to disk as it is assembled: the writer holds one tensor, never the model
+        for name, t in export_hf_weights(self.model.unwrapped, mapping, dest="rank0"):
+            if writer is not None:
+                writer.add(name, t)
+        if rank0:
             writer.finish()
             if out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -304,3 +316,18 @@ class Actor:
         if torch.cuda.is_available():
             for c in chunks:
                 c.to(torch.cuda.current_device())
+
+
+def source_layout(megatron_dir: Path, hf_dir: Path) -> str:
+    """The HF naming layout a converted checkpoint came from (its conversion.json), else that
+    of the HF weights in `hf_dir`: what exports write."""
+    step = checkpoint.resolve_checkpoint(megatron_dir)
+    for info in (megatron_dir / CONVERSION, step / CONVERSION):
+        if info.is_file():
+            return json.loads(info.read_text())["layout"]
+    if any(hf_dir.glob("*.safetensors")):
+        config = json.loads((hf_dir / "config.json").read_text())
+        return family_for(config).detect_layout(HFCheckpoint(hf_dir).names)
+    raise CheckpointError(f"{megatron_dir} has no {CONVERSION} and {hf_dir} no HF weights: the HF "
+                          "naming to export in is unknown (start from `convert hf-to-megatron`'s "
+                          "output, or give model.hf a checkpoint with weights)")

@@ -109,11 +109,29 @@ def validate_checkpoint(step_dir: Path) -> dict:
 # --- save / load (collective: every rank calls) ----------------------------------------------
 
 
-def _model_sd(model: TrainableModel) -> dict:
-    chunks = model.unwrapped
+def _model_sd(chunks: list) -> dict:
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_chunks(chunks: list, loaded: dict) -> None:
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+def load_weights(chunks: list, path: str | Path) -> Path:
+    """Collective: only the model weights of a torch_dist checkpoint -- `convert hf-to-megatron`'s
+    output, a training step or a run directory (its latest step) -- into freshly built `chunks`,
+    each rank reading its own shards, at any TP/PP/VPP. Returns the directory read."""
+    from megatron.core import dist_checkpointing
+
+    step_dir = resolve_checkpoint(path)
+    _load_chunks(chunks, dist_checkpointing.load(_model_sd(chunks), str(step_dir)))
+    return step_dir
 
 
 def _rng_object(state: Any):
@@ -174,7 +192,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
         tmp.mkdir()
     torch.distributed.barrier()
     t0 = time.perf_counter()
-    state = _model_sd(model)
+    state = _model_sd(model.unwrapped)
     for opt in _inner_optimizers(model.optimizer):
         # Nothing trained yet (e.g. an RL run whose first batches were all filtered out): torch
         # Adam has no state to save. A zero-gradient step creates it and leaves the weights as is.
@@ -208,7 +226,7 @@ def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: boo
 
     step_dir = resolve_checkpoint(path)
     info = json.loads((step_dir / COMPLETE).read_text())
-    state = _model_sd(model)
+    state = _model_sd(model.unwrapped)
     if load_optimizer:
         for opt in _inner_optimizers(model.optimizer):
             # torch Adam creates its state lazily; the load state dict needs it to exist.
@@ -220,12 +238,7 @@ def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: boo
     if same_layout:
         state["rng_state"] = _rng_object(None)
     loaded = dist_checkpointing.load(state, str(step_dir))
-    chunks = model.unwrapped
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            c.load_state_dict(loaded[f"model{i}"], strict=True)
+    _load_chunks(model.unwrapped, loaded)
     if load_optimizer:
         model.optimizer.load_state_dict(loaded["optimizer"])
         model.scheduler.num_steps = 0  # load_state_dict *adds* the saved step count

@@ -68,8 +68,9 @@ class RLRun:
         self.cfg = cfg
         checkpoint.check_run_dir(cfg.checkpoint_dir, cfg.checkpoint.load)
         init_distributed(cfg.parallel, seed=cfg.train.seed)
-        self.hf_dir = start_checkpoint(cfg)
-        self.actor = Actor(cfg, need_reference=cfg.algo.kl_coef > 0, hf_dir=self.hf_dir)
+        self.hf_dir, megatron = start_checkpoint(cfg)
+        self.actor = Actor(cfg, need_reference=cfg.algo.kl_coef > 0, hf_dir=self.hf_dir,
+                           megatron_dir=megatron)
         self.start, state = 0, {}
         if cfg.checkpoint.load:
             self.start, state = self.actor.load(cfg.checkpoint.load)
@@ -166,17 +167,17 @@ def eval_due(cfg: RLConfig, step: int) -> bool:
     return cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == cfg.train.steps)
 
 
-def start_checkpoint(cfg: RLConfig) -> Path:
-    """The HF checkpoint the actor starts from: the stage-0 output when there is a format
-    warm-up (made now, or reused by a resumed run), else `model.hf`."""
+def start_checkpoint(cfg: RLConfig) -> tuple[Path, str | None]:
+    """(HF dir, megatron weights or None) the actor starts from: the stage-0 output when there
+    is a format warm-up (made now, or reused by a resumed run), else the configured model."""
     stage0 = Path(cfg.output.dir) / "stage0_hf"
-    if cfg.checkpoint.load:
-        return stage0 if cfg.warmup.steps and (stage0 / "config.json").is_file() else Path(cfg.model.hf)
-    return format_warmup(cfg) if cfg.warmup.steps else Path(cfg.model.hf)
+    if cfg.warmup.steps and (not cfg.checkpoint.load or (stage0 / "config.json").is_file()):
+        return format_warmup(cfg), None
+    return cfg.model.hf_dir, cfg.model.megatron
 
 
 def settings(cfg: RLConfig, actor: Actor) -> dict:
-    return {"model": f"{actor.family.name} ({cfg.model.hf})", "layout": cfg.parallel.describe(),
+    return {"model": f"{actor.family.name} ({cfg.model.megatron or cfg.model.hf})", "layout": cfg.parallel.describe(),
             "steps": cfg.train.steps, "prompts x samples": f"{cfg.train.rollout_batch_size} x {cfg.rollout.n_samples}",
             "algorithm": f"{cfg.algo.estimator} / {cfg.algo.loss} / {cfg.algo.agg}",
             "lr": cfg.optim.lr, "mode": cfg.train.mode, "engine": cfg.rollout.engine}
@@ -184,9 +185,9 @@ def settings(cfg: RLConfig, actor: Actor) -> dict:
 
 def describe(cfg: RLConfig) -> str:
     """The resolved layout, for `train --dry-run`."""
-    path = Path(cfg.model.hf) / "config.json"
+    path = cfg.model.hf_dir / "config.json"
     hf = json.loads(path.read_text())
-    mcfg = family_for(hf, str(path)).config_from_hf(hf, Path(cfg.model.hf))
+    mcfg = family_for(hf, str(path)).config_from_hf(hf, cfg.model.hf_dir)
     validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
     t, r = cfg.train, cfg.rollout
     engines = f"{r.engine} engine x{r.engines}"
@@ -195,7 +196,7 @@ def describe(cfg: RLConfig) -> str:
         engines += f" of TP{r.gpus_per_engine}"
         extra = 0 if cfg.cluster.colocate else r.engines * r.gpus_per_engine
         where += f", {cfg.parallel.nproc + extra} GPUs in all"
-    lines = [f"model        {hf.get('model_type')} from {cfg.model.hf}",
+    lines = [f"model        {hf.get('model_type')} from {cfg.model.megatron or cfg.model.hf}",
              f"actor        {cfg.parallel.describe()} ({cfg.cluster.launcher} launcher)",
              f"rollout      {engines}, {r.n_samples} samples/prompt, "
              f"T={r.temperature}, max {r.max_new_tokens} new tokens, {where}",

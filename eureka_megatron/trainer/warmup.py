@@ -43,7 +43,7 @@ def format_warmup(cfg: RLConfig) -> Path:
     rank0 = torch.distributed.get_rank() == 0
     stream = pad_id = eos = None
     if rank0:
-        tok = AutoTokenizer.from_pretrained(cfg.model.hf)
+        tok = AutoTokenizer.from_pretrained(str(cfg.model.hf_dir))
         rows = train_rows(cfg).rows
         answers = sorted({r.answer for r in rows})
         stream = PromptStream(rows, prompt_builder(cfg, actor.family.name, tok),
@@ -68,6 +68,6 @@ def format_warmup(cfg: RLConfig) -> Path:
         if rank0 and cfg.output.progress and (step % 25 == 0 or step in (1, w.steps)):
             print(f"stage 0 (format warm-up) {step}/{w.steps}  nll {m.get('loss', float('nan')):.4f}  "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
-    actor.export_hf(out, Path(cfg.model.hf))
+    actor.export_hf(out, cfg.model.hf_dir)
     del actor
     return out
