@@ -12,12 +12,13 @@ from pathlib import Path
 from eureka_megatron.bench import demo, rewards
 from eureka_megatron.bench.report import markdown_table, write_json
 
-ORDER = ["kernels", "step", "sync", "rollout", "convert", "rewards", "lm-step"]
+ORDER = ["kernels", "step", "sync", "rollout", "convert", "memory", "rewards", "lm-step"]
 ABOUT = {"kernels": "fused log-prob + entropy kernel vs the torch reference",
          "step": "one RL step of the real loop: tokens/s, MFU, time split",
          "sync": "Megatron -> HF engine weight sync",
          "rollout": "HF engine generation tokens/s",
          "convert": "HF <-> Megatron checkpoint conversion",
+         "memory": "per-rank peak host memory of building the actor and of an HF export",
          "rewards": "reward pool responses/s",
          "lm-step": "Megatron LLM train step at TP1 / TP2 / PP2",
          "demo": "the CPU demo per seed: time to 0.5 / 0.9 held-out accuracy, step split"}
@@ -25,17 +26,16 @@ ABOUT = {"kernels": "fused log-prob + entropy kernel vs the torch reference",
 
 def _benches() -> dict:
     # torch-backed benches: imported on use, so `eureka_megatron.bench` stays torch-free
-    from eureka_megatron.bench import convert, kernels, lm_step, rollout, step, sync
+    from eureka_megatron.bench import convert, kernels, lm_step, memory, rollout, step, sync
 
     return {"kernels": kernels.run, "step": step.run, "sync": sync.run, "rollout": rollout.run,
-            "convert": convert.run, "rewards": rewards.run, "lm-step": lm_step.run,
+            "convert": convert.run, "memory": memory.run, "rewards": rewards.run, "lm-step": lm_step.run,
             "demo": demo.run}
 
 
 def run_bench(what: str, quick: bool = False, out: Path | None = None, **demo_options) -> int:
     """`demo_options` (seeds, out_dir, overrides) go to `bench demo` only."""
     from eureka_megatron.bench.hardware import describe_machine
-
 
     benches = _benches()
     names = ORDER if what == "all" else [what]

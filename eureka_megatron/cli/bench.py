@@ -14,7 +14,7 @@ examples:
   eureka-megatron bench kernels --out bench.json                 # real shapes when a GPU is present
   eureka-megatron bench demo --seeds 1234,1,2,3,4 --runs runs/bench-demo   # the demo per seed
 """
-WHAT = ["kernels", "step", "sync", "rollout", "convert", "rewards", "lm-step", "demo", "all"]
+WHAT = ["kernels", "step", "sync", "rollout", "convert", "memory", "rewards", "lm-step", "demo", "all"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,7 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("what", choices=WHAT,
                    help="kernels: fused log-prob kernel; step: one RL step (tokens/s, MFU, time "
                         "split); sync: Megatron -> engine weights; rollout: engine generation; "
-                        "convert: HF <-> megatron; rewards: reward pool; lm-step: megatron LLM "
+                        "convert: HF <-> megatron; memory: per-rank peak host memory of building "
+                        "the actor (HF or megatron source) and of an HF export at TP1/2/4; "
+                        "rewards: reward pool; lm-step: megatron LLM "
                         "train step at TP/PP; demo: the CPU demo once per seed (time to 0.5 / 0.9 "
                         "held-out accuracy, final/best, step split; ~5 min a seed); all: every "
                         "one but demo")

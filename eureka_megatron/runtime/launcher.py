@@ -12,6 +12,7 @@ import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import threading
 import time
 import traceback
@@ -19,8 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+from eureka_megatron.errors import UserError
 from eureka_megatron.runtime.distributed import shutdown
-from eureka_megatron.runtime.errors import RankError
+from eureka_megatron.runtime.errors import RankError, RankUserError
 from eureka_megatron.runtime.ports import free_port
 
 
@@ -46,6 +48,7 @@ def _rank_main(fn, args, kwargs, rank, world, port, threads, results, parent=Non
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+    os.setpgrp()  # the launcher ends the rank with everything it started (checkpoint writers)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -53,6 +56,8 @@ def _rank_main(fn, args, kwargs, rank, world, port, threads, results, parent=Non
         buf = io.BytesIO()
         torch.save(out, buf)
         results.put((rank, "ok", buf.getvalue()))
+    except UserError as e:
+        results.put((rank, "user", f"{e}"))
     except BaseException:  # noqa: BLE001 -- every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -104,13 +109,25 @@ def launch(fn: Callable[..., Any], nproc: int, *args, timeout: float = 900.0,
                     continue
             if status == "error":
                 raise RankError(f"rank {rank} failed:\n{payload}")
+            if status == "user":
+                raise RankUserError(f"rank {rank}: {payload}")
             out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+            _kill_group(p)
         results.close()
     return [out[r] for r in range(nproc)]
+
+
+def _kill_group(p) -> None:
+    """End rank `p` and every process it started (its process group), whether it returned,
+    failed or hangs: nothing it spawned outlives the launch holding memory or a GPU."""
+    if p.pid is None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    p.join(5)

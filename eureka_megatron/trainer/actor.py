@@ -10,7 +10,6 @@ GPU it lives in host memory between uses (`offload_reference`).
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +17,14 @@ import torch
 
 from eureka_megatron.algo.reward_shaping import kl_penalized_rewards
 from eureka_megatron.config import RLConfig
-from eureka_megatron.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter, copy_side_files
+from eureka_megatron.convert.export import write_hf
+from eureka_megatron.convert.hf_io import HFCheckpoint
 from eureka_megatron.convert.run import CONVERSION
 from eureka_megatron.models.forward import forward_token_logprobs
 from eureka_megatron.models.init import fill_global_tensors
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 from eureka_megatron.models.registry import family_for
-from eureka_megatron.rollout.weight_export import export_hf_weights, export_plan
 from eureka_megatron.rollout.weight_sync import sync_with_restart
 from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer import checkpoint
@@ -283,27 +282,8 @@ class Actor:
         """Collective: write the policy as an HF checkpoint (in the naming layout it was loaded
         from, with `src_dir`'s side files, default its own), atomically and tensor by tensor."""
         src_dir = Path(src_dir or self.hf_dir)
-        layout = self.hf_layout
-        mapping = self.family.mapping(self.model_cfg, layout)
-        rank0 = torch.distributed.get_rank() == 0
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        plan = export_plan(self.model.unwrapped, mapping)
-        writer = None
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            copy_side_files(src_dir, tmp)
-            writer = ShardedSafetensorsWriter(tmp, plan)
-        # each tensor goes to disk as it is assembled: the writer holds one tensor, never the model
-        for name, t in export_hf_weights(self.model.unwrapped, mapping, dest="rank0"):
-            if writer is not None:
-                writer.add(name, t)
-        if rank0:
-            writer.finish()
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
-        torch.distributed.barrier()
+        write_hf(self.model.unwrapped, self.family.mapping(self.model_cfg, self.hf_layout), out_dir,
+                 src_dir)
 
     # --- host offload of the reference (GPU only) ----------------------------------------------
 

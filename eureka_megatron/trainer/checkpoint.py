@@ -25,6 +25,7 @@ import torch
 
 from eureka_megatron.atomic import write_text_atomic
 from eureka_megatron.errors import UserError
+from eureka_megatron.models.init import iter_leaves
 from eureka_megatron.trainer.train_step import TrainableModel
 
 LATEST = "latest"
@@ -204,7 +205,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
     state["scheduler"] = model.scheduler.state_dict()
     state["step"] = step
     state["extra_state"] = extra_state or {}
-    dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
+    _check_space(run_dir, step, _bytes_to_write(state))
+    try:
+        dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
+    except Exception as e:  # noqa: BLE001 -- a full disk shows up as many error types
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        detail = (str(e).strip().splitlines() or [repr(e)])[0]
+        raise CheckpointError(f"saving step {step} to {run_dir} failed ({type(e).__name__}: "
+                              f"{detail}); {_space(run_dir)}; {_remaining(run_dir)}") from e
     torch.distributed.barrier()
     if rank == 0:
         info = {"step": step, "layout": _layout(), "saved_at": time.time(),
@@ -218,6 +227,52 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
             _prune(run_dir, keep_last)
     torch.distributed.barrier()
     return final
+
+
+def _bytes_to_write(state: dict) -> int:
+    """Collective: the bytes every rank's shards of `state` take (main replicas; what a save
+    writes, before the small metadata)."""
+    from megatron.core.dist_checkpointing.mapping import (ShardedTensor, ShardedTensorFactory,
+                                                          is_main_replica)
+
+    mine = 0
+    for leaf in iter_leaves(state):
+        if isinstance(leaf, ShardedTensor) and is_main_replica(leaf.replica_id):
+            mine += leaf.data.numel() * leaf.data.element_size() if leaf.data is not None else 0
+        elif isinstance(leaf, ShardedTensorFactory) and is_main_replica(leaf.replica_id):
+            mine += leaf.data.numel() * leaf.data.element_size()
+    total = torch.tensor([mine], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def _check_space(run_dir: Path, step: int, need: int) -> None:
+    """Refuse a save the filesystem cannot hold, before writing anything (rank 0 decides)."""
+    free = shutil.disk_usage(run_dir).free if torch.distributed.get_rank() == 0 else 0
+    flag = torch.tensor([free], dtype=torch.float64)
+    torch.distributed.broadcast(flag, src=0)
+    free = int(flag.item())
+    need = int(need * 1.02) + (4 << 20)  # metadata, pickled objects, the filesystem's blocks
+    if need > free:
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(run_dir / f".tmp-{step_dir_name(step)}", ignore_errors=True)
+        raise CheckpointError(f"cannot save step {step} to {run_dir}: it needs about {_gb(need)}, "
+                              f"{_gb(free)} free there; {_remaining(run_dir)}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _space(run_dir: Path) -> str:
+    return f"{_gb(shutil.disk_usage(run_dir).free)} free there"
+
+
+def _remaining(run_dir: Path) -> str:
+    latest = run_dir / LATEST
+    if latest.is_file():
+        return f"the newest complete checkpoint, {run_dir / latest.read_text().strip()}, is intact"
+    return "no complete checkpoint exists yet"
 
 
 def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: bool = True) -> tuple[int, dict]:

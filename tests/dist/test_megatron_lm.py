@@ -122,3 +122,49 @@ def test_bf16_float16module_tracks_fp32(reference):
         for m, r in zip(history, reference["untied"]):
             assert rel_diff(m["loss"], r["loss"]) < 2e-3, (m["step"], m["loss"], r["loss"])
             assert rel_diff(m["grad_norm"], r["grad_norm"]) < 5e-2
+
+
+def _save_on_a_full_disk(cfg, how):
+    """Rank function: train; once step 2's checkpoint is complete the disk is full -- the
+    free-space check sees 1 MB (`how="check"`), or it passes and the write fails the way
+    torch's writer fails on a full disk (`how="write"`)."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    run_dir, usage, save = Path(cfg.checkpoint.dir), shutil.disk_usage, dist_checkpointing.save
+    full = lambda: (run_dir / ckpt.LATEST).is_file()  # noqa: E731
+
+    def disk_usage(path):
+        u = usage(path)
+        return u._replace(free=1 << 20) if how == "check" and full() else u
+
+    def write(*args, **kwargs):
+        if how == "write" and full():
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return save(*args, **kwargs)
+
+    shutil.disk_usage, dist_checkpointing.save = disk_usage, write
+    return run_lm(cfg)
+
+
+@pytest.mark.parametrize("how", ["check", "write"])
+def test_a_full_disk_is_one_line_and_loses_nothing(reference, tmp_path, how):
+    from eureka_megatron.runtime.errors import RankUserError
+
+    cfg = tiny_config(steps=4, ckpt_dir=str(tmp_path), save_interval=2)
+    with pytest.raises(RankUserError) as e:
+        launch(_save_on_a_full_disk, 1, cfg, how)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("rank 0: ")
+    intact = f"the newest complete checkpoint, {tmp_path / 'step_00000002'}, is intact"
+    if how == "check":
+        assert f"cannot save step 4 to {tmp_path}: it needs about " in message
+        assert "MB, 1.0 MB free there; " + intact in message
+    else:
+        assert f"saving step 4 to {tmp_path} failed (RuntimeError: [enforce fail at " in message
+        assert " free there; " + intact in message
+    assert (tmp_path / ckpt.LATEST).read_text() == "step_00000002"
+    assert not list(tmp_path.glob(".tmp-*"))
+    rest = launch(run_lm, 1, tiny_config(steps=6, ckpt_dir=str(tmp_path), load=str(tmp_path)))[0]
+    assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])
