@@ -95,18 +95,18 @@ def check_layout(cfg, tp: int, pp: int) -> ParallelConfig:
 
 def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dict,
                   engine: str | None = None, raw_inputs: dict | None = None):
-    from megatron.core import dist_checkpointing
-
     from eureka_megatron.convert.run import read_conversion
     from eureka_megatron.models.forward import forward_logits
+    from eureka_megatron.models.llm import weights_loaded_later
     from eureka_megatron.runtime.distributed import init_distributed
+    from eureka_megatron.trainer.checkpoint import load_weights
 
     fam, cfg, _, side = read_conversion(Path(megatron_dir), hf_config_dir)
     init_distributed(par)
-    chunks = fam.build_chunks(cfg, par)
+    with weights_loaded_later():
+        chunks = fam.build_chunks(cfg, par)
+    load_weights(chunks, megatron_dir)
     (chunk,) = chunks
-    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, megatron_dir)
-    chunk.load_state_dict(loaded["model"], strict=True)
     chunk.eval()
     if engine is not None:
         return _engine_logits(fam, cfg, chunks, side, raw_inputs)

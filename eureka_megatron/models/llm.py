@@ -6,7 +6,9 @@ otherwise; fp32 on CPU, bf16 through Float16Module on GPU.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,22 @@ from eureka_megatron.runtime import cpu_compat
 
 if TYPE_CHECKING:
     from eureka_megatron.config import ParallelConfig
+
+
+_INITIALIZE = ContextVar("initialize_weights", default=True)
+
+
+@contextmanager
+def weights_loaded_later() -> Iterator[None]:
+    """Models built inside skip megatron's random initialisation, for weights a load overwrites
+    at once: no full master weight per parameter (use_cpu_initialization draws every matrix
+    whole before splitting it, on every rank), which at 32B+ costs minutes and a full tensor of
+    host memory. Everything built here must be filled by a load (biases are left unset)."""
+    token = _INITIALIZE.set(False)
+    try:
+        yield
+    finally:
+        _INITIALIZE.reset(token)
 
 
 def have_transformer_engine() -> bool:
@@ -51,6 +69,7 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
         virtual_pipeline_model_parallel_size=par.virtual_pipeline,
         # Initialise the full tensor then split it: TP1 and TP2 get identical weights.
         use_cpu_initialization=True,
+        perform_initialization=_INITIALIZE.get(),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=par.bf16,
