@@ -128,6 +128,8 @@ def _kill_group(p) -> None:
         return
     try:
         os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    except (ProcessLookupError, PermissionError):  # no group yet: still starting up
         pass
+    if p.is_alive():
+        p.kill()
     p.join(5)

@@ -81,3 +81,31 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(rank_pid, signal.SIGKILL)
     pytest.fail("the rank outlived its launcher")
+
+
+def _start_a_writer_then_fail(path):
+    """Like a checkpoint writer process of a rank whose save failed."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "120"])
+    with open(path, "w") as f:
+        f.write(str(child.pid))
+    raise OSError("No space left on device")
+
+
+def test_what_a_failed_rank_started_ends_with_it(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(RankError, match="No space left on device"):
+        launch(_start_a_writer_then_fail, 1, str(pid_file))
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # dead, not yet reaped
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(child, 9)
+    pytest.fail("the failed rank's child process outlived it")
