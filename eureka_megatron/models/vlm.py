@@ -64,3 +64,14 @@ def vision_layer_spec(layer=None, attn_mask_type=None, linear_qkv=None, qk_norm=
                                          "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
+
+
+class LanguageModelStages:
+    """What megatron's pipeline schedule asks a VLM, answered by its language model (the vision
+    tower sits inside the first stage). Mixed in before MegatronModule."""
+
+    def set_input_tensor(self, tensor) -> None:
+        self.language_model.set_input_tensor(tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()

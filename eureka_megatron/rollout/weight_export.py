@@ -123,9 +123,13 @@ class _Assembler:
                 else:
                     dist.send(data.detach().contiguous(), dst=self.root, group=None)
             elif full is not None:
-                buf = torch.empty(p.shape, dtype=g.dtype, device=full.device)
-                dist.recv(buf, src=p.rank)
-                full[index] = buf
+                target = full[index]
+                if target.is_contiguous():  # a row block (TP on dim 0): straight into place
+                    dist.recv(target, src=p.rank)
+                else:
+                    buf = torch.empty(p.shape, dtype=g.dtype, device=full.device)
+                    dist.recv(buf, src=p.rank)
+                    target.copy_(buf)
         if self.dest == "all":
             if full is None:
                 full = torch.empty(g.shape, dtype=g.dtype, device=self._device())

@@ -166,5 +166,6 @@ def test_a_full_disk_is_one_line_and_loses_nothing(reference, tmp_path, how):
         assert " free there; " + intact in message
     assert (tmp_path / ckpt.LATEST).read_text() == "step_00000002"
     assert not list(tmp_path.glob(".tmp-*"))
-    rest = launch(run_lm, 1, tiny_config(steps=6, ckpt_dir=str(tmp_path), load=str(tmp_path)))[0]
-    assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])
+    if how == "check":  # (the same resume either way)
+        rest = launch(run_lm, 1, tiny_config(steps=6, ckpt_dir=str(tmp_path), load=str(tmp_path)))[0]
+        assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])

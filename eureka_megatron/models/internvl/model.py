@@ -39,7 +39,7 @@ from eureka_megatron.errors import ConfigError
 from eureka_megatron.models.internvl.config import InternVisionConfig, InternVLConfig
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
 from eureka_megatron.models.llm_config import LLMConfig, validate_layout
-from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
+from eureka_megatron.models.vlm import LanguageModelStages, embed_with_images, vision_layer_spec
 
 if TYPE_CHECKING:
     from eureka_megatron.config import ParallelConfig
@@ -221,7 +221,7 @@ def validate_internvl_layout(cfg: InternVLConfig, par: ParallelConfig) -> None:
 # --- the whole model -------------------------------------------------------------------------
 
 
-class InternVLModel(MegatronModule):
+class InternVLModel(LanguageModelStages, MegatronModule):
     """One pipeline chunk of InternVL: [InternViT + projector] + a slice of the LLM."""
 
     def __init__(self, cfg: InternVLConfig, par: ParallelConfig, vp_stage: int | None = None):
@@ -243,12 +243,6 @@ class InternVLModel(MegatronModule):
             for p in frozen:
                 p.requires_grad_(False)
         self.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
-
-    def set_input_tensor(self, tensor) -> None:
-        self.language_model.set_input_tensor(tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, H, W] -> [tiles * tokens per tile, LLM hidden], tile by tile, row-major."""

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from eureka_megatron.models.llm import build_chunks, build_gpt, stage_flags, transformer_config
 from eureka_megatron.models.llm_config import LLMConfig
 from eureka_megatron.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
-from eureka_megatron.models.vlm import embed_with_images, vision_layer_spec
+from eureka_megatron.models.vlm import LanguageModelStages, embed_with_images, vision_layer_spec
 
 if TYPE_CHECKING:
     from eureka_megatron.config import ParallelConfig
@@ -217,7 +217,7 @@ def transformer_config_for_projector(v: Qwen25VisionConfig, par: ParallelConfig)
 # --- the whole model -------------------------------------------------------------------------
 
 
-class Qwen25VLModel(MegatronModule):
+class Qwen25VLModel(LanguageModelStages, MegatronModule):
     """One pipeline chunk of Qwen2.5-VL: [vision tower +] a slice of the mrope LLM."""
 
     def __init__(self, cfg: Qwen25VLConfig, par: ParallelConfig, vp_stage: int | None = None):
@@ -232,12 +232,6 @@ class Qwen25VLModel(MegatronModule):
             for p in self.vision_model.parameters():
                 p.requires_grad_(False)
         self.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
-
-    def set_input_tensor(self, tensor) -> None:
-        self.language_model.set_input_tensor(tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, labels=None, image_index=None):
