@@ -7,7 +7,7 @@ Each rank measures its own peak RSS over the step (Linux `VmHWM`, reset before i
 the rank's own shard (fp32 on CPU) plus the largest single tensor read from the checkpoint;
 exporting, the largest megatron tensor (a fused gate + up), which rank 0 assembles whole before
 the writer takes its HF pieces. The model is built without megatron's random initialisation
-(`models.llm.weights_loaded_later`), as the actor builds it.
+(`models.llm.building`), as the actor builds it.
 `--quick`: one layer of each kind, a vocabulary of 8192, TP1 and TP2.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from eureka_megatron.convert.export import write_hf
 from eureka_megatron.convert.hf_io import HFCheckpoint
 from eureka_megatron.convert.run import hf_to_megatron
 from eureka_megatron.models.init import fill_global_tensors
-from eureka_megatron.models.llm import weights_loaded_later
+from eureka_megatron.models.llm import building
 from eureka_megatron.models.registry import family_for
 from eureka_megatron.runtime.distributed import init_distributed
 from eureka_megatron.runtime.launcher import launch
@@ -68,7 +68,7 @@ def _rank(hf_dir: str, megatron_dir: str | None, tp: int, export_to: str | None)
     mapping = fam.mapping(cfg, layout)
     par = ParallelConfig(tensor_parallel=tp, nproc=tp)
     init_distributed(par)
-    with PeakRSS() as build, weights_loaded_later():
+    with PeakRSS() as build, building(initialize=False):
         chunks = fam.build_chunks(cfg, par)
         if megatron_dir:
             checkpoint.load_weights(chunks, megatron_dir)

@@ -97,13 +97,13 @@ def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dic
                   engine: str | None = None, raw_inputs: dict | None = None):
     from eureka_megatron.convert.run import read_conversion
     from eureka_megatron.models.forward import forward_logits
-    from eureka_megatron.models.llm import weights_loaded_later
+    from eureka_megatron.models.llm import building
     from eureka_megatron.runtime.distributed import init_distributed
     from eureka_megatron.trainer.checkpoint import load_weights
 
     fam, cfg, _, side = read_conversion(Path(megatron_dir), hf_config_dir)
     init_distributed(par)
-    with weights_loaded_later():
+    with building(initialize=False):
         chunks = fam.build_chunks(cfg, par)
     load_weights(chunks, megatron_dir)
     (chunk,) = chunks

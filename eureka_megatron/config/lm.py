@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from eureka_megatron.config.loader import load
 from eureka_megatron.config.sections import (AlgoConfig, CheckpointConfig, OptimConfig,
@@ -20,6 +21,7 @@ class TrainConfig:
     global_batch_size: int = 8  # sequences per optimizer step, across DP and micro-batches
     seed: int = 1234
     log_interval: int = 1  # print every N steps
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recompute
 
 
 @dataclass

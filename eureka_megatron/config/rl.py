@@ -46,6 +46,8 @@ class RLTrainConfig:
     # off-policy: one step stale, the next rollout overlapped with training
     mode: Literal["on-policy", "off-policy"] = "on-policy"
     seed: int = 1234
+    # activation recompute (LLM and vision tower): selective (attention core) | full (layers)
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass

@@ -6,9 +6,11 @@ otherwise; fp32 on CPU, bf16 through Float16Module on GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +22,41 @@ if TYPE_CHECKING:
     from eureka_megatron.config import ParallelConfig
 
 
-_INITIALIZE = ContextVar("initialize_weights", default=True)
+@dataclass(frozen=True)
+class BuildOptions:
+    """How the models built inside `building(...)` are made (not what they are).
+
+    initialize: megatron's random initialisation. Off for weights a load overwrites at once: no
+        full master weight per parameter (use_cpu_initialization draws every matrix whole before
+        splitting it, on every rank), which at 32B+ costs minutes and a full tensor of host
+        memory. Everything built without it must be filled by a load (biases are left unset).
+    recompute: activation recompute of the transformer layers (LLM and vision tower): none;
+        selective (the attention core, megatron's default modules); full (every layer's input
+        kept, the layer recomputed in the backward pass).
+    """
+
+    initialize: bool = True
+    recompute: Literal["none", "selective", "full"] = "none"
+
+
+_OPTIONS: ContextVar[BuildOptions] = ContextVar("build_options", default=BuildOptions())
 
 
 @contextmanager
-def weights_loaded_later() -> Iterator[None]:
-    """Models built inside skip megatron's random initialisation, for weights a load overwrites
-    at once: no full master weight per parameter (use_cpu_initialization draws every matrix
-    whole before splitting it, on every rank), which at 32B+ costs minutes and a full tensor of
-    host memory. Everything built here must be filled by a load (biases are left unset)."""
-    token = _INITIALIZE.set(False)
+def building(**options) -> Iterator[BuildOptions]:
+    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **options))
     try:
-        yield
+        yield _OPTIONS.get()
     finally:
-        _INITIALIZE.reset(token)
+        _OPTIONS.reset(token)
+
+
+def _recompute_fields(mode: str) -> dict:
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
 
 
 def have_transformer_engine() -> bool:
@@ -69,7 +92,7 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
         virtual_pipeline_model_parallel_size=par.virtual_pipeline,
         # Initialise the full tensor then split it: TP1 and TP2 get identical weights.
         use_cpu_initialization=True,
-        perform_initialization=_INITIALIZE.get(),
+        perform_initialization=_OPTIONS.get().initialize,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=par.bf16,
@@ -91,6 +114,7 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
     if overrides.get("pipeline_model_parallel_size", par.pipeline_parallel) > 1:
         fields.update(num_layers_in_first_pipeline_stage=par.first_stage_layers,
                       num_layers_in_last_pipeline_stage=par.last_stage_layers)
+    fields.update(_recompute_fields(_OPTIONS.get().recompute))
     fields.update(overrides)
     return TransformerConfig(**fields)
 

@@ -22,7 +22,7 @@ from eureka_megatron.convert.hf_io import HFCheckpoint
 from eureka_megatron.convert.run import CONVERSION
 from eureka_megatron.models.forward import forward_token_logprobs
 from eureka_megatron.models.init import fill_global_tensors
-from eureka_megatron.models.llm import weights_loaded_later
+from eureka_megatron.models.llm import building
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 from eureka_megatron.models.registry import family_for
@@ -86,7 +86,7 @@ class Actor:
             def load(chunks):
                 fill_global_tensors(chunks, source)
 
-        with weights_loaded_later():
+        with building(initialize=False, recompute=cfg.train.recompute):
             chunks = self.family.build_chunks(mcfg, cfg.parallel)
         load(chunks)
         if cfg.parallel.pipeline_parallel > 1:  # micro-batches differ in rows and length
@@ -96,7 +96,7 @@ class Actor:
                                        decay_steps=t.steps * t.mini_batches * t.epochs)
         self.reference = None
         if need_reference:
-            with weights_loaded_later():
+            with building(initialize=False):
                 ref = self.family.build_chunks(mcfg, cfg.parallel)
             load(ref)
             for c in ref:

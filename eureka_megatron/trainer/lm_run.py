@@ -16,7 +16,7 @@ import torch
 from eureka_megatron.config import Config
 from eureka_megatron.data.token_patterns import pattern_batch, split_batch
 from eureka_megatron.models.init import layout_invariant_init
-from eureka_megatron.models.llm import build_llm_chunks
+from eureka_megatron.models.llm import build_llm_chunks, building
 from eureka_megatron.runtime.distributed import init_distributed
 from eureka_megatron.trainer import checkpoint as ckpt
 from eureka_megatron.trainer.train_step import TrainableModel, lm_forward, train_step, wrap_for_training
@@ -24,7 +24,8 @@ from eureka_megatron.trainer.train_step import TrainableModel, lm_forward, train
 
 def build_trainable(cfg: Config) -> TrainableModel:
     """Model chunks with layout-invariant weights, wrapped for training (parallel_state ready)."""
-    chunks = build_llm_chunks(cfg.model, cfg.parallel)
+    with building(recompute=cfg.train.recompute):
+        chunks = build_llm_chunks(cfg.model, cfg.parallel)
     layout_invariant_init(chunks, cfg.train.seed, cfg.model.init_std)
     return wrap_for_training(chunks, cfg.optim, bf16=cfg.parallel.bf16, decay_steps=cfg.train.steps)
 

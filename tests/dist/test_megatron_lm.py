@@ -169,3 +169,28 @@ def test_a_full_disk_is_one_line_and_loses_nothing(reference, tmp_path, how):
     if how == "check":  # (the same resume either way)
         rest = launch(run_lm, 1, tiny_config(steps=6, ckpt_dir=str(tmp_path), load=str(tmp_path)))[0]
         assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])
+
+
+def _run_counting_recompute(cfg):
+    """Rank function: run_lm, counting megatron's activation-checkpoint calls (the recomputed
+    regions), so a test of recompute cannot pass with recompute silently off."""
+    from megatron.core import tensor_parallel
+
+    calls, checkpoint = [0], tensor_parallel.checkpoint
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return checkpoint(*args, **kwargs)
+
+    tensor_parallel.checkpoint = counted
+    return run_lm(cfg), calls[0]
+
+
+@pytest.mark.parametrize("mode,tp,pp", [("full", 2, 1), ("selective", 2, 1), ("full", 2, 2)],
+                         ids=["full-tp2", "selective-tp2", "full-tp2pp2"])
+def test_recompute_changes_nothing_but_memory(reference, mode, tp, pp):
+    """The same losses and gradient norms as the TP1 run without recompute (fp32, 1e-6)."""
+    cfg = tiny_config(tp=tp, pp=pp, steps=3, recompute=mode)
+    history, calls = launch(_run_counting_recompute, tp * pp, cfg)[0]
+    assert calls > 0
+    assert_same(history, reference["untied"][:3], steps=[1, 2, 3])
