@@ -62,20 +62,24 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
 
 class RLRun:
     """One RL run's state: the actor and the rollout service, built in order (process groups,
-    stage-0 warm-up, actor, resume, rollout service, first weight sync), plus the history."""
+    stage-0 warm-up, rollout engines -- colocated ones then hand their memory to the trainer --,
+    actor, resume, engines back, first weight sync), plus the history."""
 
     def __init__(self, cfg: RLConfig, wrap_engine: Callable | None = None):
         self.cfg = cfg
         checkpoint.check_run_dir(cfg.checkpoint_dir, cfg.checkpoint.load)
         init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.hf_dir, megatron = start_checkpoint(cfg)
+        family = family_for(json.loads((self.hf_dir / "config.json").read_text()))
+        self.rollout = RolloutService(cfg, self.hf_dir, family.name, wrap_engine)
+        self.rollout.release_memory()  # colocated engines started first: the actor fills the rest
         self.actor = Actor(cfg, need_reference=cfg.algo.kl_coef > 0, hf_dir=self.hf_dir,
                            megatron_dir=megatron)
         self.start, state = 0, {}
         if cfg.checkpoint.load:
             self.start, state = self.actor.load(cfg.checkpoint.load)
-        self.rollout = RolloutService(cfg, self.hf_dir, self.actor.family.name, self.start,
-                                      state, wrap_engine)
+        self.rollout.restore(self.start, state)
+        self.rollout.resume_memory()
         self.actor.sync_to(self.rollout.engine, version=self.start)
         self.history: list[dict] = []
         self._t0 = time.perf_counter()

@@ -57,17 +57,16 @@ class Prefetch:
 
 
 class RolloutService:
-    def __init__(self, cfg: RLConfig, hf_dir: Path, family: str, start: int,
-                 state: dict | None = None, wrap_engine: Callable | None = None):
-        """`start`: the last finished step (0 for a new run); `state`: what `state_dict`
-        returned when the run was checkpointed; `wrap_engine` wraps the engine (tests inject
-        failures with it)."""
+    def __init__(self, cfg: RLConfig, hf_dir: Path, family: str,
+                 wrap_engine: Callable | None = None):
+        """Engines, data and rewards for a run from `hf_dir` (started before the actor, so that
+        colocated engines claim their GPUs first); `restore` then places it at the run's start.
+        `wrap_engine` wraps the engine (tests inject failures with it)."""
         self.cfg = cfg
-        state = state or {}
         self.is_driver = torch.distributed.get_rank() == 0
         self.engine = None  # the driver's; None on every other rank
-        self.restarts = int(state.get("engine_restarts", 0))
-        self._pending = state.get("pending")  # a batch sampled before the checkpoint, not trained
+        self.restarts = 0
+        self._pending = None  # a batch sampled before the checkpoint, not trained
         self._prefetch: Prefetch | None = None
         pad_id = None
         if self.is_driver:
@@ -76,8 +75,6 @@ class RolloutService:
             loaded = train_rows(cfg)
             self.stream = PromptStream(loaded.rows, builder, seed=cfg.train.seed,
                                        shuffle=cfg.data.shuffle)
-            if state.get("stream"):
-                self.stream.load_state_dict(state["stream"])
             self.eval_items = []
             for row in eval_rows(cfg):
                 try:
@@ -91,14 +88,24 @@ class RolloutService:
                                    timeout=cfg.rewards.timeout, memoize=cfg.rewards.memoize)
             self.collector = Collector(cfg, self.engine, self.pool, self.stream,
                                        len(loaded.skipped))
-            out = Path(cfg.output.dir)
-            truncate_after(out / METRICS_FILE, start)
-            self.writer = MetricsWriter(out, total_steps=cfg.train.steps, start_step=start,
-                                        tensorboard=cfg.output.tensorboard,
-                                        progress=cfg.output.progress)
             pad = getattr(self.tokenizer, "pad_token_id", None)
             pad_id = int(pad) if pad is not None else 0
         self.pad_id: int = broadcast_object(pad_id)
+
+    def restore(self, start: int, state: dict | None = None) -> None:
+        """Continue after step `start` (0: a new run) from what `state_dict` returned when the
+        run was checkpointed: the stream's position, the batch sampled ahead, the restarts."""
+        state = state or {}
+        self.restarts = int(state.get("engine_restarts", 0))
+        self._pending = state.get("pending")
+        if self.is_driver:
+            if state.get("stream"):
+                self.stream.load_state_dict(state["stream"])
+            out = Path(self.cfg.output.dir)
+            truncate_after(out / METRICS_FILE, start)
+            self.writer = MetricsWriter(out, total_steps=self.cfg.train.steps, start_step=start,
+                                        tensorboard=self.cfg.output.tensorboard,
+                                        progress=self.cfg.output.progress)
 
     # --- one step ------------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@ given as `rollout.sglang_url="url1,url2"`, the demo's tiny Qwen2.5-VL trained on
 
 The fake generates with its own toy model (the samples are nonsense to the policy, which is fine
 here) and takes the synced HF tensors apart from it. Checked: the run drives an EngineGroup of
-both servers; each sees the initial sync (version 0), then per step: rollout, release of its
-memory, resume, and a complete sync carrying that step's version; both hold the same weights.
+both servers; each releases its memory before the trainer is built (engines start first) and
+resumes it for the initial sync (version 0), then per step: rollout, release of its memory,
+resume, and a complete sync carrying that step's version; both hold the same weights.
 """
 import pytest
 
@@ -84,7 +85,7 @@ def test_colocated_sglang_group_releases_resumes_and_syncs_each_step(tmp_path, s
     assert [h["step"] for h in hist] == [1, 2]
     assert [h["rollout/weight_version"] for h in hist] == [0.0, 1.0]
     assert [h["weight_version"] for h in hist] == [1.0, 2.0]
-    want = ["sync 0", "generate", "release", "resume", "sync 1",
+    want = ["release", "resume", "sync 0", "generate", "release", "resume", "sync 1",
             "generate", "release", "resume", "sync 2"]
     for s in servers:
         assert s.events() == want
