@@ -32,23 +32,26 @@ def under_torchrun() -> bool:
 
 def _exit_with_parent(parent: int) -> None:
     """A rank outlives nothing: if the launching process dies (SIGTERM, SIGKILL, a crash) before
-    it could stop its ranks, they exit instead of training on as orphans."""
+    it could stop its ranks, they exit instead of training on as orphans -- with their process
+    group, so what a rank started (a checkpoint writer) goes too."""
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
+        if os.getpgrp() == os.getpid():  # the rank leads its own group (set before this thread)
+            os.killpg(os.getpid(), signal.SIGKILL)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _rank_main(fn, args, kwargs, rank, world, port, threads, results, parent=None) -> None:
+    os.setpgrp()  # the launcher ends the rank with everything it started (checkpoint writers)
     if parent is not None:
         _exit_with_parent(parent)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    os.setpgrp()  # the launcher ends the rank with everything it started (checkpoint writers)
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -109,3 +109,48 @@ def test_what_a_failed_rank_started_ends_with_it(tmp_path):
         time.sleep(0.2)
     os.kill(child, 9)
     pytest.fail("the failed rank's child process outlived it")
+
+
+def _report_pids_with_a_child_and_sleep(path):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "120"])
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    time.sleep(120)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_launcher_takes_the_ranks_children_too(tmp_path):
+    """SIGKILL of the launcher: the rank exits with what it started (a checkpoint writer)."""
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "pids"
+    script = ("from eureka_megatron.runtime.launcher import launch\n"
+              "from tests.unit.test_launcher import _report_pids_with_a_child_and_sleep\n"
+              f"launch(_report_pids_with_a_child_and_sleep, 1, {str(pid_file)!r})\n")
+    parent = subprocess.Popen([sys.executable, "-c", script],
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and len(pid_file.read_text().split()) == 2):
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    pids = [int(p) for p in pid_file.read_text().split()]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.2)
+    left = [p for p in pids if not _gone(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "the rank or its child outlived the launcher"

@@ -1,4 +1,4 @@
-"""InternVL2.5 / InternVL3: HF names <-> our megatron model (`models/internvl.py`).
+"""InternVL2.5 / InternVL3: HF names <-> our megatron model (`model.py` beside this file).
 
 Three HF layouts:
   chat           OpenGVLab's original `internvl_chat` checkpoints (remote code; same names on disk

@@ -1,5 +1,5 @@
 """InternVL's image preprocessing, numerically identical to transformers' PIL-backend
-`GotOcr2ImageProcessorPil` with crop_to_patches (see `data/processors.py`).
+`GotOcr2ImageProcessorPil` with crop_to_patches (see `models/images.py`).
 
 InternVL: dynamic tiling. The tile grid (cols x rows, min_tiles <= cols*rows <= max_tiles) whose
 aspect ratio is closest to the image's is chosen; on an exact tie the later (more tiles) grid

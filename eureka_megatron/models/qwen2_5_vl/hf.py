@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: HF names <-> our megatron model (`models/qwen2_5_vl.py`).
+"""Qwen2.5-VL: HF names <-> our megatron model (`model.py` beside this file).
 
 Two HF layouts: on disk (`model.*`, `visual.*`, `lm_head.weight`; what `save_pretrained` writes)
 and transformers >= 4.52 in memory (`model.language_model.*`, `model.visual.*`).
