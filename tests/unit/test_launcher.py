@@ -53,25 +53,34 @@ def _report_pid_and_sleep(path):
     time.sleep(120)
 
 
-def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
-    """SIGKILL of the launching process (no finally runs) must not leave ranks training on."""
+def _kill_launcher_of(tmp_path, rank_fn: str, n_pids: int) -> list[int]:
+    """Start a launcher of `rank_fn` (which writes `n_pids` pids to a file) in a process of its
+    own, SIGKILL it once the pids are written (no finally runs), and return them."""
     import signal
     import subprocess
     import sys
 
-    pid_file = tmp_path / "rank.pid"
+    pid_file = tmp_path / "pids"
     script = ("from eureka_megatron.runtime.launcher import launch\n"
-              "from tests.unit.test_launcher import _report_pid_and_sleep\n"
-              f"launch(_report_pid_and_sleep, 1, {str(pid_file)!r})\n")
+              f"from tests.unit.test_launcher import {rank_fn}\n"
+              f"launch({rank_fn}, 1, {str(pid_file)!r})\n")
     parent = subprocess.Popen([sys.executable, "-c", script],
                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     deadline = time.monotonic() + 60
-    while not (pid_file.is_file() and pid_file.read_text()):
+    while not (pid_file.is_file() and len(pid_file.read_text().split()) == n_pids):
         assert time.monotonic() < deadline and parent.poll() is None
         time.sleep(0.1)
-    rank_pid = int(pid_file.read_text())
+    pids = [int(p) for p in pid_file.read_text().split()]
     parent.send_signal(signal.SIGKILL)
     parent.wait()
+    return pids
+
+
+def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL of the launching process (no finally runs) must not leave ranks training on."""
+    import signal
+
+    (rank_pid,) = _kill_launcher_of(tmp_path, "_report_pid_and_sleep", 1)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -131,22 +140,8 @@ def _gone(pid: int) -> bool:
 def test_a_killed_launcher_takes_the_ranks_children_too(tmp_path):
     """SIGKILL of the launcher: the rank exits with what it started (a checkpoint writer)."""
     import signal
-    import subprocess
-    import sys
 
-    pid_file = tmp_path / "pids"
-    script = ("from eureka_megatron.runtime.launcher import launch\n"
-              "from tests.unit.test_launcher import _report_pids_with_a_child_and_sleep\n"
-              f"launch(_report_pids_with_a_child_and_sleep, 1, {str(pid_file)!r})\n")
-    parent = subprocess.Popen([sys.executable, "-c", script],
-                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    deadline = time.monotonic() + 60
-    while not (pid_file.is_file() and len(pid_file.read_text().split()) == 2):
-        assert time.monotonic() < deadline and parent.poll() is None
-        time.sleep(0.1)
-    pids = [int(p) for p in pid_file.read_text().split()]
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
+    pids = _kill_launcher_of(tmp_path, "_report_pids_with_a_child_and_sleep", 2)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not all(_gone(p) for p in pids):
         time.sleep(0.2)
