@@ -40,6 +40,12 @@ QWEN2_5_VL_7B = {
                       "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
 }
 
+# Qwen/Qwen2.5-VL-32B-Instruct: the 7B's keys with models-and-conversion.md section 1's sizes
+QWEN2_5_VL_32B = {**QWEN2_5_VL_7B, "hidden_size": 5120, "intermediate_size": 27648,
+                  "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
+                  "vision_config": {**QWEN2_5_VL_7B["vision_config"], "intermediate_size": 3456,
+                                    "out_hidden_size": 5120}}
+
 INTERNVL2_5_38B = {
     "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
     "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2", "template": "internvl2_5",
@@ -59,6 +65,18 @@ INTERNVL2_5_38B = {
 
 # InternVL chat checkpoints keep the <IMG_CONTEXT> id in the tokenizer config
 TOKENIZER_CONFIG = {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>", "special": True}}}
+
+
+
+def write_config_dir(directory: Path, hub: dict) -> Path:
+    """An HF directory with only the side files of `hub` (config.json; InternVL's tokenizer
+    config): enough for `train --dry-run` and the memory plan."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hub))
+    if hub["model_type"] == "internvl_chat":
+        (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    return directory
+
 
 # (name, hub config, LLM layer key path, vision layer key path)
 PRESETS = {

@@ -34,7 +34,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (see examples/)")
     add_overrides(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="load and validate the config, print the resolved layout, train nothing")
+                   help="load and validate the config, print the resolved layout and the memory "
+                        "plan per GPU, train nothing")
+    p.add_argument("--ignore-memory", action="store_true",
+                   help="go on although the memory plan does not fit cluster.gpu_memory_gb")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in the run's checkpoint directory")
     return p
@@ -43,6 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from eureka_megatron.trainer import checkpoint as ckpt
     from eureka_megatron.trainer.loop import describe
+    from eureka_megatron.trainer.memory_plan import check_plan
 
     cfg = load_rl_config(args.config, with_nproc(args.overrides))
     if args.resume and not cfg.checkpoint.load:
@@ -57,6 +61,7 @@ def run(args) -> int:
     if cfg.checkpoint.load:
         say(f"resuming from {ckpt.resolve_checkpoint(cfg.checkpoint.load)}")
     say(describe(cfg))
+    check_plan(cfg, ignore=args.ignore_memory, report=say)
     if args.dry_run:
         return 0
     rl_summary(launch_rl(cfg), cfg)

@@ -111,6 +111,7 @@ class ClusterConfig:
     address: str | None = None     # ray cluster address ("auto"); null: local Ray
     colocate: bool = True          # engines share the actor's GPUs (memory released while training)
     gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0    # one GPU's memory: the budget `train` checks its memory plan against
 
 
 @dataclass

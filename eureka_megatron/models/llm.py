@@ -33,10 +33,14 @@ class BuildOptions:
     recompute: activation recompute of the transformer layers (LLM and vision tower): none;
         selective (the attention core, megatron's default modules); full (every layer's input
         kept, the layer recomputed in the backward pass).
+    meta: a build on the meta device that only counts (the memory planner): megatron's local
+        spec (Transformer Engine allocates on a real device whatever the context) and no move
+        to the GPU. Both specs hold the same parameters.
     """
 
     initialize: bool = True
     recompute: Literal["none", "selective", "full"] = "none"
+    meta: bool = False
 
 
 _OPTIONS: ContextVar[BuildOptions] = ContextVar("build_options", default=BuildOptions())
@@ -122,7 +126,7 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
 def layer_spec():
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if have_transformer_engine():
+    if have_transformer_engine() and not _OPTIONS.get().meta:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
@@ -166,7 +170,7 @@ def build_chunks(build_one, par: ParallelConfig) -> list[torch.nn.Module]:
     for vp in range(par.virtual_pipeline or 1):
         model = build_one(vp if par.virtual_pipeline else None)
         model.model_type = ModelType.encoder_or_decoder
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not _OPTIONS.get().meta:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks

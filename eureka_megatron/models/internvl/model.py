@@ -26,7 +26,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                            copy_to_tensor_model_parallel_region,
-                                           reduce_from_tensor_model_parallel_region)
+                                           reduce_from_tensor_model_parallel_region,
+                                           set_tensor_model_parallel_attributes)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -61,7 +62,8 @@ class FullWidthRMSNorm(torch.nn.Module):
 
     megatron hands it [s, b, local heads, head_dim]; the sum of squares is all-reduced over TP
     (backward too: every rank's output depends on it) and divided by the real width, so zero
-    padded heads change nothing. The weight is TP-sharded on dim 0 like the heads.
+    padded heads change nothing. The weight is TP-sharded on dim 0 like the heads (marked as
+    megatron marks its own sharded weights: the grad-norm then counts every rank's shard).
     """
 
     def __init__(self, config, hidden_size: int, eps: float, width: int):
@@ -69,6 +71,7 @@ class FullWidthRMSNorm(torch.nn.Module):
         local_heads = config.num_attention_heads // ps.get_tensor_model_parallel_world_size()
         self.weight = torch.nn.Parameter(
             torch.ones(local_heads * hidden_size, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
         self.eps, self.width = eps, width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
