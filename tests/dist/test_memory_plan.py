@@ -2,8 +2,8 @@
 
 Per rank of a real gloo layout (TP1, TP2 x DP2, PP2 x DP2, TP2 x PP2): the parameters with and
 without gradients, the DDP param/grad buffers (with megatron's padding) and the distributed
-optimizer's state equal `memory_plan.stage_params` exactly, for Qwen2.5-VL (frozen tower, tied
-and untied embeddings) and InternVL with InternViT-6B's padded heads. And the activations a
+optimizer's state equal `memory_plan.stage_params` exactly, for Qwen2.5-VL (frozen tower; tied
+embeddings split over PP) and InternVL with InternViT-6B's padded, TP-sharded heads. And the activations a
 forward leaves for the backward pass (the bytes of every tensor autograd saved, parameters
 excluded) match `layer_activation_elements` within 1% at TP1 and TP2, for every recompute mode.
 """
@@ -67,8 +67,12 @@ def _allocated(name: str, par: ParallelConfig, bf16: bool) -> dict:
             "optimizer": optimizer}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_5_vl_tied", "internvl_vit6b"])
+# every layout for one model; tied embeddings where PP splits them; InternViT-6B's sharded heads
+CASES = [("qwen2_5_vl", layout) for layout in sorted(LAYOUTS)] + [
+    ("qwen2_5_vl_tied", "pp2_dp2"), ("internvl_vit6b", "tp2_dp2")]
+
+
+@pytest.mark.parametrize("name,layout", CASES, ids=[f"{n}-{l}" for n, l in CASES])
 def test_planned_weights_grads_and_optimizer_equal_the_built_model(name, layout):
     tp, pp, nproc = LAYOUTS[layout]
     par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=nproc)
