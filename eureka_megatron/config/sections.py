@@ -79,6 +79,9 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 3
     load: str | None = None  # a run dir (uses its `latest`) or one step_* dir
+    # write the shards in a background process while training goes on; `latest` moves to a step
+    # (and keep_last prunes) only once every rank's write finished
+    async_save: bool = False
 
 
 @dataclass

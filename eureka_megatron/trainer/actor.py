@@ -94,6 +94,7 @@ class Actor:
         t = cfg.train
         self.model = wrap_for_training(chunks, cfg.optim, bf16=cfg.parallel.bf16,
                                        decay_steps=t.steps * t.mini_batches * t.epochs)
+        self.checkpoints = checkpoint.CheckpointWriter(cfg.checkpoint.async_save)
         self.reference = None
         if need_reference:
             with building(initialize=False):
@@ -265,8 +266,9 @@ class Actor:
 
     def save(self, run_dir: Path, step: int, run_state: dict | None, keep_last: int = 0) -> Path:
         """Collective: a resumable checkpoint of model, optimizer, scheduler and RNG after `step`,
-        with the run's own state (`run_state`, rank 0's) beside it."""
-        return checkpoint.save_checkpoint(run_dir, step, self.model, run_state, keep_last)
+        with the run's own state (`run_state`, rank 0's) beside it. With `checkpoint.async_save`
+        it is written in the background and published by `self.checkpoints` (`poll` / `finish`)."""
+        return self.checkpoints.save(run_dir, step, self.model, run_state, keep_last)
 
     def load(self, path) -> tuple[int, dict]:
         """Collective: restore a checkpoint saved at any layout; returns (step, run state)."""
@@ -285,6 +287,7 @@ class Actor:
         """Collective: write the policy as an HF checkpoint (in the naming layout it was loaded
         from, with `src_dir`'s side files, default its own), atomically and tensor by tensor."""
         src_dir = Path(src_dir or self.hf_dir)
+        self.checkpoints.finish()  # a pending checkpoint is published before the export
         write_hf(self.model.unwrapped, self.family.mapping(self.model_cfg, self.hf_layout), out_dir,
                  src_dir)
 

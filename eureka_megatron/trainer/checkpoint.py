@@ -26,6 +26,7 @@ import torch
 from eureka_megatron.atomic import write_text_atomic
 from eureka_megatron.errors import UserError
 from eureka_megatron.models.init import iter_leaves
+from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer.train_step import TrainableModel
 
 LATEST = "latest"
@@ -182,11 +183,144 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
     """Save everything needed to resume after `step`; returns the finished step dir."""
     from megatron.core import dist_checkpointing
 
+    run_dir, final, tmp = _paths(run_dir, step)
+    state, t0 = _begin_save(run_dir, tmp, step, model, extra_state)
+    try:
+        dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
+    except Exception as e:  # noqa: BLE001 -- a full disk shows up as many error types
+        _save_failed(run_dir, tmp, step, e)
+    torch.distributed.barrier()
+    _publish(run_dir, final, tmp, step, keep_last, t0)
+    torch.distributed.barrier()
+    return final
+
+
+class CheckpointWriter:
+    """A run's checkpoint saves, synchronous or (`async_save`) written in the background.
+
+    `save` is `save_checkpoint` (collective, the same files on disk). With `async_save` it returns
+    once the state is planned, `common.pt` written and the shards handed to a writer process:
+    megatron's `dist_checkpointing.save(..., async_sharded_save=True)` returns an `AsyncRequest`,
+    scheduled on an `AsyncCallsQueue`, and the training goes on while it writes. Publishing --
+    complete.json, the rename of `.tmp-step_N` to `step_N`, `latest`, pruning -- is that
+    request's last finalize function, which megatron runs on every rank only after every rank's
+    writer finished and `.metadata` is written. Until then `latest` names the previous checkpoint
+    and `keep_last` deletes nothing; a crash mid-write leaves a `.tmp-` dir the next save removes.
+
+    At most one save is pending: the next `save` finalizes it first (blocking); `poll` (collective
+    and cheap, every step) publishes it as soon as every rank's write is done; `finish` waits for
+    it (the end of a run, before an HF export). A write that failed in the background raises the
+    same one-line CheckpointError as a synchronous save from whichever call finalizes it, and the
+    `.tmp-` dir is removed. After an error elsewhere, `abort` (local, no collectives) waits for
+    this rank's writer to end and publishes nothing.
+
+    The writer is megatron's `TemporalAsyncCaller` (`AsyncCallsQueue(persistent=False)`): one
+    process forked per save. On GPU megatron copies the shards to host memory before the fork; on
+    CPU (gloo ranks) it leaves CPU tensors in place and the forked child writes its copy-on-write
+    snapshot of them (up to one more copy of the rank's state in host memory while the training
+    updates it). The persistent worker does not work on CPU: it is spawned, calls
+    `torch.cuda.set_device`, and would be handed the live CPU tensors (shared memory, not a
+    snapshot) while the training updates them. The finalize collectives run over gloo through
+    the CPU compatibility layer (`runtime.cpu_compat`).
+    """
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+        self._queue = None  # megatron's AsyncCallsQueue, made on the first async save
+        self._pending: tuple[Path, int, Path] | None = None  # (run_dir, step, tmp) being written
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step whose save is still being written (not yet published), if any."""
+        return self._pending[1] if self._pending else None
+
+    def save(self, run_dir: str | Path, step: int, model: TrainableModel,
+             extra_state: dict | None = None, keep_last: int = 0) -> Path:
+        """Collective: save `step` (finalizing a pending save first). Returns the step dir, which
+        exists once the save is published (at once when synchronous)."""
+        self.finish()
+        if not self.async_save:
+            return save_checkpoint(run_dir, step, model, extra_state, keep_last)
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        run_dir, final, tmp = _paths(run_dir, step)
+        state, t0 = _begin_save(run_dir, tmp, step, model, extra_state)
+        try:
+            request = dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META,
+                                              async_sharded_save=True)
+            request.add_finalize_fn(
+                lambda: _publish(run_dir, final, tmp, step, keep_last, t0, async_save=True))
+            if self._queue is None:
+                self._queue = AsyncCallsQueue(persistent=False)
+            self._queue.schedule_async_request(request)
+        except Exception as e:  # noqa: BLE001 -- as in save_checkpoint
+            _save_failed(run_dir, tmp, step, e)
+        self._pending = (run_dir, step, tmp)
+        return final
+
+    def poll(self) -> int | None:
+        """Collective, non-blocking: publish the pending save if every rank's write is done;
+        returns the step published now, if any."""
+        return self._finalize(blocking=False)
+
+    def finish(self) -> int | None:
+        """Collective: wait for the pending save and publish it; returns its step, if any."""
+        return self._finalize(blocking=True)
+
+    def abort(self) -> None:
+        """Local (no collectives; for error paths): wait until this rank's writer process has
+        ended, publish nothing. The pending step's `.tmp-` dir stays until the next save."""
+        if self._queue is not None:
+            for call in self._queue.async_calls:
+                call.async_caller.close()  # joins the forked writer
+            self._queue.async_calls.clear()
+        self._pending = None
+
+    def _finalize(self, blocking: bool) -> int | None:
+        if self._pending is None:
+            return None
+        # torch's CheckpointException (a BaseException), as megatron's finalize raises it
+        from megatron.core.dist_checkpointing.strategies.state_dict_saver import CheckpointException
+
+        run_dir, step, tmp = self._pending
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointException as e:  # a write failed (raised on every rank alike)
+            self._pending = None
+            _save_failed(run_dir, tmp, step, e, _failure_detail(e))
+        except Exception as e:  # noqa: BLE001
+            self._pending = None
+            _save_failed(run_dir, tmp, step, e)
+        if not done:
+            return None
+        self._pending = None
+        return step
+
+
+def _failure_detail(e) -> str:
+    """The first failed rank's exception of megatron's CheckpointException, as one line: rank 0
+    (the coordinator) holds them all; it sends its line to every rank."""
+    line = None
+    for rank, (exc, _trace) in sorted(getattr(e, "failures", {}).items()):
+        cause = exc.__cause__ or exc
+        text = (str(cause).strip().splitlines() or [repr(cause)])[0]
+        line = f"rank {rank}: {type(cause).__name__}: {text}"
+        break
+    return broadcast_object(line) or "the background write failed"
+
+
+def _paths(run_dir: str | Path, step: int) -> tuple[Path, Path, Path]:
     run_dir = Path(run_dir)
     final = run_dir / step_dir_name(step)
-    tmp = run_dir / f".tmp-{final.name}"
-    rank = torch.distributed.get_rank()
-    if rank == 0:
+    return run_dir, final, run_dir / f".tmp-{final.name}"
+
+
+def _begin_save(run_dir: Path, tmp: Path, step: int, model: TrainableModel,
+                extra_state: dict | None) -> tuple[dict, float]:
+    """Collective: an empty `tmp` (half-written saves of a killed run removed), the sharded state
+    to write, and the free-space check; returns (state, start time)."""
+    if torch.distributed.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".tmp-step_*"):  # half-written saves of a killed run
             shutil.rmtree(stale)
@@ -206,27 +340,34 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
     state["step"] = step
     state["extra_state"] = extra_state or {}
     _check_space(run_dir, step, _bytes_to_write(state))
-    try:
-        dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
-    except Exception as e:  # noqa: BLE001 -- a full disk shows up as many error types
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        detail = (str(e).strip().splitlines() or [repr(e)])[0]
-        raise CheckpointError(f"saving step {step} to {run_dir} failed ({type(e).__name__}: "
-                              f"{detail}); {_space(run_dir)}; {_remaining(run_dir)}") from e
-    torch.distributed.barrier()
-    if rank == 0:
-        info = {"step": step, "layout": _layout(), "saved_at": time.time(),
-                "seconds": round(time.perf_counter() - t0, 3)}
-        write_text_atomic(tmp / COMPLETE, json.dumps(info, indent=1))
-        if final.exists():  # a re-save of the same step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(run_dir / LATEST, final.name)
-        if keep_last > 0:
-            _prune(run_dir, keep_last)
-    torch.distributed.barrier()
-    return final
+    return state, t0
+
+
+def _save_failed(run_dir: Path, tmp: Path, step: int, e: BaseException, detail: str | None = None):
+    """Raise the one-line CheckpointError of a failed write (rank 0 removes `tmp` first)."""
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if detail is None:
+        detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [repr(e)])[0]}"
+    raise CheckpointError(f"saving step {step} to {run_dir} failed ({detail}); "
+                          f"{_space(run_dir)}; {_remaining(run_dir)}") from e
+
+
+def _publish(run_dir: Path, final: Path, tmp: Path, step: int, keep_last: int, t0: float,
+             **info) -> None:
+    """Rank 0, once every rank's shards are written: mark `tmp` complete, rename it into place,
+    repoint `latest`, prune."""
+    if torch.distributed.get_rank() != 0:
+        return
+    info = {"step": step, "layout": _layout(), "saved_at": time.time(),
+            "seconds": round(time.perf_counter() - t0, 3), **info}
+    write_text_atomic(tmp / COMPLETE, json.dumps(info, indent=1))
+    if final.exists():  # a re-save of the same step after a resume
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text_atomic(run_dir / LATEST, final.name)
+    if keep_last > 0:
+        _prune(run_dir, keep_last)
 
 
 def _bytes_to_write(state: dict) -> int:

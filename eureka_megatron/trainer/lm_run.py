@@ -49,26 +49,33 @@ def run_lm(cfg: Config, stop_after: int | None = None, progress: bool = False) -
     is_logger = torch.distributed.get_rank() == 0
     history: list[dict] = []
     save = cfg.checkpoint
-    for step in range(start + 1, cfg.train.steps + 1):
-        t0 = time.perf_counter()
-        batch = pattern_batch(cfg.train.seed, step, cfg.train.global_batch_size,
-                              cfg.train.seq_length, cfg.model.vocab_size)
-        metrics = train_step(model, split_batch(batch, dp_rank, dp, cfg.train.micro_batch_size),
-                             forward)
-        dt = time.perf_counter() - t0
-        tokens = cfg.train.global_batch_size * cfg.train.seq_length
-        metrics.update(step=step, seconds=dt, tokens_per_s=tokens / dt)
-        history.append(metrics)
-        if progress and is_logger and (step % cfg.train.log_interval == 0 or step == start + 1
-                                       or step == cfg.train.steps):
-            print(f"step {step:>5}/{cfg.train.steps}  loss {metrics['loss']:.4f}  "
-                  f"grad-norm {metrics['grad_norm']:.4f}  lr {metrics['lr']:.2e}  "
-                  f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
-        if save.dir and ((save.save_interval and step % save.save_interval == 0)
-                         or step == cfg.train.steps):
-            ckpt.save_checkpoint(save.dir, step, model, {"data_step": step}, save.keep_last)
-        if stop_after is not None and len(history) >= stop_after:
-            break
+    writer = ckpt.CheckpointWriter(save.async_save)
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            batch = pattern_batch(cfg.train.seed, step, cfg.train.global_batch_size,
+                                  cfg.train.seq_length, cfg.model.vocab_size)
+            metrics = train_step(model, split_batch(batch, dp_rank, dp, cfg.train.micro_batch_size),
+                                 forward)
+            dt = time.perf_counter() - t0
+            tokens = cfg.train.global_batch_size * cfg.train.seq_length
+            metrics.update(step=step, seconds=dt, tokens_per_s=tokens / dt)
+            history.append(metrics)
+            if progress and is_logger and (step % cfg.train.log_interval == 0 or step == start + 1
+                                           or step == cfg.train.steps):
+                print(f"step {step:>5}/{cfg.train.steps}  loss {metrics['loss']:.4f}  "
+                      f"grad-norm {metrics['grad_norm']:.4f}  lr {metrics['lr']:.2e}  "
+                      f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
+            writer.poll()  # an async save that finished is published (collective)
+            if save.dir and ((save.save_interval and step % save.save_interval == 0)
+                             or step == cfg.train.steps):
+                writer.save(save.dir, step, model, {"data_step": step}, save.keep_last)
+            if stop_after is not None and len(history) >= stop_after:
+                break
+        writer.finish()
+    except BaseException:
+        writer.abort()  # this rank's writer ends with it; nothing half-written is published
+        raise
     if save.dir and is_logger:
         with open(Path(save.dir) / "metrics.jsonl", "a") as f:
             for m in history:

@@ -55,6 +55,9 @@ def run_rl(cfg: RLConfig, *, stop_after: int | None = None,
             if eval_due(cfg, step):
                 metrics |= rollout.evaluate()
             run.end_step(step, metrics)  # log, checkpoint, HF export
+    except BaseException:
+        actor.checkpoints.abort()  # this rank's writer ends with it; nothing half-written is published
+        raise
     finally:
         rollout.close()
     return run.finish()
@@ -102,6 +105,7 @@ class RLRun:
                         "time/unix_s": time.time()})  # wall clock, e.g. for time to accuracy
         self.history.append({"step": step, **self.rollout.log(step, metrics)})
         c, o, last = self.cfg.checkpoint, self.cfg.output, step == self.cfg.train.steps
+        self.actor.checkpoints.poll()  # an async save that finished is published (collective)
         if (c.save_interval and step % c.save_interval == 0) or last:
             self.actor.save(self.cfg.checkpoint_dir, step, self.rollout.state_dict(), c.keep_last)
         if (last and o.hf_export) or (o.hf_export_interval and step % o.hf_export_interval == 0):
@@ -109,7 +113,9 @@ class RLRun:
             self.actor.export_hf(Path(o.dir) / name)
 
     def finish(self) -> list[dict]:
-        """The report, once the last step is done; the history."""
+        """The report, once the last step is done (and a pending checkpoint published); the
+        history."""
+        self.actor.checkpoints.finish()
         if self.rollout.is_driver and self.history and self.history[-1]["step"] == self.cfg.train.steps:
             write_report(self.cfg.output.dir, title="eureka-megatron RL run",
                          settings=settings(self.cfg, self.actor))

@@ -72,6 +72,25 @@ def test_resume_same_layout(reference, tmp_path):
     assert_same(first + rest, reference["untied"], steps=[1, 2, 3, 4, 5, 6])
 
 
+@pytest.mark.slow
+def test_resume_with_async_saves(reference, tmp_path):
+    """`checkpoint.async_save` at DP2: a save every step, each written while the next step
+    trains; stopped after step 3, resumed to step 6 -- the uninterrupted run's losses."""
+    def cfg(**kw):
+        c = tiny_config(nproc=2, steps=6, ckpt_dir=str(tmp_path), save_interval=1, **kw)
+        c.checkpoint.async_save, c.checkpoint.keep_last = True, 2
+        return c
+
+    first = launch(run_lm, 2, cfg(), stop_after=3)[0]
+    assert (tmp_path / ckpt.LATEST).read_text() == "step_00000003"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert json.loads((tmp_path / "step_00000003" / ckpt.COMPLETE).read_text())["async_save"]
+    rest = launch(run_lm, 2, cfg(load=str(tmp_path)))[0]
+    assert_same(first + rest, reference["untied"], steps=[1, 2, 3, 4, 5, 6])
+    assert (tmp_path / ckpt.LATEST).read_text() == "step_00000006"
+
+
 def test_resume_across_layouts(reference, tmp_path):
     """Save at TP1, resume at TP2xPP2; save there, resume at DP2 -- losses stay on the reference."""
     a, b = tmp_path / "a", tmp_path / "b"

@@ -66,13 +66,18 @@ def test_layouts_agree_and_first_step_invariants(tmp_path, tiny_hf, layout):
     assert (Path(cfg.output.dir) / "metrics.jsonl").is_file()
 
 
-def test_resume_after_stop_reproduces_metrics(tmp_path, tiny_hf):
+@pytest.mark.parametrize("async_save", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["sync", "async"])
+def test_resume_after_stop_reproduces_metrics(tmp_path, tiny_hf, async_save):
+    """(async: the stopped run and the resumed one save with checkpoint.async_save; the
+    uninterrupted run saves synchronously.)"""
     extra = ("train.steps=4", "checkpoint.save_interval=2", "eval.interval=2")
     full = run(small_config(tmp_path / "full", tiny_hf, *extra))
-    cut_cfg = small_config(tmp_path / "cut", tiny_hf, *extra)
+    mode = ["checkpoint.async_save=true"] if async_save else []
+    cut_cfg = small_config(tmp_path / "cut", tiny_hf, *extra, *mode)
     first = run(cut_cfg, stop_after=3)  # "killed" after step 3; the last checkpoint is step 2
     assert [h["step"] for h in first] == [0, 1, 2, 3]
-    resumed = run(small_config(tmp_path / "cut", tiny_hf, *extra,
+    resumed = run(small_config(tmp_path / "cut", tiny_hf, *extra, *mode,
                                f"checkpoint.load={tmp_path / 'cut' / 'checkpoints'}"))
     assert [h["step"] for h in resumed] == [3, 4]
     for want, got in zip(full[-2:], resumed):
