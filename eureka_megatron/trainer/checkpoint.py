@@ -182,11 +182,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
                     extra_state: dict | None = None, keep_last: int = 0) -> Path:
     """Save everything needed to resume after `step`; returns the finished step dir."""
     from megatron.core import dist_checkpointing
+    # a failed write arrives as torch's CheckpointException (a BaseException) on every rank
+    from megatron.core.dist_checkpointing.strategies.state_dict_saver import CheckpointException
 
     run_dir, final, tmp = _paths(run_dir, step)
     state, t0 = _begin_save(run_dir, tmp, step, model, extra_state)
     try:
         dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
+    except CheckpointException as e:
+        _save_failed(run_dir, tmp, step, e, _failure_detail(e))
     except Exception as e:  # noqa: BLE001 -- a full disk shows up as many error types
         _save_failed(run_dir, tmp, step, e)
     torch.distributed.barrier()

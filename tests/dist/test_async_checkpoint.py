@@ -196,3 +196,33 @@ def test_a_failed_background_write_is_one_line_and_loses_nothing(tmp_path):
                                 "latest": "step_00000001", "tmp": [".tmp-step_00000003"]}
         assert r["after"] == {"latest": "step_00000004", "dirs": ["step_00000004"]}  # keep_last=1
     assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step_00000004"
+
+
+def _failed_sync_write(cfg, run_dir: Path) -> dict:
+    """Rank function: step 1 saved; step 2's shard write fails on rank 1 (a full disk) in a
+    synchronous save: megatron raises torch's CheckpointException (a BaseException)."""
+    model = _start(cfg)
+    _train(model, cfg, 1)
+    ckpt.save_checkpoint(run_dir, 1, model)
+    restore = _gate_writes(fail_on_rank=1)
+    try:
+        ckpt.save_checkpoint(run_dir, 2, model)
+    except ckpt.CheckpointError as e:
+        message = str(e)
+    else:
+        message = None
+    restore()
+    torch.distributed.barrier()
+    return {"message": message, "latest": (run_dir / ckpt.LATEST).read_text(),
+            "tmp": sorted(p.name for p in run_dir.glob(".tmp-*"))}
+
+
+def test_a_failed_sync_write_is_one_line_too(tmp_path):
+    results = launch(_failed_sync_write, 2, tiny_config(nproc=2), tmp_path, timeout=300)
+    intact = f"the newest complete checkpoint, {tmp_path / 'step_00000001'}, is intact"
+    for r in results:
+        m = r["message"]
+        assert m is not None and "\n" not in m, m
+        assert m.startswith(f"saving step 2 to {tmp_path} failed (rank 1: ")
+        assert "No space left on device" in m and m.endswith(" free there; " + intact)
+        assert r["latest"] == "step_00000001" and r["tmp"] == []
