@@ -17,8 +17,9 @@ import pickle
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -182,17 +183,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
                     extra_state: dict | None = None, keep_last: int = 0) -> Path:
     """Save everything needed to resume after `step`; returns the finished step dir."""
     from megatron.core import dist_checkpointing
-    # a failed write arrives as torch's CheckpointException (a BaseException) on every rank
-    from megatron.core.dist_checkpointing.strategies.state_dict_saver import CheckpointException
 
     run_dir, final, tmp = _paths(run_dir, step)
     state, t0 = _begin_save(run_dir, tmp, step, model, extra_state)
-    try:
+    with _failures_reported(run_dir, tmp, step):
         dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META)
-    except CheckpointException as e:
-        _save_failed(run_dir, tmp, step, e, _failure_detail(e))
-    except Exception as e:  # noqa: BLE001 -- a full disk shows up as many error types
-        _save_failed(run_dir, tmp, step, e)
     torch.distributed.barrier()
     _publish(run_dir, final, tmp, step, keep_last, t0)
     torch.distributed.barrier()
@@ -250,7 +245,7 @@ class CheckpointWriter:
 
         run_dir, final, tmp = _paths(run_dir, step)
         state, t0 = _begin_save(run_dir, tmp, step, model, extra_state)
-        try:
+        with _failures_reported(run_dir, tmp, step):
             request = dist_checkpointing.save(state, str(tmp), content_metadata=_OPT_META,
                                               async_sharded_save=True)
             request.add_finalize_fn(
@@ -258,8 +253,6 @@ class CheckpointWriter:
             if self._queue is None:
                 self._queue = AsyncCallsQueue(persistent=False)
             self._queue.schedule_async_request(request)
-        except Exception as e:  # noqa: BLE001 -- as in save_checkpoint
-            _save_failed(run_dir, tmp, step, e)
         self._pending = (run_dir, step, tmp)
         return final
 
@@ -284,22 +277,29 @@ class CheckpointWriter:
     def _finalize(self, blocking: bool) -> int | None:
         if self._pending is None:
             return None
-        # torch's CheckpointException (a BaseException), as megatron's finalize raises it
-        from megatron.core.dist_checkpointing.strategies.state_dict_saver import CheckpointException
-
         run_dir, step, tmp = self._pending
-        try:
+        self._pending = None  # a failed write is not pending any more
+        with _failures_reported(run_dir, tmp, step):
             done = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except CheckpointException as e:  # a write failed (raised on every rank alike)
-            self._pending = None
-            _save_failed(run_dir, tmp, step, e, _failure_detail(e))
-        except Exception as e:  # noqa: BLE001
-            self._pending = None
-            _save_failed(run_dir, tmp, step, e)
         if not done:
+            self._pending = (run_dir, step, tmp)
             return None
-        self._pending = None
         return step
+
+
+@contextmanager
+def _failures_reported(run_dir: Path, tmp: Path, step: int) -> Iterator[None]:
+    """A failed checkpoint write, whatever its type, becomes the one-line CheckpointError (and
+    `tmp` is removed). A failed shard write arrives as torch's CheckpointException -- a
+    BaseException, raised on every rank alike -- carrying each failed rank's error."""
+    from megatron.core.dist_checkpointing.strategies.state_dict_saver import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        _save_failed(run_dir, tmp, step, e, _failure_detail(e))
+    except Exception as e:  # noqa: BLE001 -- a full disk shows up as many error types
+        _save_failed(run_dir, tmp, step, e)
 
 
 def _failure_detail(e) -> str:

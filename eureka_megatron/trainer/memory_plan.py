@@ -159,18 +159,18 @@ def _pad(n: int, to: int) -> int:
 def _buffer_layout(numels: list[tuple[int, bool]], dp: int, distributed: bool) -> tuple[int, list[tuple[int, int]]]:
     """megatron's `_ParamAndGradBuffer` layout for one chunk: (padded size, each parameter's
     [start, end)). `numels` in registration order, with the shared-embedding flag."""
-    start, bucket_start, ranges, in_bucket = 0, 0, [], 0
+    start, ranges, in_bucket = 0, [], 0
     for numel, shared in reversed(numels):  # megatron lays parameters out in reverse
         if distributed:
             start = _pad(start, 64)
-        if shared and distributed and in_bucket:
-            start = bucket_start = _pad(start, math.lcm(dp, 128))
+        if shared and distributed and in_bucket:  # the shared embedding gets its own bucket
+            start = _pad(start, math.lcm(dp, 128))
             in_bucket = 0
         ranges.append((start, start + numel))
         in_bucket += 1
         start += numel
         if shared and distributed:
-            start = bucket_start = _pad(start, math.lcm(dp, 128))
+            start = _pad(start, math.lcm(dp, 128))
             in_bucket = 0
     end = _pad(start, math.lcm(dp, 128)) if distributed and in_bucket else start
     return end, ranges
@@ -183,9 +183,9 @@ def stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
     dp = par.nproc // (tp * pp)
     out = StageParams()
     shard = [0] * dp
-    for chunk_layers in layers:
-        first_chunk = stage == 0 and chunk_layers is layers[0]
-        last_chunk = stage == pp - 1 and chunk_layers is layers[-1]
+    for v, chunk_layers in enumerate(layers):
+        first_chunk = stage == 0 and v == 0
+        last_chunk = stage == pp - 1 and v == len(layers) - 1
         mine = set(chunk_layers)
         numels = []
         for e in entries:
@@ -216,7 +216,7 @@ def stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
 # --- activations ------------------------------------------------------------------------------
 
 def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recompute: str,
-                              attention: Attention) -> float:
+                              attention: Attention, elem: int) -> float:
     """Elements (of the activation dtype) one LLM layer keeps per token for the backward pass.
 
     Local spec (CPU, measured): each RMSNorm keeps its input, the normalised input and 1/rms
@@ -235,7 +235,7 @@ def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recomp
         attn = nq * d / tp + nkv * d / tp + qkv_out  # q, k after rope; v, a view of qkv's output
         attn += 2 * nq / tp if attention == "flash" else 0  # TE keeps the fp32 log-sum-exp
     else:
-        attn = 3 * nq * d / tp + nq / tp * seq_len + seq_len / 4  # q, k, v; probs; bool mask
+        attn = 3 * nq * d / tp + nq / tp * seq_len + seq_len / elem  # q, k, v; probs; bool mask
     norms = 2 * (2 * h + 1) + 2 * h  # two norms, the qkv and fc1 inputs
     return norms + 4 * d + attn + nq * d / tp + 5 * f / tp
 
@@ -246,7 +246,7 @@ def stage_activation_bytes(text_cfg: LLMConfig, par: ParallelConfig, n_layers: i
     """Bytes of activations one rank of PP stage `stage` holds at its peak: 1F1B keeps up to
     PP - stage micro-batches in flight, each with `tokens` tokens over its `n_layers` layers."""
     per_token = n_layers * layer_activation_elements(text_cfg, par.tensor_parallel, seq_len,
-                                                     recompute, attention)
+                                                     recompute, attention, elem)
     pp = par.pipeline_parallel
     if stage == 0:
         per_token += 2  # token ids (int64)
