@@ -52,6 +52,10 @@ class Config:
         for name in ("steps", "seq_length", "micro_batch_size"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
+        if p.sequence_parallel and t.seq_length % p.tensor_parallel:
+            raise ConfigError(f"train.seq_length={t.seq_length} must be divisible by "
+                              f"parallel.tensor_parallel={p.tensor_parallel} with "
+                              "parallel.sequence_parallel")
         return self
 
     @property

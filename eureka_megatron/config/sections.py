@@ -31,6 +31,9 @@ class ParallelConfig:
     # evenly); e.g. fewer on the first stage, which also runs the vision tower. None: even.
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # Megatron's sequence parallelism (needs TP > 1): the LLM's norms, dropouts and residuals run
+    # on 1/TP of the sequence, so their activations divide by TP too; same loss and gradients.
+    sequence_parallel: bool = False
 
     @property
     def dp(self) -> int:
@@ -51,12 +54,15 @@ class ParallelConfig:
             raise ConfigError(f"parallel.virtual_pipeline must be >= 2 or null, got {vpp}")
         if vpp and pp < 2:
             raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+        if self.sequence_parallel and tp < 2:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel >= 2")
         return self
 
     def describe(self) -> str:
         vpp = f" x VPP{self.virtual_pipeline}" if self.virtual_pipeline else ""
+        sp = " (sequence parallel)" if self.sequence_parallel else ""
         return (f"TP{self.tensor_parallel} x PP{self.pipeline_parallel}{vpp} x DP{self.dp} = "
-                f"{self.nproc} ranks")
+                f"{self.nproc} ranks{sp}")
 
 
 @dataclass

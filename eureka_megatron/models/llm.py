@@ -108,7 +108,7 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        sequence_parallel=False,
+        sequence_parallel=False,  # the LLM turns it on (`build_gpt`); vision towers never do
         deallocate_pipeline_outputs=True,
         # gloo matches point-to-point messages between a pair of ranks in posting order; with
         # PP2 + VPP the prev and next peer are the same rank, and batched isend/irecv then
@@ -123,12 +123,34 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
     return TransformerConfig(**fields)
 
 
-def layer_spec():
+class TorchNorm:
+    """megatron's `WrappedTorchNorm` (torch's RMSNorm / LayerNorm), also under sequence
+    parallelism, which megatron's refuses: each TP rank then normalises its own slice of the
+    sequence, so the weights are marked `sequence_parallel` and megatron's `finalize_model_grads`
+    sums their gradients over TP -- as Transformer Engine's norms do on GPU."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_spec(config, vp_stage: int | None):
+    """The decoder's block spec: Transformer Engine's layer on GPU; else megatron's local layer
+    with `TorchNorm` for its norms and the final one (sequence parallelism on CPU)."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
 
     if have_transformer_engine() and not _OPTIONS.get().meta:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=TorchNorm)
 
 
 def stage_flags(vp_stage: int | None) -> tuple[bool, bool]:
@@ -140,16 +162,19 @@ def stage_flags(vp_stage: int | None) -> tuple[bool, bool]:
 
 
 def build_gpt(cfg: LLMConfig, par: ParallelConfig, vp_stage: int | None = None,
-              mrope_section: list[int] | None = None):
-    """One GPTModel chunk of the LLM; `mrope_section` switches RoPE to Qwen2-VL's 3D mrope."""
+              mrope_section: list[int] | None = None, scatter_embeddings: bool = True):
+    """One GPTModel chunk of the LLM; `mrope_section` switches RoPE to Qwen2-VL's 3D mrope.
+    `scatter_embeddings=False` (VLMs): under sequence parallelism the embedding keeps the whole
+    sequence, so image embeddings can be merged in before `vlm.embed_with_images` scatters it."""
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(cfg, par, **({"mrope_section": list(mrope_section)}
-                                             if mrope_section else {}))
+    config = transformer_config(cfg, par, sequence_parallel=par.sequence_parallel,
+                                **({"mrope_section": list(mrope_section)} if mrope_section else {}))
     pre, post = stage_flags(vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(config, vp_stage),
+        scatter_embedding_sequence_parallel=scatter_embeddings,
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre,

@@ -35,11 +35,20 @@ def _gpt(model: torch.nn.Module):
 @contextmanager
 def final_hidden_states(model: torch.nn.Module):
     """Within the block, the last pipeline stage's forward returns [B, S, H] hidden states
-    (after the final norm) instead of logits: the output layer passes its input through."""
+    (after the final norm) instead of logits: the output layer passes its input through --
+    gathered over TP first under sequence parallelism. The gather's backward only hands each
+    rank its slice: the vocab-parallel log-prob kernel already sums the hidden states' gradient
+    over TP (what the output layer's own backward would do)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
     gpt = _gpt(model)
     layer = gpt.output_layer
     original = layer.forward
-    layer.forward = lambda x, weight=None, runtime_gather_output=None, **_: (x, None)
+    if gpt.config.sequence_parallel:
+        layer.forward = lambda x, weight=None, runtime_gather_output=None, **_: (
+            gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False), None)
+    else:
+        layer.forward = lambda x, weight=None, runtime_gather_output=None, **_: (x, None)
     try:
         yield
     finally:

@@ -15,10 +15,21 @@ def embed_with_images(language_model, input_ids: torch.Tensor, image_token_id: i
     once per distinct image and the slots are filled with `images[image_index]` in order. The
     gather is `index_select`, whose backward (`index_add_`) sums the n copies' gradients in a fixed
     order on CPU; plain indexing's backward adds them with racing atomics when torch has more than
-    one thread, so the same seed gave a different run."""
+    one thread, so the same seed gave a different run.
+
+    Under sequence parallelism the result is this TP rank's slice of the sequence: the embedding
+    kept the whole sequence (`build_gpt(scatter_embeddings=False)`) for the merge."""
     emb = language_model.embedding(input_ids=input_ids, position_ids=None)
-    if images is None:
-        return emb
+    if images is not None:
+        emb = _merged(emb, input_ids, image_token_id, images, source, image_index)
+    if language_model.config.sequence_parallel:  # built with scatter_embeddings=False
+        from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+        emb = scatter_to_sequence_parallel_region(emb).clone()  # a view pins the whole
+    return emb
+
+
+def _merged(emb, input_ids, image_token_id, images, source, image_index):
+    """`emb` with the image embeddings over the image-token slots (see `embed_with_images`)."""
     if image_index is not None:
         images = torch.index_select(images, 0, image_index.to(images.device))
     slots = input_ids == image_token_id

@@ -56,6 +56,11 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     Why: ~80 literal `device="cuda"` / `torch.device("cuda")` sites in megatron-core, e.g.
     `schedules.py` (total_num_tokens), `clip_grads.py`, `optimizer.py`, `utils.py`.
+
+    A mode's handler runs `func` with the mode popped. For a backward pass that is megatron code
+    too -- activation recompute re-runs layers inside `torch.autograd.backward`, and under
+    sequence parallelism their gathers allocate on `torch.cuda.current_device()` -- so backward
+    passes run the autograd engine with the mode pushed again (`_backward_in_mode`).
     """
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -65,7 +70,26 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs = dict(kwargs, device="cpu")
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return _backward_in_mode(self, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _backward_in_mode(mode, tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                      inputs=None, gradient=None):
+    """`torch.autograd.backward` past its torch-function dispatch (which would pop `mode`
+    again): the engine runs with `mode` pushed. Also `Tensor.backward(self, gradient, ...)`,
+    whose arguments line up (`gradient` by keyword)."""
+    grad_tensors = grad_tensors if grad_tensors is not None else gradient
+    tensors = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+    inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs or ())
+    grads = torch.autograd._make_grads(
+        tensors, torch.autograd._tensor_or_tensors_to_tuple(grad_tensors, len(tensors)),
+        is_grads_batched=False)
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    with mode:
+        torch.autograd.graph._engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                                                  allow_unreachable=True, accumulate_grad=True)
 
 
 def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):

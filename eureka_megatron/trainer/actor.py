@@ -207,9 +207,12 @@ class Actor:
         return self.family.prepare(self.model_cfg, inputs)
 
     def micro_batches(self, seqs, pad_id: int) -> list[dict]:
-        """Token-budget micro-batches; rows of one prompt share one vision-tower pass."""
+        """Token-budget micro-batches; rows of one prompt share one vision-tower pass; widths
+        divide over TP under sequence parallelism."""
+        par = self.cfg.parallel
         return micro_batches(seqs, self.cfg.train.micro_batch_tokens, pad_id, self.prepare,
-                             getattr(self.model_cfg, "image_token_id", None))
+                             getattr(self.model_cfg, "image_token_id", None),
+                             par.tensor_parallel if par.sequence_parallel else 1)
 
     def forward_logprobs(self, micro_batches: list[dict], reference: bool = False) -> list[torch.Tensor]:
         """[B, S] log-probs of each micro-batch's labels under the policy (or the reference)."""

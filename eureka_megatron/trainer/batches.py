@@ -53,15 +53,18 @@ def token_budget_partition(lengths: list[int], budget: int) -> list[list[int]]:
     return parts
 
 
-def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None) -> dict:
+def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None,
+            width_multiple: int = 1) -> dict:
     """Right-padded ids, attention mask, labels, loss mask and rollout log-probs, plus the mm tensors.
 
     Without `image_token_id` every row carries its own copy of its prompt's images (mm tensors
     concatenated in row order). With it, rows that share a prompt share its images: the tensors
     hold each distinct prompt's images once, `image_index` says which vision-output token fills
     each image-token slot, row by row, and `row_image_grid_thw` is the per-row grid that mrope
-    positions need. A GRPO group's n responses then cost one vision-tower pass, not n."""
-    width = max(len(s) for s in seqs)
+    positions need. A GRPO group's n responses then cost one vision-tower pass, not n.
+    `width_multiple`: the padded width is a multiple of it (sequence parallelism splits the
+    sequence over the TP ranks)."""
+    width = -(-max(len(s) for s in seqs) // width_multiple) * width_multiple
     b = len(seqs)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     attn = torch.zeros(b, width, dtype=torch.long)
@@ -110,13 +113,13 @@ def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None
 
 
 def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
-                  image_token_id: int | None = None) -> list[dict]:
+                  image_token_id: int | None = None, width_multiple: int = 1) -> list[dict]:
     """Collated micro-batches of `seqs` (this DP rank's share); `prepare(inputs) -> mb` adds the
     family's model inputs (positions, mm tensors) -- see models.family.Family.prepare.
-    `image_token_id`: share images between rows of the same prompt (see `collate`)."""
+    `image_token_id`, `width_multiple`: see `collate`."""
     out = []
     for idx in token_budget_partition([len(s) for s in seqs], budget):
-        raw = collate([seqs[i] for i in idx], pad_id, image_token_id)
+        raw = collate([seqs[i] for i in idx], pad_id, image_token_id, width_multiple)
         if "row_image_grid_thw" in raw:  # positions follow each row's images
             mb = prepare({**raw, "image_grid_thw": raw["row_image_grid_thw"]})
             mb["image_grid_thw"] = raw["image_grid_thw"]

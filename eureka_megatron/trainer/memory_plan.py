@@ -216,7 +216,7 @@ def stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
 # --- activations ------------------------------------------------------------------------------
 
 def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recompute: str,
-                              attention: Attention, elem: int) -> float:
+                              attention: Attention, elem: int, sp: bool = False) -> float:
     """Elements (of the activation dtype) one LLM layer keeps per token for the backward pass.
 
     Local spec (CPU, measured): each RMSNorm keeps its input, the normalised input and 1/rms
@@ -225,18 +225,20 @@ def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recomp
     head and the causal mask (S bytes), the projection its input; the SwiGLU MLP 5f (fc1 output,
     silu(gate), up, fc2 input). Selective recompute keeps only the attention's inputs (q, k and
     the qkv output v views). Full recompute keeps the layer's input (h). TP divides everything
-    but the norms and the replicated linear inputs (no sequence parallelism)."""
+    but the norms and the replicated linear inputs -- those too under sequence parallelism
+    (`sp`: each rank keeps its slice of the sequence; the linears gather it again backward)."""
     h, d = text_cfg.hidden_size, text_cfg.kv_channels
     nq, nkv, f = text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.intermediate_size
+    seq_split = tp if sp else 1
     if recompute == "full":
-        return float(h)
+        return h / seq_split
     qkv_out = (nq + 2 * nkv) * d / tp
     if attention == "flash" or recompute == "selective":
         attn = nq * d / tp + nkv * d / tp + qkv_out  # q, k after rope; v, a view of qkv's output
         attn += 2 * nq / tp if attention == "flash" else 0  # TE keeps the fp32 log-sum-exp
     else:
         attn = 3 * nq * d / tp + nq / tp * seq_len + seq_len / elem  # q, k, v; probs; bool mask
-    norms = 2 * (2 * h + 1) + 2 * h  # two norms, the qkv and fc1 inputs
+    norms = (2 * (2 * h + 1) + 2 * h) / seq_split  # two norms, the qkv and fc1 inputs
     return norms + 4 * d + attn + nq * d / tp + 5 * f / tp
 
 
@@ -246,13 +248,16 @@ def stage_activation_bytes(text_cfg: LLMConfig, par: ParallelConfig, n_layers: i
     """Bytes of activations one rank of PP stage `stage` holds at its peak: 1F1B keeps up to
     PP - stage micro-batches in flight, each with `tokens` tokens over its `n_layers` layers."""
     per_token = n_layers * layer_activation_elements(text_cfg, par.tensor_parallel, seq_len,
-                                                     recompute, attention, elem)
+                                                     recompute, attention, elem,
+                                                     par.sequence_parallel)
     pp = par.pipeline_parallel
     if stage == 0:
         per_token += 2  # token ids (int64)
         per_token += text_cfg.kv_channels if recompute == "full" else 0  # rope frequencies
     if stage == pp - 1:
-        per_token += (2 * text_cfg.hidden_size + 1) + text_cfg.hidden_size + 5  # final norm, log-probs
+        seq_split = par.tensor_parallel if par.sequence_parallel else 1
+        per_token += (2 * text_cfg.hidden_size + 1) / seq_split  # the final norm
+        per_token += text_cfg.hidden_size + 5  # log-probs: the (gathered) hidden states, labels
     in_flight = max(1, min(pp - stage, micro_batches))
     return in_flight * per_token * tokens * elem
 
@@ -343,7 +348,8 @@ def plan_memory(cfg: RLConfig, hf_config: dict | None = None) -> MemoryPlan:
         in_flight = max(1, min(pp - s, micro))
         sp.training.append(Line("activations", act / GB,
                                 f"{in_flight} x {tokens} tokens, recompute {cfg.train.recompute}, "
-                                f"{attention} attention"))
+                                f"{attention} attention"
+                                + (", sequence parallel" if par.sequence_parallel else "")))
         ref_gb = (w.trainable + w.frozen) * elem / GB if need_reference else 0.0
         if need_reference:
             resident = not _gpu(cfg)

@@ -3,6 +3,7 @@
 The reference is one TP1 run; every other layout starts from the same (layout-invariant) weights
 and sees the same global batches, so loss and grad-norm must agree to fp32 round-off.
 """
+import importlib
 import json
 import os
 from pathlib import Path
@@ -190,18 +191,18 @@ def test_a_full_disk_is_one_line_and_loses_nothing(reference, tmp_path, how):
         assert_same(rest, reference["untied"], steps=[3, 4, 5, 6])
 
 
-def _run_counting_recompute(cfg):
-    """Rank function: run_lm, counting megatron's activation-checkpoint calls (the recomputed
-    regions), so a test of recompute cannot pass with recompute silently off."""
-    from megatron.core import tensor_parallel
-
-    calls, checkpoint = [0], tensor_parallel.checkpoint
+def _run_counting(cfg, module: str, function: str):
+    """Rank function: run_lm, counting the calls to megatron's `module.function` (the activation
+    checkpoint of recompute, the row-parallel reduce-scatter of sequence parallelism), so a test
+    of a feature cannot pass with the feature silently off."""
+    owner = importlib.import_module(module)
+    calls, original = [0], getattr(owner, function)
 
     def counted(*args, **kwargs):
         calls[0] += 1
-        return checkpoint(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    tensor_parallel.checkpoint = counted
+    setattr(owner, function, counted)
     return run_lm(cfg), calls[0]
 
 
@@ -210,6 +211,20 @@ def _run_counting_recompute(cfg):
 def test_recompute_changes_nothing_but_memory(reference, mode, tp, pp):
     """The same losses and gradient norms as the TP1 run without recompute (fp32, 1e-6)."""
     cfg = tiny_config(tp=tp, pp=pp, steps=3, recompute=mode)
-    history, calls = launch(_run_counting_recompute, tp * pp, cfg)[0]
+    history, calls = launch(_run_counting, tp * pp, cfg, "megatron.core.tensor_parallel",
+                            "checkpoint")[0]
+    assert calls > 0
+    assert_same(history, reference["untied"][:3], steps=[1, 2, 3])
+
+
+@pytest.mark.parametrize("tp,pp,recompute", [(2, 1, "none"), (2, 2, "full")],
+                         ids=["tp2", "tp2pp2-full-recompute"])
+def test_sequence_parallel_changes_nothing_but_memory(reference, tp, pp, recompute):
+    """The same losses and gradient norms as the TP1 run (fp32, 1e-6), the norms' gradients
+    summed over TP (a missing sum changes the grad-norm); also with full recompute, whose
+    backward re-runs the sequence-parallel gathers."""
+    cfg = tiny_config(tp=tp, pp=pp, steps=3, sp=True, recompute=recompute)
+    history, calls = launch(_run_counting, tp * pp, cfg, "megatron.core.tensor_parallel.layers",
+                            "reduce_scatter_to_sequence_parallel_region")[0]
     assert calls > 0
     assert_same(history, reference["untied"][:3], steps=[1, 2, 3])

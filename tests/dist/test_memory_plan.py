@@ -142,9 +142,9 @@ def _saved_bytes(par: ParallelConfig, recompute: str, seq_len: int, rows: int) -
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-@pytest.mark.parametrize("tp", [1, 2])
-def test_activation_estimate_matches_what_autograd_keeps(tp, recompute):
-    par = ParallelConfig(tensor_parallel=tp, nproc=tp)
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2_sp"])
+def test_activation_estimate_matches_what_autograd_keeps(tp, sp, recompute):
+    par = ParallelConfig(tensor_parallel=tp, nproc=tp, sequence_parallel=sp)
     rows, seq_len = 1, 128
     measured = launch(_saved_bytes, tp, par, recompute, seq_len, rows)[0]
     estimate = memory_plan.stage_activation_bytes(TEXT, par, TEXT.num_hidden_layers, 0,

@@ -121,10 +121,11 @@ def megatron_logits(cfg, par, tensors, mb):
     return (logits[..., :VOCAB] if logits is not None else None), used
 
 
-@pytest.mark.parametrize("tp,pp,first", [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None),
-                                         (1, 2, 1)],
-                         ids=["tp1", "tp2", "pp2", "tp2_pp2", "pp2_uneven_1_3"])
-def test_logits_match_transformers(tp, pp, first):
+@pytest.mark.parametrize("tp,pp,first,sp", [(1, 1, None, False), (2, 1, None, False),
+                                            (1, 2, None, False), (2, 2, None, False),
+                                            (1, 2, 1, False), (2, 1, None, True)],
+                         ids=["tp1", "tp2", "pp2", "tp2_pp2", "pp2_uneven_1_3", "tp2_sp"])
+def test_logits_match_transformers(tp, pp, first, sp):
     cfg = our_config()
     hf = hf_model(cfg)
     input_ids, pixels = batch()
@@ -136,7 +137,8 @@ def test_logits_match_transformers(tp, pp, first):
     mb = {"input_ids": input_ids, "pixel_values": pixels, "image_grid_thw": GRIDS,
           "position_ids": vl.mrope_position_ids(input_ids, GRIDS, IMAGE, 2)}
     par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp,
-                         first_stage_layers=first)  # vision + 1 LLM layer | 3 LLM layers
+                         first_stage_layers=first,  # vision + 1 LLM layer | 3 LLM layers
+                         sequence_parallel=sp)
     results = launch(megatron_logits, tp * pp, cfg, par, tensors, mb)
     logits = next(r[0] for r in results if r[0] is not None)
     assert set().union(*(r[1] for r in results)) == set(tensors)

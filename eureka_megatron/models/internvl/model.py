@@ -228,7 +228,7 @@ class InternVLModel(LanguageModelStages, MegatronModule):
     """One pipeline chunk of InternVL: [InternViT + projector] + a slice of the LLM."""
 
     def __init__(self, cfg: InternVLConfig, par: ParallelConfig, vp_stage: int | None = None):
-        lm = build_gpt(cfg.text, par, vp_stage)
+        lm = build_gpt(cfg.text, par, vp_stage, scatter_embeddings=False)
         super().__init__(config=lm.config)
         self.cfg = cfg
         self.pre_process, self.post_process = stage_flags(vp_stage)

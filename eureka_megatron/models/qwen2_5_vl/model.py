@@ -221,7 +221,8 @@ class Qwen25VLModel(LanguageModelStages, MegatronModule):
     """One pipeline chunk of Qwen2.5-VL: [vision tower +] a slice of the mrope LLM."""
 
     def __init__(self, cfg: Qwen25VLConfig, par: ParallelConfig, vp_stage: int | None = None):
-        lm = build_gpt(cfg.text, par, vp_stage, mrope_section=cfg.mrope_section)
+        lm = build_gpt(cfg.text, par, vp_stage, mrope_section=cfg.mrope_section,
+                       scatter_embeddings=False)
         super().__init__(config=lm.config)
         self.cfg = cfg
         self.pre_process, self.post_process = stage_flags(vp_stage)
