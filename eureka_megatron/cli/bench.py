@@ -13,8 +13,11 @@ examples:
   eureka-megatron bench step                                     # one RL step: tokens/s, MFU, split
   eureka-megatron bench kernels --out bench.json                 # real shapes when a GPU is present
   eureka-megatron bench demo --seeds 1234,1,2,3,4 --runs runs/bench-demo   # the demo per seed
+  eureka-megatron bench perf-model                               # the cluster recipes' step on paper
+  eureka-megatron bench perf-model examples/qwen2_5_vl_7b.yaml mean_response_tokens=1200 --mfu 0.3
 """
-WHAT = ["kernels", "step", "sync", "rollout", "convert", "memory", "rewards", "lm-step", "demo", "all"]
+WHAT = ["kernels", "step", "sync", "rollout", "convert", "memory", "rewards", "lm-step", "demo",
+        "perf-model", "all"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,8 +35,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "the actor (HF or megatron source) and of an HF export at TP1/2/4; "
                         "rewards: reward pool; lm-step: megatron LLM "
                         "train step at TP/PP; demo: the CPU demo once per seed (time to 0.5 / 0.9 "
-                        "held-out accuracy, final/best, step split; ~5 min a seed); all: every "
-                        "one but demo")
+                        "held-out accuracy, final/best, step split; ~5 min a seed); perf-model: "
+                        "ON PAPER, nothing run -- each recipe's step time per phase and tokens/s/GPU "
+                        "predicted from FLOPs and bytes on H100s (CONFIG ... default: the cluster "
+                        "recipes in examples/); all: every one but demo and perf-model")
     p.add_argument("--quick", action="store_true",
                    help="CPU-friendly sizes (`bench all --quick` < 4 min on 2 cores)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -42,12 +47,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "--quick: the first, 60 steps)")
     p.add_argument("--runs", type=Path, default=None,
                    help="bench demo: directory for the runs (default: a new temporary one)")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="bench perf-model: the MFU of the log-prob and training passes (default 0.4)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="bench demo: overrides of the demo config, e.g. train.steps=300")
+                   help="bench demo: overrides of the demo config, e.g. train.steps=300; bench "
+                        "perf-model: recipe YAMLs (before any --option), section.key=value "
+                        "overrides of every recipe, and NAME=VALUE assumptions (the table "
+                        "it prints lists them), e.g. mean_response_tokens=1200")
     return p
 
 
 def run(args) -> int:
+    if args.what == "perf-model":
+        # builds the recipes' models on the meta device: torch, kept out of the CLI's start
+        from eureka_megatron.bench import perf_recipes
+
+        return perf_recipes.run(args.overrides, mfu=args.mfu, out=args.out)
+    if args.mfu is not None:
+        raise UserError("--mfu is an option of `bench perf-model`")
     options = {}
     if args.what == "demo":
         options = {"seeds": args.seeds, "out_dir": args.runs, "overrides": args.overrides}
