@@ -11,12 +11,12 @@ import argparse
 import sys
 
 from eureka_megatron import __version__
-from eureka_megatron.cli import bench, convert, demo, eval, forward, train, train_lm
+from eureka_megatron.cli import bench, convert, demo, doctor, eval, forward, train, train_lm
 from eureka_megatron.cli.common import split_config_arg
 from eureka_megatron.errors import UserError
 from eureka_megatron.runtime.errors import RankError
 
-COMMANDS = (train_lm, train, demo, convert, forward, eval, bench)
+COMMANDS = (train_lm, train, demo, convert, forward, eval, bench, doctor)
 
 EPILOG = """\
 examples:
@@ -36,6 +36,7 @@ examples:
   eureka-megatron bench lm-step --quick
   eureka-megatron bench rewards --quick                          # reward pool responses/s
   eureka-megatron bench sync                                     # Megatron -> engine weight sync GB/s
+  eureka-megatron doctor --out doctor.json                       # acceptance run of this machine
 
 Config keys are dotted paths into the YAML (model.*, parallel.*, optim.*, train.*,
 checkpoint.*, algo.*, rewards.*); values are parsed as YAML. See README.md for every key.
