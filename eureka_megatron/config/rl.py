@@ -40,7 +40,10 @@ class PolicyModelConfig:
 class RLTrainConfig:
     steps: int = 100               # RL steps (rollout -> train -> sync)
     rollout_batch_size: int = 16   # prompts per step whose groups are trained on (after filtering)
-    micro_batch_tokens: int = 4096  # micro-batches hold at most this many (padded) tokens
+    # micro-batches hold at most this many tokens (real tokens packed, rows x longest padded)
+    micro_batch_tokens: int = 4096
+    # packed micro-batches: sequences end to end, no compute on padding (else right-padded rows)
+    sequence_packing: bool = True
     mini_batches: int = 1          # optimizer steps per RL step (the batch split in this many)
     epochs: int = 1                # passes over the rollout batch
     # off-policy: one step stale, the next rollout overlapped with training

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from eureka_megatron.models.packing import as_rows
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 
@@ -39,7 +40,8 @@ def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[di
                            call: Callable[[torch.nn.Module, dict], torch.Tensor], vocab_size: int,
                            temperature: float = 1.0, backend: str | None = None) -> list[torch.Tensor]:
     """Log-probs [B, S] (float32) of each micro-batch's `labels` through the fused kernel, never
-    building logits; forward only, any TP/PP/VPP; returned on every rank (broadcast over PP)."""
+    building logits; forward only, any TP/PP/VPP; returned on every rank (broadcast over PP).
+    A packed micro-batch's come one row per sequence (`models.packing.as_rows`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -55,7 +57,7 @@ def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[di
 
         def record(h):
             lp, _ = token_logprobs(model, h, mb["labels"], vocab_size, temperature, backend)
-            out.append(lp.detach().float())
+            out.append(as_rows(lp.detach().float(), mb))
             return h.sum() * 0, torch.tensor(1), {}
 
         return hidden, record
@@ -71,7 +73,12 @@ def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[di
         src = ps.get_pipeline_model_parallel_last_rank()
         group = ps.get_pipeline_model_parallel_group()
         if not out:
-            out = [torch.empty(mb["labels"].shape, dtype=torch.float32) for mb in micro_batches]
+            out = [torch.empty(_rows_shape(mb), dtype=torch.float32) for mb in micro_batches]
         for t in out:
             torch.distributed.broadcast(t, src=src, group=group)
     return out
+
+
+def _rows_shape(mb: dict) -> tuple[int, ...]:
+    index = mb.get("packed_index")
+    return tuple(index.shape) if index is not None else tuple(mb["labels"].shape)

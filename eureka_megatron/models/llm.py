@@ -139,16 +139,20 @@ class TorchNorm:
 
 def layer_spec(config, vp_stage: int | None):
     """The decoder's block spec: Transformer Engine's layer on GPU; else megatron's local layer
-    with `TorchNorm` for its norms and the final one (sequence parallelism on CPU)."""
+    with `TorchNorm` for its norms and the final one (sequence parallelism on CPU) and
+    `PackedDotProductAttention` (packed sequences on CPU)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
+
+    from eureka_megatron.models.packed_attention import PackedDotProductAttention  # megatron
 
     if have_transformer_engine() and not _OPTIONS.get().meta:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
+    layer.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=TorchNorm)
 

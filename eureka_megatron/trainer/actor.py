@@ -20,12 +20,14 @@ from eureka_megatron.config import RLConfig
 from eureka_megatron.convert.export import write_hf
 from eureka_megatron.convert.hf_io import HFCheckpoint
 from eureka_megatron.convert.run import CONVERSION
+from eureka_megatron.models.packing import as_rows
 from eureka_megatron.models.forward import forward_token_logprobs
 from eureka_megatron.models.init import fill_global_tensors
 from eureka_megatron.models.llm import building
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 from eureka_megatron.models.registry import family_for
+from eureka_megatron.rollout.weight_broadcast import WeightBroadcaster
 from eureka_megatron.rollout.weight_sync import sync_with_restart
 from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer import checkpoint
@@ -95,6 +97,7 @@ class Actor:
         self.model = wrap_for_training(chunks, cfg.optim, bf16=cfg.parallel.bf16,
                                        decay_steps=t.steps * t.mini_batches * t.epochs)
         self.checkpoints = checkpoint.CheckpointWriter(cfg.checkpoint.async_save)
+        self.broadcaster = WeightBroadcaster()  # engines on GPUs of their own: groups kept
         self.reference = None
         if need_reference:
             with building(initialize=False):
@@ -127,12 +130,7 @@ class Actor:
                 minis.append(([], []))
                 continue
             mbs = self.micro_batches(share, pad_id)
-            rows, k = [], 0
-            for mb in mbs:
-                b = mb["input_ids"].shape[0]
-                rows.append([share[k + j].index for j in range(b)])
-                k += b
-            minis.append((mbs, rows))
+            minis.append((mbs, [[share[j].index for j in mb["sequences"]] for mb in mbs]))
         return TrainPlan(minis, len(seqs))
 
     def logprobs(self, plan: TrainPlan) -> None:
@@ -207,12 +205,13 @@ class Actor:
         return self.family.prepare(self.model_cfg, inputs)
 
     def micro_batches(self, seqs, pad_id: int) -> list[dict]:
-        """Token-budget micro-batches; rows of one prompt share one vision-tower pass; widths
-        divide over TP under sequence parallelism."""
-        par = self.cfg.parallel
-        return micro_batches(seqs, self.cfg.train.micro_batch_tokens, pad_id, self.prepare,
+        """Token-budget micro-batches, packed unless `train.sequence_packing` is off; rows of one
+        prompt share one vision-tower pass; widths divide over TP under sequence parallelism."""
+        par, t = self.cfg.parallel, self.cfg.train
+        return micro_batches(seqs, t.micro_batch_tokens, pad_id, self.prepare,
                              getattr(self.model_cfg, "image_token_id", None),
-                             par.tensor_parallel if par.sequence_parallel else 1)
+                             par.tensor_parallel if par.sequence_parallel else 1,
+                             pack=t.sequence_packing)
 
     def forward_logprobs(self, micro_batches: list[dict], reference: bool = False) -> list[torch.Tensor]:
         """[B, S] log-probs of each micro-batch's labels under the policy (or the reference)."""
@@ -255,6 +254,7 @@ class Actor:
 
             def loss_fn(h):
                 lp, _ = token_logprobs(model, h, mb["labels"], vocab, 1.0, None)
+                lp = as_rows(lp, mb)
                 mask = mb["loss_mask"]
                 loss = -(lp * mask).sum()
                 count = mask.sum().to(torch.int)
@@ -280,11 +280,14 @@ class Actor:
     # --- weights out ---------------------------------------------------------------------------
 
     def sync_to(self, engine, version: int):
-        """Collective: stream the policy's weights into `engine` (rank 0's; None elsewhere)."""
+        """Collective: stream the policy's weights into `engine` (rank 0's; None elsewhere), as
+        tensors on rank 0 or, for an engine whose weight transport is "distributed", by
+        broadcast from each pipeline stage's sender."""
         layout = broadcast_object(engine.weight_layout if engine is not None else None)
         mapping = self.family.mapping(self.model_cfg, layout)
         return sync_with_restart(self.model.unwrapped, mapping, engine, version,
-                                 bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20)
+                                 bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
+                                 broadcaster=self.broadcaster)
 
     def export_hf(self, out_dir: Path, src_dir: Path | None = None) -> None:
         """Collective: write the policy as an HF checkpoint (in the naming layout it was loaded

@@ -1,17 +1,29 @@
 """Rollout sequences -> the actor's micro-batches: DP shares, token-budget micro-batching, collation.
 
-A `Sequence` is one prompt + one sampled response (the actor adds advantages per step). Micro-batches hold whole
-sequences, right-padded to the longest in the micro-batch, with at most `budget` padded tokens
-(at least one sequence). The same partition is used for the old/ref log-prob passes and for
-training, so the first step's ratio is exactly 1 and its KL exactly 0 (same ops, same shapes).
-Labels are the next tokens of the response part (label at position t is token t+1); prompt and
-padding positions carry -100 and a zero loss mask.
+A `Sequence` is one prompt + one sampled response (the actor adds advantages per step).
+Micro-batches hold whole sequences, in one of two layouts:
+- packed (the default, `train.sequence_packing`): the sequences end to end in one row [1, T]
+  with `cu_seqlens` (megatron's THD layout), at most `budget` real tokens per micro-batch
+  (first-fit decreasing; a longer sequence alone). No compute goes to padding but the tail that
+  makes T a multiple of the TP size under sequence parallelism.
+- padded: one row per sequence, right-padded to the longest, at most `budget` padded tokens.
+Either way the per-token values of the loss (`loss_mask`, `rollout_logprobs`, and the old /
+reference log-probs and advantages the actor adds) are laid out one row per sequence [B, S]; a
+packed micro-batch says where each of those tokens sits in the packed row (`packed_index`,
+`packed_valid`; `models.packing.as_rows`), so losses and metrics are the same code for both.
+The same partition is used for the old/ref log-prob passes and for training, so the first step's
+ratio is exactly 1 and its KL exactly 0 (same ops, same shapes). Labels are the next tokens of
+the response part (label at position t is token t+1); prompt and padding positions carry -100
+and a zero loss mask. `mb["sequences"]` lists the micro-batch's rows as indices into the
+sequences it was built from.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from eureka_megatron.models.packing import cu_seqlens, pack_sequences
 
 IGNORE = -100
 
@@ -30,10 +42,18 @@ class Sequence:
 
 
 def dp_share(seqs: list[Sequence], dp_rank: int, dp: int) -> list[Sequence]:
-    """This DP rank's sequences: round-robin over the length-sorted list, so every rank gets a
-    similar token count (balanced step time) whatever the order of the groups."""
+    """This DP rank's sequences, balanced by tokens: longest first, each to the rank with the
+    fewest tokens so far (ties: the lower rank), so the ranks' step times match whatever the
+    order and lengths of the groups. Every rank gets a sequence when there are >= dp."""
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-    return [seqs[i] for i in order[dp_rank::dp]]
+    load = [0] * dp
+    mine = []
+    for i in order:
+        r = min(range(dp), key=lambda k: (load[k], k))
+        load[r] += len(seqs[i])
+        if r == dp_rank:
+            mine.append(seqs[i])
+    return mine
 
 
 def token_budget_partition(lengths: list[int], budget: int) -> list[list[int]]:
@@ -112,25 +132,54 @@ def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None
     return out
 
 
+def packed(raw: dict, pad_id: int, width_multiple: int = 1) -> dict:
+    """A padded `collate` output as one packed row: input_ids and labels [1, T] (T the real
+    tokens, rounded up to `width_multiple` with a padding tail), `cu_seqlens` (the tail, if any,
+    is one more sequence: megatron's THD code wants the row covered), `max_seqlen`, and where
+    each row's tokens went (`packed_index`, `packed_valid` [B, S]); the mm tensors unchanged."""
+    valid = raw["attention_mask"].bool()
+    lengths = valid.sum(1).tolist()
+    real = sum(lengths)
+    total = -(-real // width_multiple) * width_multiple
+    ids = torch.full((1, total), pad_id, dtype=torch.long)
+    labels = torch.full((1, total), IGNORE, dtype=torch.long)
+    ids[0, :real] = raw["input_ids"][valid]  # right padding: row-major order concatenates rows
+    labels[0, :real] = raw["labels"][valid]
+    index = torch.zeros(valid.shape, dtype=torch.long)
+    index[valid] = torch.arange(real)
+    seqlens = lengths + ([total - real] if total > real else [])
+    out = {k: v for k, v in raw.items() if k not in ("input_ids", "attention_mask", "labels")}
+    out.update(input_ids=ids, labels=labels, cu_seqlens=cu_seqlens(seqlens),
+               max_seqlen=max(seqlens), packed_index=index, packed_valid=valid)
+    return out
+
+
 def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
-                  image_token_id: int | None = None, width_multiple: int = 1) -> list[dict]:
-    """Collated micro-batches of `seqs` (this DP rank's share); `prepare(inputs) -> mb` adds the
-    family's model inputs (positions, mm tensors) -- see models.family.Family.prepare.
-    `image_token_id`, `width_multiple`: see `collate`."""
+                  image_token_id: int | None = None, width_multiple: int = 1,
+                  pack: bool = False) -> list[dict]:
+    """Collated micro-batches of `seqs` (this DP rank's share), packed or padded (module doc);
+    `prepare(inputs) -> mb` adds the family's model inputs (positions, mm tensors) -- see
+    models.family.Family.prepare. `image_token_id`, `width_multiple`: see `collate`."""
+    lengths = [len(s) for s in seqs]
+    parts = pack_sequences(lengths, budget) if pack else token_budget_partition(lengths, budget)
     out = []
-    for idx in token_budget_partition([len(s) for s in seqs], budget):
-        raw = collate([seqs[i] for i in idx], pad_id, image_token_id, width_multiple)
+    for idx in parts:
+        raw = collate([seqs[i] for i in idx], pad_id, image_token_id,
+                      1 if pack else width_multiple)
+        if pack:
+            raw = packed(raw, pad_id, width_multiple)
+        inputs = dict(raw)
         if "row_image_grid_thw" in raw:  # positions follow each row's images
-            mb = prepare({**raw, "image_grid_thw": raw["row_image_grid_thw"]})
-            mb["image_grid_thw"] = raw["image_grid_thw"]
-        else:
-            mb = prepare(raw)
-        if "image_index" in raw:
-            mb["image_index"] = raw["image_index"]
-        for k in ("labels", "loss_mask", "rollout_logprobs"):
-            mb[k] = raw[k]
+            inputs["image_grid_thw"] = raw["row_image_grid_thw"]
+        mb = prepare(inputs)
+        for k in ("image_grid_thw", "image_index", "labels", "loss_mask", "rollout_logprobs",
+                  "cu_seqlens", "max_seqlen", "packed_index", "packed_valid"):
+            if k in raw:
+                mb[k] = raw[k]
         # Right padding: causal attention alone keeps real tokens from seeing padding, so no
-        # [B, 1, S, S] mask is built (positions were derived from the mask above).
+        # [B, 1, S, S] mask is built (positions were derived from the mask above); a packed
+        # row's attention is bounded by `cu_seqlens`.
         mb["attention_mask"] = None
+        mb["sequences"] = idx
         out.append(mb)
     return out

@@ -6,8 +6,9 @@ kernel turns them into the log-probs and entropies of the micro-batch's `labels`
 micro-batches and DP ranks. Reported metrics are token-weighted sums (`*_tsum` / `tokens`), and
 `*_max` / `*_min` reduce by max / min, so the step's metrics do not depend on the batch split.
 
-Micro-batch keys: input_ids [B, S], labels [B, S] (the token scored at each position, < 0 for
-none), loss_mask [B, S] (1 on response tokens), old_logprobs [B, S], advantages [B] (or [B, S]);
+Micro-batch keys (trainer/batches.py; a packed micro-batch's input_ids and labels are one row
+[1, T] and `as_rows` lays its log-probs out as [B, S]): input_ids [B, S], labels [B, S] (the
+token scored at each position, < 0 for none), loss_mask [B, S] (1 on response tokens), old_logprobs [B, S], advantages [B] (or [B, S]);
 optional position_ids, ref_logprobs [B, S], rollout_logprobs [B, S] (the engine's: the mismatch
 metrics, and `algo.rollout_is` reweighting, algo/mismatch.py); without old_logprobs the current
 log-probs, detached, are used.
@@ -21,12 +22,15 @@ import torch
 from eureka_megatron.algo.mismatch import corrected, mismatch_sums
 from eureka_megatron.algo.policy_loss import policy_loss_sums
 from eureka_megatron.config import AlgoConfig
+from eureka_megatron.models.packing import as_rows
+from eureka_megatron.models.inputs import packed_params
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 
 
 def gpt_call(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
-    return chunk(mb["input_ids"], mb.get("position_ids"), attention_mask=None)
+    return chunk(mb["input_ids"], mb.get("position_ids"), attention_mask=None,
+                 packed_seq_params=packed_params(mb))
 
 
 def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.0,
@@ -46,6 +50,7 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
 
         def loss_fn(hidden):
             lp, ent = token_logprobs(model, hidden, mb["labels"], vocab_size, temperature, backend)
+            lp, ent = as_rows(lp, mb), as_rows(ent, mb)  # a packed row -> one row per sequence
             mask = mb["loss_mask"]
             # No old log-probs: the batch is trained on once (one epoch, one mini-batch), so the
             # old policy *is* the current one -- its log-probs are these, detached (ratio 1).

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from eureka_megatron.data.packing import (cu_seqlens, pack_rows, pack_sequences,
+from eureka_megatron.models.packing import (cu_seqlens, pack_rows, pack_sequences,
                                           packed_causal_mask, packed_position_ids)
 from eureka_megatron.models.qwen2_5_vl.model import mrope_position_ids
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from eureka_megatron.errors import ConfigError
 from eureka_megatron.models.family import ChatTokens, Family
-from eureka_megatron.models.inputs import padding_mask, text_prepare
+from eureka_megatron.models.inputs import packed_params, padding_mask, text_prepare
 from eureka_megatron.models.internvl import hf, images
 from eureka_megatron.models.internvl.config import InternVisionConfig, InternVLConfig
 
@@ -47,7 +47,8 @@ def _prepare(cfg, inputs: dict) -> dict:
 
 def _call(cfg, chunk, mb):
     return chunk(mb["input_ids"], mb["position_ids"], attention_mask=padding_mask(mb["attention_mask"]),
-                 pixel_values=mb["pixel_values"], image_index=mb.get("image_index"))
+                 pixel_values=mb["pixel_values"], image_index=mb.get("image_index"),
+                 packed_seq_params=packed_params(mb))
 
 
 FAMILY = Family(

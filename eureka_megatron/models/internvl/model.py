@@ -263,8 +263,9 @@ class InternVLModel(LanguageModelStages, MegatronModule):
         return self.vision_projection(x.reshape(-1, 1, x.shape[-1]))[:, 0]
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None, labels=None,
-                image_index=None):
-        """`image_index`: see `vlm.embed_with_images` (rows sharing tiles; trainer.batches)."""
+                image_index=None, packed_seq_params=None):
+        """`image_index`: see `vlm.embed_with_images` (rows sharing tiles; trainer.batches);
+        `packed_seq_params`: a packed row (models/packed_attention.py)."""
         decoder_input = None
         if self.pre_process:
             images = self.image_embeddings(pixel_values) if pixel_values is not None else None
@@ -273,7 +274,7 @@ class InternVLModel(LanguageModelStages, MegatronModule):
                 f"{pixel_values.shape[0]} tiles" if pixel_values is not None else "", image_index)
         return self.language_model(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
-                                   labels=labels)
+                                   labels=labels, packed_seq_params=packed_seq_params)
 
 
 def build_internvl_chunks(cfg: InternVLConfig, par: ParallelConfig) -> list[torch.nn.Module]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from eureka_megatron.models.family import ChatTokens, Family
-from eureka_megatron.models.inputs import padding_mask
+from eureka_megatron.models.inputs import packed_params, padding_mask
 from eureka_megatron.models.qwen2_5_vl import hf, images
 from eureka_megatron.models.qwen2_5_vl.config import Qwen25VisionConfig, Qwen25VLConfig
 
@@ -31,13 +31,14 @@ def _prepare(cfg, inputs: dict) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs.get("pixel_values"),
             "image_grid_thw": grid,
             "position_ids": mrope_position_ids(ids, grid, cfg.image_token_id,
-                                               cfg.vision.spatial_merge_size, attention_mask=mask)}
+                                               cfg.vision.spatial_merge_size, attention_mask=mask,
+                                               cu_seqlens=inputs.get("cu_seqlens"))}
 
 
 def _call(cfg, chunk, mb):
     return chunk(mb["input_ids"], mb["position_ids"], attention_mask=padding_mask(mb["attention_mask"]),
                  pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"],
-                 image_index=mb.get("image_index"))
+                 image_index=mb.get("image_index"), packed_seq_params=packed_params(mb))
 
 
 FAMILY = Family(

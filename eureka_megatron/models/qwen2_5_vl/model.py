@@ -235,8 +235,9 @@ class Qwen25VLModel(LanguageModelStages, MegatronModule):
         self.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None,
-                image_grid_thw=None, labels=None, image_index=None):
-        """`image_index`: see `vlm.embed_with_images` (rows sharing images; trainer.batches)."""
+                image_grid_thw=None, labels=None, image_index=None, packed_seq_params=None):
+        """`image_index`: see `vlm.embed_with_images` (rows sharing images; trainer.batches);
+        `packed_seq_params`: a packed row (models/packed_attention.py)."""
         decoder_input = None
         if self.pre_process:
             images = (self.vision_model(pixel_values, image_grid_thw)
@@ -246,7 +247,7 @@ class Qwen25VLModel(LanguageModelStages, MegatronModule):
                                               image_index=image_index)
         return self.language_model(input_ids=input_ids, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
-                                   labels=labels)
+                                   labels=labels, packed_seq_params=packed_seq_params)
 
 
 def build_qwen2_5_vl_chunks(cfg: Qwen25VLConfig, par: ParallelConfig) -> list[torch.nn.Module]:

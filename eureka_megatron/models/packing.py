@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_sequences", "cu_seqlens", "packed_causal_mask", "pack_rows", "packed_position_ids"]
+__all__ = ["pack_sequences", "cu_seqlens", "packed_causal_mask", "pack_rows", "packed_position_ids",
+           "rows_from_packed", "as_rows"]
 
 
 def pack_sequences(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -53,12 +54,12 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, total_len: int) -> torch.Tensor
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] > total_len or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens {bounds} is not increasing from 0 to at most {total_len}")
-    seg = torch.full((total_len,), -1, dtype=torch.long)  # -1: padding
-    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        seg[a:b] = s
-    pos = torch.arange(total_len)
+    seg = torch.full((total_len,), -1, dtype=torch.long, device=cu_seqlens.device)  # -1: padding
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    seg[:bounds[-1]] = torch.repeat_interleave(torch.arange(len(lengths), device=seg.device), lengths)
+    pos = torch.arange(total_len, device=seg.device)
     allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None]) & (seg[:, None] >= 0)
-    allowed |= torch.eye(total_len, dtype=torch.bool)
+    allowed |= torch.eye(total_len, dtype=torch.bool, device=seg.device)
     return ~allowed[None, None]
 
 
@@ -91,3 +92,23 @@ def pack_rows(seqs: list[list[int]], bins: list[list[int]], *, pad_id: int = 0,
         ids[r, :len(row)] = torch.as_tensor(row, dtype=torch.long)
         cus.append(cu_seqlens([len(seqs[i]) for i in b]))
     return ids, cus
+
+
+def rows_from_packed(packed: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-token values of a packed row [1, T] (or [T]) laid out per sequence, [B, S]: row b,
+    column s holds `packed[index[b, s]]` where `valid`, else 0. Differentiable (a gather; its
+    backward adds each packed token's gradient once), so losses computed on the rows train
+    the packed forward."""
+    flat = packed.reshape(-1)
+    taken = flat.index_select(0, index.reshape(-1).to(flat.device)).view(index.shape)
+    return torch.where(valid.to(taken.device), taken, torch.zeros((), dtype=taken.dtype,
+                                                                  device=taken.device))
+
+
+def as_rows(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Per-token values of a micro-batch's model layout, one row per sequence [B, S]: a packed
+    micro-batch's [1, T] values unpacked through its `packed_index` / `packed_valid`; a padded
+    micro-batch's are already rows."""
+    if mb.get("packed_index") is None:
+        return values
+    return rows_from_packed(values, mb["packed_index"], mb["packed_valid"])
