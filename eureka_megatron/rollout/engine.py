@@ -10,11 +10,14 @@ weights are never served silently.
 Log-prob contract: `Sample.logprobs[t]` is log softmax(logits_t / temperature)[token_t] over the
 full vocabulary, before top-k / top-p truncation -- the quantity the trainer's fused kernel
 computes, so the two are directly comparable.
+
+Engines on GPUs of their own may instead receive weights by broadcast from the trainer's ranks
+(`BroadcastReceiver`, driven by rollout/weight_broadcast.py); `weight_transport` says which.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -87,3 +90,39 @@ class RolloutEngine(Protocol):
     def restart(self) -> None:
         """Replace a dead or poisoned engine. Its version is then that of what it reloaded (0 for
         the original checkpoint) or None (nothing known) until the next complete sync."""
+
+
+@dataclass(frozen=True)
+class GroupJoin:
+    """An engine's part in weight-update groups whose source (rank 0) is elsewhere: per group
+    (name, the source's address and port), the groups' world size, the engine's first rank."""
+    groups: tuple[tuple[str, str, int], ...]
+    world_size: int
+    rank_offset: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class ReceiverInfo:
+    """The engine side of weight-update groups, as the senders need to know it."""
+    url: str                # the senders offer the address of theirs that faces it
+    ranks: int              # members it adds to each group (its TP ranks)
+    backend: str            # "nccl" | "gloo"
+    timeout: float          # seconds a group waits for its members
+    joined: frozenset[str]  # the groups it is a member of now
+
+
+@runtime_checkable
+class BroadcastReceiver(Protocol):
+    """An engine with `weight_transport == "distributed"`: weights arrive by broadcast."""
+    weight_transport: str
+
+    def receiver_info(self) -> ReceiverInfo: ...
+
+    def receive_weights(self, stages: Sequence[tuple[str, Sequence[Any]]], version: int, *,
+                        abort, join: GroupJoin | None = None) -> None:
+        """Per group, receive each flat buffer (its FlatTensorMeta list) its source broadcasts,
+        then serve `version`; `abort` (is_set / set) is shared with the sources. On failure the
+        version is None and `abort` is set."""
+
+    def leave_weight_groups(self) -> None: ...

@@ -10,6 +10,9 @@
 - update_weights: the bucket stream is read once; each bucket goes to every engine (one thread
   per engine, each running that engine's own streaming `update_weights`), and the next bucket is
   read only when every engine has asked for it: the group holds one bucket at a time.
+- receive_weights (engines whose weight_transport is "distributed"): every engine joins the same
+  weight-update groups, one after the other in rank (engine e's ranks after engine e-1's), and
+  receives every broadcast: one broadcast per bucket reaches all engines (slime's layout).
 - weight_version: the lowest engine version, None if any engine's is None.
 - release_memory / resume_memory / health: every engine, concurrently.
 - restart: the engines that are not healthy; if all look healthy (the failure did not show in a
@@ -24,8 +27,9 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
-from eureka_megatron.rollout.bucket_stream import BucketFeed
-from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
+from eureka_megatron.rollout.bucket_stream import BucketFeed, SyncAborted
+from eureka_megatron.rollout.engine import (GroupJoin, NamedTensors, Prompt, ReceiverInfo, Sample,
+                                            SamplingParams)
 
 
 def _slices(total: int, parts: int) -> list[tuple[int, int]]:
@@ -46,7 +50,8 @@ class EngineGroup:
         if not engines:
             raise ValueError("EngineGroup needs at least one engine")
         self.engines = list(engines)
-        self.weight_layout = self._common_layout()
+        self.weight_layout = self._common("weight_layout")
+        self.weight_transport = self._common("weight_transport", "tensor")
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -58,12 +63,13 @@ class EngineGroup:
         where = getattr(e, "url", None) or getattr(e, "name", None) or type(e).__name__
         return f"engine {i} of {len(self.engines)} ({where})"
 
-    def _common_layout(self) -> str:
-        layouts = [e.weight_layout for e in self.engines]
-        if len(set(layouts)) > 1:
-            raise ValueError("engines disagree on the weight layout: " + ", ".join(
-                f"{self._name(i)}: {lay!r}" for i, lay in enumerate(layouts)))
-        return layouts[0]
+    def _common(self, attr: str, default: Any = None) -> Any:
+        """The engines' shared value of `attr` (the weight layout, the transport)."""
+        values = [getattr(e, attr, default) for e in self.engines]
+        if len(set(values)) > 1:
+            raise ValueError(f"engines disagree on the {attr.replace('_', ' ')}: " + ", ".join(
+                f"{self._name(i)}: {v!r}" for i, v in enumerate(values)))
+        return values[0]
 
     def _tagged(self, i: int, e: BaseException, also: Sequence[int] = ()) -> BaseException:
         """`e` with the engine's name in front, of e's type when that type takes one message."""
@@ -77,7 +83,8 @@ class EngineGroup:
 
     def _each(self, fn: Callable[[int], Any], indices: Sequence[int] | None = None) -> list:
         """fn(engine index) for the listed engines (all by default) concurrently; results in order. Every
-        call runs to its end; then the first failure (lowest index) is raised, naming its engine."""
+        call runs to its end; then the first failure (lowest index, an abort caused by another
+        engine's failure last) is raised, naming its engine."""
         indices = list(range(len(self.engines))) if indices is None else list(indices)
         if len(self.engines) == 1:
             return [fn(i) for i in indices]
@@ -92,9 +99,10 @@ class EngineGroup:
 
         with ThreadPoolExecutor(max(1, len(indices))) as pool:
             list(pool.map(call, indices))
-        if errors:
-            first = min(errors)
-            raise self._tagged(first, errors[first], sorted(errors)[1:]) from errors[first]
+        if errors:  # the cause first: an engine that stopped because another failed is not
+            first = min(errors, key=lambda i: (isinstance(errors[i], SyncAborted), i))
+            others = sorted(set(errors) - {first})
+            raise self._tagged(first, errors[first], others) from errors[first]
         return [results[i] for i in indices]
 
     # --- RolloutEngine --------------------------------------------------------------------------
@@ -155,6 +163,33 @@ class EngineGroup:
             first = min(errors)
             raise self._tagged(first, errors[first], sorted(errors)[1:]) from errors[first]
 
+    def receive_weights(self, stages, version: int, *, abort,
+                        join: GroupJoin | None = None) -> None:
+        """Every engine receives every broadcast (concurrently: each broadcast needs them all);
+        joining, engine e takes the ranks after those of the engines before it."""
+        offsets = [join.rank_offset if join is not None else 0]
+        for info in self._each(lambda i: self.engines[i].receiver_info())[:-1]:
+            offsets.append(offsets[-1] + info.ranks)
+
+        def one(i):
+            mine = None if join is None else dataclasses.replace(join, rank_offset=offsets[i])
+            self.engines[i].receive_weights(stages, version, abort=abort, join=mine)
+
+        self._each(one)
+
+    def receiver_info(self) -> ReceiverInfo:
+        """The engines as one receiver: all their ranks; the groups every one of them joined."""
+        infos = self._each(lambda i: self.engines[i].receiver_info())
+        backends = {info.backend for info in infos}
+        if len(backends) > 1:
+            raise ValueError(f"engines disagree on the weight-update group backend: {backends}")
+        return ReceiverInfo(infos[0].url, sum(info.ranks for info in infos), backends.pop(),
+                            max(info.timeout for info in infos),
+                            frozenset.intersection(*(info.joined for info in infos)))
+
+    def leave_weight_groups(self) -> None:
+        self._each(lambda i: self.engines[i].leave_weight_groups())
+
     def release_memory(self) -> None:
         self._each(lambda i: self.engines[i].release_memory())
 
@@ -180,7 +215,7 @@ class EngineGroup:
             return self.engines[0].restart()
         sick = [i for i, ok in enumerate(self.healths()) if not ok]
         self._each(lambda i: self.engines[i].restart(), sick or None)
-        self.weight_layout = self._common_layout()
+        self.weight_layout = self._common("weight_layout")
 
     # --- extras ---------------------------------------------------------------------------------
 

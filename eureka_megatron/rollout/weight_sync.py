@@ -6,6 +6,10 @@ mid-sync, the export is still drained to the end so the other ranks never hang, 
 agreed on by all ranks, and the engine is left at weight version None (it refuses to generate).
 `sync_with_restart` then restarts the engine and syncs again: no stale or half-updated weights
 are ever served, and the version the engine reports says which weights it holds.
+
+The engine's `weight_transport` picks the path: "tensor" (the default: the export's tensors are
+handed to the engine on its rank) or "distributed" (engines on GPUs of their own: each pipeline
+stage's sender broadcasts to them, weight_broadcast.py, with the same failure contract).
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from eureka_megatron.models.mapping import Mapping
 from eureka_megatron.rollout.buckets import bucket_by_bytes
+from eureka_megatron.rollout.weight_broadcast import WeightBroadcaster
 from eureka_megatron.rollout.weight_export import export_hf_weights
+from eureka_megatron.runtime.distributed import all_ranks_true, broadcast_object
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 
@@ -28,7 +33,7 @@ class SyncResult:
     version: int
     ok: bool
     seconds: float
-    bytes: int          # HF tensor bytes streamed to this rank's engine
+    bytes: int          # HF tensor bytes streamed to this rank's engine (broadcast: all stages)
     tensors: int
     attempts: int = 1
     error: str | None = None
@@ -51,21 +56,27 @@ class _Counted:
             yield name, t
 
 
-def _all_ranks_ok(ok: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def sync_weights(chunks: list[torch.nn.Module], mapping: Mapping, engine, version: int, *,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dest: str = "rank0") -> SyncResult:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dest: str = "rank0",
+                 broadcaster: WeightBroadcaster | None = None) -> SyncResult:
     """Collective: export the model's weights and load them into `engine` (on the ranks that
-    have one) as `version`. Returns the same `ok` on every rank."""
+    have one) as `version`. Returns the same `ok` on every rank.
+
+    broadcaster: this rank's `WeightBroadcaster` for engines whose transport is "distributed"
+        (it keeps the weight-update groups between syncs); without one, the groups live for
+        this sync only."""
     start = time.perf_counter()
+    transport = broadcast_object(getattr(engine, "weight_transport", "tensor")
+                                 if engine is not None else None)
+    if transport == "distributed":
+        own = broadcaster or WeightBroadcaster()
+        try:
+            out = own.sync(chunks, mapping, engine, version, bucket_bytes=bucket_bytes)
+        finally:
+            if broadcaster is None:
+                own.close(engine)
+        return SyncResult(version, out.ok, time.perf_counter() - start, out.bytes, out.tensors,
+                          error=out.error)
     counted = _Counted(export_hf_weights(chunks, mapping, dest=dest))
     stream = iter(counted)
     ok, error = True, None
@@ -76,7 +87,7 @@ def sync_weights(chunks: list[torch.nn.Module], mapping: Mapping, engine, versio
             ok, error = False, f"{type(e).__name__}: {e}"
     for _ in stream:  # keep the collective export in step with the other ranks
         pass
-    ok = _all_ranks_ok(ok)
+    ok = all_ranks_true(ok)
     if not ok and error is None:
         error = "an engine on another rank failed"
     return SyncResult(version, ok, time.perf_counter() - start, counted.bytes, counted.tensors,

@@ -61,6 +61,18 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_ranks_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank (the agreement after a collective
+    operation that may have failed on some ranks only)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

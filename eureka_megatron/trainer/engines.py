@@ -8,7 +8,8 @@ memory needs (servers given by URL must have been started with it when `cluster.
 true).
 
 Weights reach colocated engines as tensors (CUDA-IPC handles of the trainer's GPU) and engines on
-GPUs of their own by NCCL broadcast over a weight-update group (`rollout.weight_transport: auto`).
+GPUs of their own by NCCL broadcast from each pipeline stage's sender (`rollout.weight_transport:
+auto`; rollout/weight_broadcast.py). `distributed` forces the broadcast, over gloo on a CPU.
 `rollout.deterministic` launches servers with --enable-deterministic-inference, so seeded rollouts
 repeat and samples do not depend on the number of engines; a server given by URL must have been
 started with it.
@@ -35,8 +36,9 @@ def build_engine(cfg: RLConfig, hf_dir: Path):
 
 
 def weight_transport(cfg: RLConfig) -> str:
-    """auto: tensors to colocated engines; a broadcast group to engines on GPUs of their own
-    (on a machine without CUDA every engine is sent tensors: nothing to broadcast over NCCL)."""
+    """auto: tensors to colocated engines; broadcast groups to engines on GPUs of their own
+    (on a machine without CUDA every engine is sent tensors unless `distributed` is set, which
+    runs the broadcast over gloo)."""
     t = cfg.rollout.weight_transport
     if t != "auto":
         return t

@@ -310,3 +310,80 @@ def test_distributed_sync_through_sglangs_own_weight_update_group(app, tmp_path,
     assert paths.count("/init_weights_update_group") == 1
     updates = [obj for path, obj in app.requests if path == "/update_weights_from_distributed"]
     assert all(u.load_format == "flattened_bucket" for u in updates) and len(updates) >= 4
+
+
+# one group per pipeline stage, the sources in the trainer's process, the requests from our engine
+STAGES = """
+import sys, threading, torch
+from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket
+from eureka_megatron.rollout.engine import GroupJoin
+from eureka_megatron.rollout.sglang import SGLangEngine
+from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup
+from eureka_megatron.runtime.ports import free_port
+url, path = sys.argv[1], sys.argv[2]
+engine = SGLangEngine.connect(url, weight_transport="distributed", update_group_backend="gloo")
+names = ["eureka-pp0", "eureka-pp1"]
+join = GroupJoin(tuple((n, "127.0.0.1", free_port()) for n in names), 2, 1, "gloo")
+groups, errors = {}, []
+
+def sync(named, version, join):
+    half = len(named) // 2
+    flats = [[f for b in bucket_by_bytes(part, 256) for f in flatten_bucket(b)]
+             for part in (named[:half], named[half:])]
+    abort = threading.Event()
+
+    def receive():
+        try:
+            engine.receive_weights([(n, [f.metadata for f in fl]) for n, fl in zip(names, flats)],
+                                   version, abort=abort, join=join)
+        except Exception as e:
+            errors.append(e)
+
+    def send(s):
+        if join is not None:
+            groups[s] = WeightUpdateGroup("127.0.0.1", join.groups[s][2], 2,
+                                          group_name=names[s], backend="gloo", timeout=60)
+        for f in flats[s]:
+            groups[s].broadcast(f.tensor.view(torch.uint8)).wait()
+
+    threads = [threading.Thread(target=receive)] + [
+        threading.Thread(target=send, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not abort.is_set(), errors
+
+first, second = torch.load(path)
+sync(first, 5, join)
+sync(second, 6, None)  # the groups are kept between syncs
+print("synced", engine.weight_version, sorted(engine.receiver_info().joined), flush=True)
+"""
+
+
+def test_each_pipeline_stage_broadcasts_into_a_group_of_its_own(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    first, second = new_weights(app, seed=8), new_weights(app, seed=9)
+    torch.save((first, second), tmp_path / "named.pt")
+    handler = type("Forward", (_Forward,), {"app": app})
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        out = subprocess.run([sys.executable, "-c", STAGES,
+                              f"http://127.0.0.1:{front.server_address[1]}",
+                              str(tmp_path / "named.pt")],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        front.shutdown()
+    assert out.stdout.strip() == "synced 6 ['eureka-pp0', 'eureka-pp1']", out.stderr[-3000:]
+    assert_loaded(app, second)
+    assert app.weight_version == "6" and not app.session_open and not app.paused
+    inits = [obj for path, obj in app.requests if path == "/init_weights_update_group"]
+    assert [(i.group_name, i.rank_offset, i.world_size) for i in inits] == [
+        ("eureka-pp0", 1, 2), ("eureka-pp1", 1, 2)]
+    updates = [obj for path, obj in app.requests if path == "/update_weights_from_distributed"]
+    last_sync = updates[len(updates) // 2:]
+    groups = [u.group_name for u in last_sync]
+    assert groups == sorted(groups) and set(groups) == {"eureka-pp0", "eureka-pp1"}
+    assert [u.weight_version for u in last_sync] == [None] * (len(last_sync) - 1) + ["6"]
+    assert all(u.load_format == "flattened_bucket" for u in updates)

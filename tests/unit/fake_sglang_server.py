@@ -5,6 +5,10 @@ contract itself is checked against SGLang's own code in tests/sglang_api) over a
 tokens and log-probs depend on every tensor, so a test can tell which weights it serves. It
 decodes flattened buckets (SGLang's metadata class read as ours), tracks the weight version and the
 pause / memory state, records every call, and can fail (HTTP 400) or die mid-sync on request.
+With `join_groups=True` it really joins the weight-update groups it is asked to (one gloo member,
+built the way SGLang's `init_custom_process_group` builds it) and receives each
+/update_weights_from_distributed as one broadcast of the flat bytes, laid out as SGLang's
+`FlattenedTensorBucket.empty` lays them out; otherwise it only records the group names.
 Run as a process: `python -m tests.unit.fake_sglang_server --port P` (see `main`).
 """
 from __future__ import annotations
@@ -19,9 +23,12 @@ import pickle
 import sys
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from eureka_megatron.rollout.buckets import FlatTensorMeta, unflatten_bucket
 from eureka_megatron.rollout.sglang.payload import SGLANG_METADATA
@@ -109,7 +116,8 @@ class FakeSGLangServer:
     """Threaded fake; `start()` serves in a background thread, `url` is where."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, weight_version: str = "0",
-                 tp_size: int = 1, seed: int = 0, exit_on_death: bool = False):
+                 tp_size: int = 1, seed: int = 0, exit_on_death: bool = False,
+                 join_groups: bool = False):
         self.weights = initial_weights(seed)
         self.weight_version = weight_version
         self.tp_size = tp_size
@@ -119,6 +127,9 @@ class FakeSGLangServer:
         self.paused = False
         self.released: set[str] = set()
         self.groups: set[str] = set()
+        self.join_groups = join_groups
+        self.process_groups: dict[str, object] = {}  # joined for real (join_groups)
+        self.received: list[list[str]] = []  # names of each distributed update received
         self.session_open = False
         self.deterministic = False
         self.text_prompt_tokens: int | None = None  # meta_info.prompt_tokens of text prompts
@@ -146,6 +157,8 @@ class FakeSGLangServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        for name in list(self.process_groups):
+            self._leave(name)
 
     def die(self) -> None:
         if self.exit_on_death:
@@ -234,22 +247,86 @@ class FakeSGLangServer:
         return 200, {"success": True, "new_version": body["new_version"]}
 
     def ep_init_weights_update_group(self, body):
-        self.groups.add(body["group_name"])
+        name = body["group_name"]
+        if self.join_groups:
+            if body["rank_offset"] + self.tp_size != body["world_size"]:
+                return 400, {"success": False, "message": "a fake joins as the group's last rank"}
+            wait = timedelta(seconds=60)
+            store, rank, world = next(c10d.rendezvous(
+                f"tcp://{body['master_address']}:{body['master_port']}", body["rank_offset"],
+                body["world_size"], timeout=wait))
+            store.set_timeout(wait)
+            group, _ = c10d._new_process_group_helper(
+                world, rank, [], c10d.Backend(body["backend"]), c10d.PrefixStore(name, store),
+                group_name=name, timeout=wait)
+            c10d._world.pg_group_ranks[group] = {i: i for i in range(world)}
+            self.process_groups[name] = group
+        self.groups.add(name)
         return 200, {"success": True, "message": "Succeeded to initialize group."}
 
     def ep_destroy_weights_update_group(self, body):
-        self.groups.discard(body["group_name"])
+        self._leave(body["group_name"])
         return 200, {"success": True, "message": "Succeeded to destroy group."}
 
+    def _leave(self, name):
+        self.groups.discard(name)
+        group = self.process_groups.pop(name, None)
+        if group is not None:
+            dist.destroy_process_group(group)
+
     def ep_update_weights_from_distributed(self, body):
+        with self.lock:
+            k = self.buckets_seen
+            self.buckets_seen += 1
+        if self.join_groups and k == self.die_at_bucket:
+            for name in list(self.process_groups):
+                self._leave(name)
+            self.die()
+            return None, None
         refused = self._outside_session("update_weights_from_distributed")
         if refused:
             return refused
         if body["group_name"] not in self.groups:
             return 400, {"success": False, "message": f"group {body['group_name']} not found"}
+        if k == self.fail_at_bucket:
+            return 400, {"success": False, "message": "Failed to update weights: injected"}
+        if self.join_groups:
+            if body.get("load_format") != "flattened_bucket":
+                return 400, {"success": False, "message": f"load_format {body.get('load_format')}"}
+            try:
+                named = self._receive(body)
+            except RuntimeError as e:
+                return 400, {"success": False, "message": f"Failed to receive weights: {e}"}
+            with self.lock:
+                self.received.append([n for n, _ in named])
+                for name, t in named:
+                    error = self.load_tensor(name, t)
+                    if error:
+                        return 400, {"success": False, "message": error}
         if body.get("weight_version") is not None:
             self.weight_version = body["weight_version"]
         return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+    def _receive(self, body) -> list[tuple[str, torch.Tensor]]:
+        """One broadcast of the bucket's bytes, each tensor's right after the previous one's."""
+        spans, offset = [], 0
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            dtype = getattr(torch, dtype)
+            size = torch.Size(shape).numel() * dtype.itemsize
+            spans.append((name, dtype, shape, offset, offset + size))
+            offset += size
+        flat = torch.empty(offset, dtype=torch.uint8)
+        dist.broadcast(flat, src=0, group=self.process_groups[body["group_name"]])
+        return [(name, flat[a:b].view(dtype).view(shape).clone())
+                for name, dtype, shape, a, b in spans]
+
+    def load_tensor(self, name: str, t: torch.Tensor) -> str | None:
+        """Take a synced tensor into the served weights; the refusal message, if any."""
+        old = self.weights.get(name)
+        if old is None or old.shape != t.shape or old.dtype != t.dtype:
+            return f"cannot load {name} {t.dtype} {tuple(t.shape)}"
+        self.weights[name] = t.clone()
+        return None
 
     def ep_update_weights_from_tensor(self, body):
         with self.lock:
@@ -273,11 +350,9 @@ class FakeSGLangServer:
             for other in per_rank[1:]:  # a replicated bucket: every rank gets the same tensors
                 assert [n for n, _ in other] == [n for n, _ in per_rank[0]]
             for name, t in per_rank[0]:
-                old = self.weights.get(name)
-                if old is None or old.shape != t.shape or old.dtype != t.dtype:
-                    return 400, {"success": False, "message": f"cannot load {name} {t.dtype} "
-                                 f"{tuple(t.shape)}"}
-                self.weights[name] = t.clone()
+                error = self.load_tensor(name, t)
+                if error:
+                    return 400, {"success": False, "message": error}
             if body.get("weight_version") is not None:
                 self.weight_version = body["weight_version"]
         return 200, {"success": True, "message": "Success"}

@@ -7,6 +7,8 @@ threads; real processes for restart), and the SGLang engine construction of the 
 - update_weights reads the bucket stream once, holds about one bucket at a time, and loads every
   bucket into every server under the same version; a failing engine is named and the others
   still get the whole stream.
+- receive_weights (the broadcast transport): every engine joins each group, its ranks after the
+  previous engines', and receives every broadcast; a refusal anywhere raises the sync's abort.
 - release / resume / health fan out; a dead server's errors name its index; restart replaces
   only the dead engine.
 """
@@ -14,6 +16,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import weakref
 
 import pytest
@@ -22,8 +25,8 @@ import torch
 from eureka_megatron.config import ConfigError
 from eureka_megatron.config import load_rl_config
 from eureka_megatron.rollout import factory as engine_factory
-from eureka_megatron.rollout.buckets import bucket_by_bytes
-from eureka_megatron.rollout.engine import (EngineDeadError, Prompt, RolloutEngine,
+from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket
+from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, Prompt, RolloutEngine,
                                             SamplingParams, StaleWeightsError)
 from eureka_megatron.rollout.engine_group import EngineGroup, _slices
 from eureka_megatron.rollout.sglang import SGLangEngine
@@ -150,6 +153,32 @@ def test_a_failing_bucket_stream_aborts_every_engine(group, servers):
     with pytest.raises(OSError, match="export failed"):
         group.update_weights(broken(), version=4)
     assert [e.weight_version for e in group.engines] == [None, None, None]
+
+
+def test_receive_weights_joins_every_engine_after_the_others(group, servers):
+    for e in group.engines:
+        e.weight_transport = "distributed"
+    group = EngineGroup(group.engines)
+    assert group.weight_transport == "distributed"
+    assert group.receiver_info().ranks == 3
+    metas = [f.metadata for b in bucket_by_bytes(list(initial_weights(seed=2).items()), 40)
+             for f in flatten_bucket(b)]
+    join = GroupJoin((("eureka-pp0", "10.0.0.1", 29600),), world_size=4, rank_offset=1,
+                     backend="gloo")
+    abort = threading.Event()
+    group.receive_weights([("eureka-pp0", metas)], 3, abort=abort, join=join)
+    inits = [[b for _, p, b in s.calls if p == "/init_weights_update_group"] for s in servers[:3]]
+    assert [[(b["rank_offset"], b["world_size"]) for b in i] for i in inits] == [
+        [(1, 4)], [(2, 4)], [(3, 4)]]
+    assert group.weight_version == 3 and group.receiver_info().joined == {"eureka-pp0"}
+    servers[1].fail_at_bucket = servers[1].buckets_seen  # engine 1 refuses its first update
+    with pytest.raises(RuntimeError, match=r"engine 1 of 3.*injected"):
+        group.receive_weights([("eureka-pp0", metas)], 4, abort=abort)
+    assert abort.is_set() and group.weight_version is None
+    group.leave_weight_groups()
+    assert group.receiver_info().joined == frozenset() and not any(s.groups for s in servers)
+    with pytest.raises(ValueError, match="weight transport"):
+        EngineGroup([group.engines[0], connect(servers[3])])
 
 
 def test_weight_version_is_the_lowest(group):

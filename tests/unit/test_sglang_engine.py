@@ -8,6 +8,7 @@ against SGLang's own server app in tests/sglang_api.
 """
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ import torch
 
 from eureka_megatron.rollout import buckets
 from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket, unflatten_bucket
-from eureka_megatron.rollout.engine import (EngineDeadError, Prompt, RolloutEngine,
-                                            SamplingParams, StaleWeightsError)
+from eureka_megatron.rollout.bucket_stream import SyncAborted
+from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, Prompt, ReceiverInfo,
+                                            RolloutEngine, SamplingParams, StaleWeightsError)
 from eureka_megatron.rollout.sglang import (PromptMismatchError, SGLangEngine, SGLangHTTPError,
                                             SGLangRefused, engine as sglang_engine, flags,
                                             process, server_flags, validate_server_flags)
@@ -364,6 +366,43 @@ def test_distributed_control_bodies(engine, server):
     engine.begin_weight_update()
     with pytest.raises(SGLangRefused, match="not found"):
         engine.update_weights_from_distributed(["a"], ["float32"], [[1]], group_name="g")
+
+
+def test_receive_weights_is_one_session_over_every_group_version_last(engine, server):
+    engine.weight_transport = "distributed"
+    metas = [flat.metadata for b in bucket_by_bytes(new_weights(seed=1), 40)
+             for flat in flatten_bucket(b)]
+    stages = [("eureka-pp0", metas[:2]), ("eureka-pp1", metas[2:])]
+    join = GroupJoin((("eureka-pp0", "10.0.0.1", 29600), ("eureka-pp1", "10.0.0.2", 29601)),
+                     world_size=3, rank_offset=1, backend="gloo")
+    abort = threading.Event()
+    engine.receive_weights(stages, 4, abort=abort, join=join)
+    assert engine.weight_version == 4 and server.weight_version == "4" and not abort.is_set()
+    assert engine.receiver_info() == ReceiverInfo(server.url, 1, "gloo", 600.0,
+                                                  frozenset({"eureka-pp0", "eureka-pp1"}))
+    calls = [(path, body) for _, path, body in server.calls if "weight" in path]
+    assert [p for p, _ in calls] == (["/init_weights_update_group"] * 2 + ["/begin_weight_update"]
+                                     + ["/update_weights_from_distributed"] * len(metas)
+                                     + ["/end_weight_update"])
+    assert [b["master_address"] for p, b in calls[:2]] == ["10.0.0.1", "10.0.0.2"]
+    updates = [b for p, b in calls if p == "/update_weights_from_distributed"]
+    assert [u["group_name"] for u in updates] == ["eureka-pp0"] * 2 + ["eureka-pp1"] * (
+        len(metas) - 2)
+    assert [u.get("weight_version") for u in updates] == [None] * (len(metas) - 1) + ["4"]
+    assert sorted(n for u in updates for n in u["names"]) == sorted(initial_weights(1))
+
+    server.fail_at_bucket = server.buckets_seen + 1  # the second request is refused
+    with pytest.raises(SGLangRefused, match="injected"):
+        engine.receive_weights(stages, 5, abort=abort)
+    assert abort.is_set() and engine.weight_version is None and not server.session_open
+    abort.clear()
+    seen = server.buckets_seen
+    abort.set()  # a source failed: not one more request
+    with pytest.raises(SyncAborted):
+        engine.receive_weights(stages, 5, abort=abort)
+    assert server.buckets_seen == seen and engine.weight_version is None
+    engine.leave_weight_groups()
+    assert server.groups == set() and engine.receiver_info().joined == frozenset()
 
 
 def test_http_errors_and_dead_urls():

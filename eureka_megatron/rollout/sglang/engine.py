@@ -19,10 +19,12 @@ outside a session; a session is closed again when a sync fails, so the next one 
 - transport "tensor" (colocated, slime's path): per bucket and dtype one fresh flat buffer,
   serialized (CUDA tensors as IPC handles, CPU tensors by value; payload.py) and posted with
   load_format="flattened_bucket".
-- transport "distributed" (engines on GPUs of their own): the trainer joins the engine's
-  weight-update group (update_group.py) once, then per bucket and dtype posts
-  /update_weights_from_distributed (load_format="flattened_bucket") and broadcasts the flat
-  buffer's bytes over the group while SGLang receives them.
+- transport "distributed" (engines on GPUs of their own): per bucket and dtype one
+  /update_weights_from_distributed (load_format="flattened_bucket") while the group's source
+  broadcasts the flat buffer's bytes. The source is another process -- one sender per pipeline
+  stage, each with a group of its own (`receive_weights`, driven by rollout/weight_broadcast.py:
+  the trainer's ranks) -- or this one (`update_weights`: the trainer end of one group is built
+  here, update_group.py). Groups are kept between syncs and left after a failure.
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from eureka_megatron.rollout.buckets import flatten_bucket
-from eureka_megatron.rollout.engine import (EngineDeadError, NamedTensors, Prompt, Sample,
-                                            SamplingParams, StaleWeightsError)
+from eureka_megatron.rollout.bucket_stream import SyncAborted
+from eureka_megatron.rollout.buckets import FlatTensorMeta, flatten_bucket
+from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, NamedTensors, Prompt,
+                                            ReceiverInfo, Sample, SamplingParams,
+                                            StaleWeightsError)
 from eureka_megatron.rollout.sglang.flags import (DETERMINISTIC_FLAG, WEIGHTS_BACKUP_FLAG,
                                                   server_flags, validate_server_flags)
 from eureka_megatron.rollout.sglang.http import (SGLangHTTP, SGLangHTTPError, SGLangRefused,
@@ -48,7 +52,8 @@ from eureka_megatron.rollout.sglang.payload import serialize_flat_bucket
 from eureka_megatron.rollout.sglang.process import ServerProcess
 from eureka_megatron.rollout.sglang.prompts import (FAMILY_OF_MODEL_TYPE, RequestAborted,
                                                     generate_body, parse_sample)
-from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup, address_facing
+from eureka_megatron.rollout.sglang.update_group import (DEFAULT_GROUP_NAME, WeightUpdateGroup,
+                                                         address_facing)
 from eureka_megatron.runtime.ports import free_port
 
 ALL_MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's memory-saver tags
@@ -92,7 +97,8 @@ class SGLangEngine:
         self._version = weight_version
         self._released: set[str] = set()
         self._paused_by_us = False          # a sync of this engine holds the server paused
-        self._update_group: WeightUpdateGroup | None = None  # the distributed transport's
+        self._update_group: WeightUpdateGroup | None = None  # a source in this process
+        self._groups: set[str] = set()      # weight-update groups the server has joined
         self._lock = threading.Lock()       # version / memory state
         self._sync_lock = threading.Lock()  # one weight update at a time
 
@@ -201,14 +207,11 @@ class SGLangEngine:
         Transport "tensor": every engine TP rank receives the same payload, right for TP=1 and
         for CPU tensors; CUDA tensors go as IPC handles of this process's GPU. Each flat buffer
         is dropped as soon as the server has loaded it (at most one alive at a time)."""
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        _check_version(version)
         flats = (flat for bucket in buckets if bucket for flat in flatten_bucket(bucket))
         with self._sync_lock:
             self._set_version(None)  # from here until the commit, whatever happens
-            if "weights" in self._released:
-                raise RuntimeError(f"{self.url}: weights are released; "
-                                   "resume_memory(['weights']) before update_weights")
+            self._check_weights_held()
             first = next(flats, None)
             if first is None:
                 raise ValueError("update_weights got no tensors")
@@ -221,6 +224,59 @@ class SGLangEngine:
                     send(cur, version if nxt is None else None)
                     cur = nxt  # the sent buffer is referenced by nobody now
             self._set_version(version)
+
+    def receive_weights(self, stages: Sequence[tuple[str, Sequence[Sequence[FlatTensorMeta]]]],
+                        version: int, *, abort, join: GroupJoin | None = None) -> None:
+        """Load `version` from broadcasts by sources in other processes, in one session:
+        `stages` is, per weight-update group, the metadata of each flat buffer its source
+        broadcasts, in the order it sends them; groups are served one after the other and the
+        version goes with the very last buffer, so it is committed only when every group's
+        buffers have landed. `join`: join these groups first (each request waits until its
+        source has joined too). `abort` (`is_set()` / `set()`, shared with the sources): checked
+        before every request and set on any failure, so the sources stop waiting for us."""
+        _check_version(version)
+        requests = [(name, metas) for name, per_group in stages for metas in per_group]
+        with self._sync_lock:
+            self._set_version(None)
+            try:
+                self._check_weights_held()
+                if not requests:
+                    raise ValueError("receive_weights got no tensors")
+                if join is not None:
+                    for name, address, port in join.groups:
+                        self.init_weight_update_group(address, port, join.rank_offset,
+                                                      join.world_size, name, join.backend)
+                        self._groups.add(name)
+                with self._session(version):
+                    for k, (name, metas) in enumerate(requests):
+                        if abort.is_set():
+                            raise SyncAborted(f"{self.url}: the weight sync failed elsewhere")
+                        last = k == len(requests) - 1
+                        self.update_weights_from_distributed(
+                            [m.name for m in metas], [m.dtype for m in metas],
+                            [m.shape for m in metas], group_name=name,
+                            version=version if last else None)
+            except BaseException:
+                abort.set()
+                raise
+            self._set_version(version)
+
+    def receiver_info(self) -> ReceiverInfo:
+        return ReceiverInfo(self.url, self.tp_size, self._group_backend(), self.control_timeout,
+                            frozenset(self._groups))
+
+    def leave_weight_groups(self) -> None:
+        """Drop this engine's weight-update groups (a source built here included), on both
+        ends; a server that is gone has none left to drop."""
+        group, self._update_group = self._update_group, None
+        if group is not None:
+            group.destroy()
+        for name in sorted(self._groups):
+            try:
+                self.destroy_weight_update_group(name)
+            except (EngineDeadError, SGLangHTTPError, SGLangRefused):
+                pass  # a restarted or dead server has no group to destroy
+        self._groups.clear()
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Free GPU memory (None = all of weights, kv_cache, cuda_graph); needs the server started
@@ -265,7 +321,7 @@ class SGLangEngine:
         process launched is killed and started again; a server we connected to is kept: its
         weight-update group and any session a failed sync left open are closed, and it must
         answer /health."""
-        self._drop_update_group()
+        self.leave_weight_groups()
         with self._lock:
             self._version = None
         if self.process is None:
@@ -280,7 +336,7 @@ class SGLangEngine:
 
     def shutdown(self) -> None:
         """Stop the server if this process launched it."""
-        self._drop_update_group()
+        self.leave_weight_groups()
         if self.process is not None:
             self.process.kill()
 
@@ -341,7 +397,7 @@ class SGLangEngine:
         self.http.checked("/end_weight_update", {}, timeout=self.control_timeout)
 
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
-                                 world_size: int, group_name: str = "weight_update_group",
+                                 world_size: int, group_name: str = DEFAULT_GROUP_NAME,
                                  backend: str = "nccl") -> None:
         """Make the engine's TP ranks join a group with the trainer's source rank (rank 0;
         engine rank r joins as rank_offset + r). The trainer's side (update_group.py) must
@@ -353,7 +409,7 @@ class SGLangEngine:
 
     def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[Any],
                                         shapes: Sequence[Sequence[int]], *,
-                                        group_name: str = "weight_update_group",
+                                        group_name: str = DEFAULT_GROUP_NAME,
                                         version: int | None = None,
                                         load_format: str | None = "flattened_bucket") -> None:
         """One bucket of a distributed update, inside a session: the engine allocates these
@@ -369,7 +425,7 @@ class SGLangEngine:
         self.http.checked("/update_weights_from_distributed", body,
                           timeout=self.request_timeout)
 
-    def destroy_weight_update_group(self, group_name: str = "weight_update_group") -> None:
+    def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP_NAME) -> None:
         self.http.checked("/destroy_weights_update_group", {"group_name": group_name},
                           timeout=self.control_timeout)
 
@@ -378,6 +434,14 @@ class SGLangEngine:
     def _set_version(self, version: int | None) -> None:
         with self._lock:
             self._version = version
+
+    def _check_weights_held(self) -> None:
+        if "weights" in self._released:
+            raise RuntimeError(f"{self.url}: weights are released; "
+                               "resume_memory(['weights']) before a weight sync")
+
+    def _group_backend(self) -> str:
+        return self.update_group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
 
     @contextmanager
     def _session(self, version: int):
@@ -430,14 +494,14 @@ class SGLangEngine:
             try:
                 answer.result()
             except BaseException:
-                self._drop_update_group()  # a refused receive leaves our broadcast unmatched
+                self.leave_weight_groups()  # a refused receive leaves our broadcast unmatched
                 raise
             work.wait()
 
     def _ensure_update_group(self) -> WeightUpdateGroup:
         if self._update_group is not None:
             return self._update_group
-        backend = self.update_group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = self._group_backend()
         address = address_facing(self.url)
         port = WeightUpdateGroup.pick_port(address)
         with ThreadPoolExecutor(1) as pool:
@@ -451,17 +515,8 @@ class SGLangEngine:
                 group.destroy()
                 raise
         self._update_group = group
+        self._groups.add(group.group_name)
         return group
-
-    def _drop_update_group(self) -> None:
-        group, self._update_group = self._update_group, None
-        if group is None:
-            return
-        group.destroy()
-        try:
-            self.destroy_weight_update_group(group.group_name)
-        except (EngineDeadError, SGLangHTTPError, SGLangRefused):
-            pass  # a restarted or dead server has no group to destroy
 
     def _get_current(self, path: str, deprecated: str) -> dict:
         """GET a route, falling back to its deprecated name on servers older than 0.5.23."""
@@ -482,6 +537,11 @@ class SGLangEngine:
             return True
         except (EngineDeadError, SGLangHTTPError):
             return False
+
+
+def _check_version(version) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be an int >= 0, got {version!r}")
 
 
 def family_of_checkpoint(model_path: str | Path) -> str | None:

@@ -61,7 +61,13 @@ class WeightUpdateGroup:
         """Start sending `tensor` to every engine rank (returns the pending work)."""
         return dist.broadcast(tensor, src=0, group=self.group, async_op=True)
 
-    def destroy(self) -> None:
+    def destroy(self, abort: bool = False) -> None:
+        """Leave the group. abort: a broadcast may still be pending (a failed sync): an NCCL
+        communicator is aborted first, which ends it (a gloo one ends when the engine's side of
+        the group goes)."""
         group, self.group = self.group, None
-        if group is not None:
-            dist.destroy_process_group(group)
+        if group is None:
+            return
+        if abort and self.backend == "nccl":
+            group.abort()
+        dist.destroy_process_group(group)
