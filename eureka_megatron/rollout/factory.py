@@ -66,9 +66,10 @@ def build_engine(kind: str, hf_dir: Path, *, dtype: str = "auto", device: str | 
                                   deterministic=deterministic)
     elif placed is not None and placed[0].engine_bundles:
         layout, pg = placed
-        # the engine actor gets each bucket through Ray and posts it to its server as tensors
+        # tensors: each bucket goes through Ray to the actor, which posts it to its server;
+        # distributed: the trainer's senders broadcast to the server's GPUs, the actor posts
         engines = ray_engine.place_engines(layout, pg, SGLANG_FACTORY,
-                                           dict(launch, weight_transport="tensor"),
+                                           {"weight_transport": "tensor", **launch},
                                            launch.get("tp", 1), timeout=ENGINE_CALL_TIMEOUT)
     else:
         engines = launch_local_engines(launch, engine_gpus())

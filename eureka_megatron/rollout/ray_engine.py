@@ -13,12 +13,19 @@ own `update_weights` from a thread (`begin_update` / `load_bucket` / `finish_upd
 `bucket_stream.BucketFeed`), so the engine's checks apply unchanged; if the trainer's bucket
 stream or the engine fails half-way, the engine's sync is aborted (`SyncAborted`) and it is left
 at weight version None, exactly like a local engine.
+An engine whose transport is "distributed" receives by broadcast straight from the trainer's
+ranks instead (rollout/weight_broadcast.py); the actor runs its `receive_weights` in a thread
+(`begin_receive` / `receive_done` / `abort_receive`), `RemoteEngine.receive_weights` polls it and
+carries the sync's abort flag both ways.
 Ray is imported lazily.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pkgutil
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from eureka_megatron.rollout.bucket_stream import BucketFeed
@@ -27,6 +34,9 @@ from eureka_megatron.runtime.placement import bundle_gpu_ids, bundle_nodes, bund
 
 if TYPE_CHECKING:  # the actor side imports no torch until the engine's factory does
     from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
+
+
+RECEIVE_POLL_S = 0.05  # how often RemoteEngine.receive_weights asks its actor
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
@@ -52,6 +62,7 @@ class EngineActor:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in visible_devices)
         self.engine = resolve_factory(factory)(**(kwargs or {}))
         self._sync: BucketFeed | None = None
+        self._receiving: tuple[threading.Thread, threading.Event, dict] | None = None
         self.last_sync_buckets = 0
 
     # --- protocol -------------------------------------------------------------------------------
@@ -61,6 +72,9 @@ class EngineActor:
 
     def weight_version(self) -> int | None:
         return self.engine.weight_version
+
+    def weight_transport(self) -> str:
+        return getattr(self.engine, "weight_transport", "tensor")
 
     def generate(self, prompts: list[Prompt], n: int, sampling: SamplingParams) -> list[Sample]:
         return self.engine.generate(prompts, n, sampling)
@@ -80,6 +94,7 @@ class EngineActor:
 
     def restart(self) -> None:
         self.abort_update()
+        self.abort_receive()
         self.engine.restart()
 
     # --- streamed sync --------------------------------------------------------------------------
@@ -113,6 +128,39 @@ class EngineActor:
             self.last_sync_buckets = sync.buckets
             sync.end(abort=True)
             sync.wait(timeout=60.0)
+
+    # --- broadcast sync ---------------------------------------------------------------------------
+
+    def begin_receive(self, stages, version: int, join=None) -> None:
+        """The engine's receive_weights, in a thread (it waits on the trainer's broadcasts)."""
+        abort, box = threading.Event(), {}
+
+        def run():
+            try:
+                self.engine.receive_weights(stages, version, abort=abort, join=join)
+            except BaseException as e:  # noqa: BLE001 -- raised by receive_done
+                box["error"] = e
+
+        thread = threading.Thread(target=run, daemon=True, name=f"weight-receive-v{version}")
+        self._receiving = (thread, abort, box)
+        thread.start()
+
+    def receive_done(self) -> bool:
+        """False while receiving; True once done; the engine's error if it failed."""
+        if self._receiving is None:
+            raise RuntimeError("receive_done without begin_receive")
+        thread, _, box = self._receiving
+        if thread.is_alive():
+            return False
+        self._receiving = None
+        if "error" in box:
+            raise box["error"]
+        return True
+
+    def abort_receive(self) -> None:
+        """The sync failed elsewhere: the engine sends no further request."""
+        if self._receiving is not None:
+            self._receiving[1].set()
 
     # --- extras ---------------------------------------------------------------------------------
 
@@ -161,6 +209,7 @@ class RemoteEngine:
         self._respawn = respawn
         self.name = name or f"engine actor {handle._actor_id.hex()[:12]}"
         self.weight_layout: str = self._call("weight_layout")  # also waits for the engine to build
+        self.weight_transport: str = self._call("weight_transport")
 
     def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
         import ray
@@ -211,6 +260,34 @@ class RemoteEngine:
                 pass
             raise
 
+    def receive_weights(self, stages, version: int, *, abort, join=None) -> None:
+        """The engine receives the trainer's broadcasts in its actor; `abort` (the sync's flag)
+        is passed on to it while it runs, and set here if it fails."""
+        try:
+            self._call("begin_receive", stages, version, join)
+            while not self._call("receive_done", timeout=self.health_timeout):
+                if abort.is_set():
+                    self._call("abort_receive", timeout=self.health_timeout)
+                time.sleep(RECEIVE_POLL_S)
+        except BaseException:
+            abort.set()
+            raise
+
+    def receiver_info(self):
+        """The engine's, with the actor's node for its address: the trainer's senders must offer
+        an address that node reaches (its server may listen on loopback only)."""
+        info = self._call("call", "receiver_info")
+        ip = self.node_info()["ip"]
+        return dataclasses.replace(info, url=f"http://[{ip}]" if ":" in ip else f"http://{ip}")
+
+    def leave_weight_groups(self) -> None:
+        from eureka_megatron.rollout.engine import EngineDeadError
+
+        try:
+            self._call("call", "leave_weight_groups", timeout=self.health_timeout)
+        except EngineDeadError:
+            pass  # a dead actor's server has no group left to leave
+
     def release_memory(self) -> None:
         self._call("release_memory")
 
@@ -259,6 +336,7 @@ class RemoteEngine:
             pass
         self.handle = self._respawn()
         self.weight_layout = self._call("weight_layout")
+        self.weight_transport = self._call("weight_transport")
 
     # --- extras ---------------------------------------------------------------------------------
 

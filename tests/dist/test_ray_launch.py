@@ -4,10 +4,18 @@ launch_on_ray keeps runtime.launcher.launch's contract (rank order, RankError wi
 rank's traceback, no hang, everything removed afterwards) and its env vars bring up gloo through
 init_distributed; GPU bundles give each rank its own GPU, disaggregated engines other GPUs and
 colocated engines the trainer's; RemoteEngine is indistinguishable from a local HFEngine
-(samples, streamed weight updates, half-done syncs) and reports a killed actor as dead.
+(samples, streamed weight updates, half-done syncs) and reports a killed actor as dead; an SGLang
+engine in an actor receives the trainer's broadcast (the disaggregated transport) and honours the
+sync's abort flag.
 """
+import json
 import os
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +23,13 @@ import torch
 pytest.importorskip("ray")
 import ray  # noqa: E402
 
-from eureka_megatron.rollout.engine import EngineDeadError, SamplingParams, StaleWeightsError  # noqa: E402
+from eureka_megatron.rollout.bucket_stream import SyncAborted  # noqa: E402
+from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket  # noqa: E402
+from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, SamplingParams,  # noqa: E402
+                                            StaleWeightsError)
+from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup, address_facing  # noqa: E402
+from eureka_megatron.runtime.ports import free_port  # noqa: E402
+from tests.unit.fake_sglang_server import initial_weights, tensor_digest  # noqa: E402
 from eureka_megatron.rollout.hf_engine import HFEngine, WeightSyncError  # noqa: E402
 from eureka_megatron.rollout.ray_engine import RemoteEngine, spawn_engine  # noqa: E402
 from eureka_megatron.runtime.errors import RankError  # noqa: E402
@@ -26,6 +40,7 @@ from tests.dist.ray_helpers import (allreduce_rank, die_on_rank0, fail_on_rank1,
                                     where_am_i)
 
 FACTORIES = "tests.dist.ray_helpers"
+REPO = Path(__file__).resolve().parents[2]
 CPUS, GPUS = 4, 4
 
 
@@ -45,6 +60,14 @@ def eventually(cond, timeout=20.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
 
 
 def wait_all_free():
@@ -234,6 +257,60 @@ def test_remote_engine_without_respawn_cannot_restart_a_dead_actor():
     assert eventually(lambda: not remote.health())
     with pytest.raises(EngineDeadError, match="cannot be respawned"):
         remote.restart()
+
+
+def test_remote_engine_receives_the_trainers_broadcast():
+    """An SGLang engine in an actor (the server a fake process that really joins the group),
+    the source here: the actor's engine posts the requests, the bytes come straight from us."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tests.unit.fake_sglang_server", "--port",
+                               str(port), "--join-groups"], cwd=REPO)
+    remote = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert eventually(lambda: answers(f"{url}/health"), timeout=60)
+        remote = spawn_engine("eureka_megatron.rollout.sglang:SGLangEngine.connect",
+                              {"url": url, "weight_transport": "distributed"}, num_cpus=0,
+                              timeout=120)
+        assert remote.weight_transport == "distributed"
+        info = remote.receiver_info()
+        assert info.url == f"http://{remote.node_info()['ip']}" and info.ranks == 1
+        sent = list(initial_weights(seed=3).items())
+        flats = [f for b in bucket_by_bytes(sent, 40) for f in flatten_bucket(b)]
+        stages = [("eureka-pp0", [f.metadata for f in flats])]
+        address = address_facing(info.url)
+        join = GroupJoin((("eureka-pp0", address, free_port(address)),), 2, 1, "gloo")
+        abort, errors = threading.Event(), []
+
+        def receive(version, join):
+            try:
+                remote.receive_weights(stages, version, abort=abort, join=join)
+            except Exception as e:  # noqa: BLE001 -- asserted below
+                errors.append(e)
+
+        receiver = threading.Thread(target=receive, args=(3, join))
+        receiver.start()
+        group = WeightUpdateGroup(address, join.groups[0][2], 2, group_name="eureka-pp0",
+                                  backend="gloo", timeout=60)
+        for f in flats:
+            group.broadcast(f.tensor.view(torch.uint8)).wait()
+        receiver.join()
+        assert not errors and not abort.is_set() and remote.weight_version == 3
+        assert remote.call("model_info")["weight_version"] == "3"
+        state = json.load(urllib.request.urlopen(f"{url}/fake_state"))
+        assert state["weights"] == {n: tensor_digest(t) for n, t in sent}
+
+        abort.set()  # the sync failed elsewhere: the actor's engine sends no request
+        receive(4, None)
+        assert isinstance(errors[-1], SyncAborted) and remote.weight_version is None
+        remote.leave_weight_groups()
+        group.destroy()
+        assert remote.receiver_info().joined == frozenset()
+    finally:
+        if remote is not None:
+            remote.kill()
+        server.kill()
+        server.wait()
 
 
 def test_bad_factory_is_reported():

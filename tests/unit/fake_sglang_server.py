@@ -428,6 +428,7 @@ def main(argv=None) -> None:
     p.add_argument("--startup-delay", type=float, default=0.0)
     p.add_argument("--fail-on-start", default=None, help="print this and exit 3 before serving")
     p.add_argument("--die-at-bucket", type=int, default=None)
+    p.add_argument("--join-groups", action="store_true", help="join weight-update groups for real")
     args = p.parse_args(argv)
     print(f"fake sglang server starting on {args.host}:{args.port}", flush=True)
     if args.fail_on_start:
@@ -435,7 +436,8 @@ def main(argv=None) -> None:
         sys.exit(3)
     time.sleep(args.startup_delay)
     server = FakeSGLangServer(args.host, args.port, weight_version=args.weight_version,
-                              tp_size=args.tp_size, exit_on_death=True)
+                              tp_size=args.tp_size, exit_on_death=True,
+                              join_groups=args.join_groups)
     server.die_at_bucket = args.die_at_bucket
     server.httpd.serve_forever()
 

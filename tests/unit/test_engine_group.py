@@ -301,9 +301,13 @@ def test_under_the_ray_launcher_engines_are_placed_in_its_group(servers, tmp_pat
     ((lay, pg, factory, kwargs, gpus),) = placed
     assert (lay, pg, factory, gpus) == (layout, "the-pg", engine_factory.SGLANG_FACTORY, 2)
     assert kwargs["mem_fraction_static"] == 0.5 and kwargs["tp"] == 2
+    assert kwargs["weight_transport"] == "tensor"  # auto, here: through Ray to the actor
     from eureka_megatron.rollout.ray_engine import resolve_factory
 
     assert resolve_factory(factory) == SGLangEngine.launch
+    cfg.rollout.weight_transport = "distributed"  # the trainer's senders broadcast to them
+    run_engines.build_engine(cfg, tmp_path)
+    assert placed[-1][3]["weight_transport"] == "distributed"
 
 
 def test_local_engine_gpus_and_launch_arguments(tmp_path):
