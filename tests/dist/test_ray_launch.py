@@ -25,8 +25,8 @@ import ray  # noqa: E402
 
 from eureka_megatron.rollout.bucket_stream import SyncAborted  # noqa: E402
 from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket  # noqa: E402
-from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, SamplingParams,  # noqa: E402
-                                            StaleWeightsError)
+from eureka_megatron.rollout.engine import (BroadcastReceiver, EngineDeadError,  # noqa: E402
+                                            GroupJoin, SamplingParams, StaleWeightsError)
 from eureka_megatron.rollout.sglang.update_group import WeightUpdateGroup, address_facing  # noqa: E402
 from eureka_megatron.runtime.ports import free_port  # noqa: E402
 from tests.unit.fake_sglang_server import initial_weights, tensor_digest  # noqa: E402
@@ -272,7 +272,7 @@ def test_remote_engine_receives_the_trainers_broadcast():
         remote = spawn_engine("eureka_megatron.rollout.sglang:SGLangEngine.connect",
                               {"url": url, "weight_transport": "distributed"}, num_cpus=0,
                               timeout=120)
-        assert remote.weight_transport == "distributed"
+        assert remote.weight_transport == "distributed" and isinstance(remote, BroadcastReceiver)
         info = remote.receiver_info()
         assert info.url == f"http://{remote.node_info()['ip']}" and info.ranks == 1
         sent = list(initial_weights(seed=3).items())

@@ -26,8 +26,8 @@ from eureka_megatron.config import ConfigError
 from eureka_megatron.config import load_rl_config
 from eureka_megatron.rollout import factory as engine_factory
 from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket
-from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, Prompt, RolloutEngine,
-                                            SamplingParams, StaleWeightsError)
+from eureka_megatron.rollout.engine import (BroadcastReceiver, EngineDeadError, GroupJoin, Prompt,
+                                            RolloutEngine, SamplingParams, StaleWeightsError)
 from eureka_megatron.rollout.engine_group import EngineGroup, _slices
 from eureka_megatron.rollout.sglang import SGLangEngine
 from eureka_megatron.trainer import engines as run_engines
@@ -159,7 +159,7 @@ def test_receive_weights_joins_every_engine_after_the_others(group, servers):
     for e in group.engines:
         e.weight_transport = "distributed"
     group = EngineGroup(group.engines)
-    assert group.weight_transport == "distributed"
+    assert group.weight_transport == "distributed" and isinstance(group, BroadcastReceiver)
     assert group.receiver_info().ranks == 3
     metas = [f.metadata for b in bucket_by_bytes(list(initial_weights(seed=2).items()), 40)
              for f in flatten_bucket(b)]

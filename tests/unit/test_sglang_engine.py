@@ -17,8 +17,9 @@ import torch
 from eureka_megatron.rollout import buckets
 from eureka_megatron.rollout.buckets import bucket_by_bytes, flatten_bucket, unflatten_bucket
 from eureka_megatron.rollout.bucket_stream import SyncAborted
-from eureka_megatron.rollout.engine import (EngineDeadError, GroupJoin, Prompt, ReceiverInfo,
-                                            RolloutEngine, SamplingParams, StaleWeightsError)
+from eureka_megatron.rollout.engine import (BroadcastReceiver, EngineDeadError, GroupJoin, Prompt,
+                                            ReceiverInfo, RolloutEngine, SamplingParams,
+                                            StaleWeightsError)
 from eureka_megatron.rollout.sglang import (PromptMismatchError, SGLangEngine, SGLangHTTPError,
                                             SGLangRefused, engine as sglang_engine, flags,
                                             process, server_flags, validate_server_flags)
@@ -370,6 +371,7 @@ def test_distributed_control_bodies(engine, server):
 
 def test_receive_weights_is_one_session_over_every_group_version_last(engine, server):
     engine.weight_transport = "distributed"
+    assert isinstance(engine, BroadcastReceiver)
     metas = [flat.metadata for b in bucket_by_bytes(new_weights(seed=1), 40)
              for flat in flatten_bucket(b)]
     stages = [("eureka-pp0", metas[:2]), ("eureka-pp1", metas[2:])]
