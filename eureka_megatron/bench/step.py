@@ -25,7 +25,8 @@ embedding, via `trainer.metrics.mfu`); then its parts -- generate (`engine.gener
 decode bandwidth bound of `bench rollout`), reward (`pool.score`), log-prob (old log-probs,
 micro-batch planning and advantages; 2N FLOPs/token), train (6N), sync (weight bytes over the
 memory-copy bandwidth) and other (the rest: batching, broadcasts, metrics) -- each with its share
-of the step.
+of the step; the run's padding efficiency (real / computed tokens of its micro-batches). Then
+padded and packed micro-batches of an MM-Eureka-sized step (`bench/padding.py`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import torch
 from safetensors import safe_open
 
 from eureka_megatron.bench.hardware import matmul_peak_tflops
+from eureka_megatron.bench.padding import padding_rows
 from eureka_megatron.bench.report import LEAD, lead
 from eureka_megatron.bench.sync import copy_bandwidth_gbs
 from eureka_megatron.data.tiny_tokenizer import tiny_tokenizer, tiny_vocab
@@ -149,7 +151,10 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert m["step"] == steps, f"bench step: the run stopped at step {m['step']}, not {steps}"
-    return step_rows(m, cfg, numbers, peak, bandwidth, gpu)
+    rows, columns = step_rows(m, cfg, numbers, peak, bandwidth, gpu)
+    padding = padding_rows()
+    return rows + padding, columns + [c for c in padding[0] if c not in columns and c not in
+                                      ("throughput/value", "throughput/unit")]
 
 
 def step_rows(m: dict, cfg, numbers: dict, peak_flops: float, bandwidth_gbs: float,
@@ -205,5 +210,6 @@ def step_rows(m: dict, cfg, numbers: dict, peak_flops: float, bandwidth_gbs: flo
                      "% of step": 100 * seconds / step_s})
     rows[0].update({"mfu_params": n_mfu, "peak_tflops": peak_flops / 1e12,
                     "trained tokens": tokens, "generated tokens": generated,
-                    "loop tokens_per_s": m["tokens_per_s"], "step": m["step"]})
+                    "loop tokens_per_s": m["tokens_per_s"], "step": m["step"],
+                    "padding efficiency": m["train/padding_efficiency"]})
     return rows, LEAD + ["% of step"]

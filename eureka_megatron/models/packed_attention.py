@@ -4,8 +4,8 @@ A packed micro-batch is one row of several sequences end to end, with `cu_seqlen
 where each starts. Megatron takes it as `PackedSeqParams(qkv_format="thd")`: the rotary
 embedding restarts per sequence and Transformer Engine's attention (GPU) keeps each sequence to
 itself. megatron's local `DotProductAttention` (CPU) refuses packed params, so the local layer
-spec uses `PackedDotProductAttention`: the same unfused attention under a block-diagonal causal
-mask built from `cu_seqlens`, which computes what each sequence would compute alone.
+spec uses `PackedDotProductAttention`: the same unfused attention, each sequence attending
+causally to itself only -- what it would compute alone.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from eureka_megatron.models.packing import packed_causal_mask
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor | None, max_seqlen: int | None = None
@@ -30,8 +29,10 @@ def packed_seq_params(cu_seqlens: torch.Tensor | None, max_seqlen: int | None = 
 
 
 class PackedDotProductAttention(DotProductAttention):
-    """megatron's unfused attention, also for THD-packed q/k/v [T, heads, dim]: the packed row
-    is attended as a batch of one under a block-diagonal causal mask."""
+    """megatron's unfused attention, also for THD-packed q/k/v [T, heads, dim]: the packed
+    sequences are laid out as a batch of right-padded rows, attended causally, and packed again
+    -- what each sequence computes alone, at the cost of the padded batch (a block-diagonal
+    mask over the whole row would cost T^2)."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: PackedSeqParams | None = None):
@@ -40,7 +41,24 @@ class PackedDotProductAttention(DotProductAttention):
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed sequences must be in THD format, got "
                              f"{packed_seq_params.qkv_format!r}")
-        mask = packed_causal_mask(packed_seq_params.cu_seqlens_q.long(), query.shape[0])
-        out = super().forward(query[:, None], key[:, None], value[:, None], mask.to(query.device),
-                              attn_mask_type, attention_bias)
-        return out  # [T, 1, heads * dim]: the attention reshapes THD output the same way
+        index, valid = sequence_rows(packed_seq_params.cu_seqlens_q, query.device)
+        width = index.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=query.device).triu(1)
+
+        def rows(t):  # [T, heads, dim] -> [width, sequences, heads, dim]
+            return t[index].transpose(0, 1)
+
+        out = super().forward(rows(query), rows(key), rows(value), causal[None, None],
+                              attn_mask_type, attention_bias)  # [width, sequences, heads * dim]
+        return out.transpose(0, 1)[valid][:, None]  # [T, 1, heads * dim], in packed order
+
+
+def sequence_rows(cu_seqlens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [sequences, longest], valid): the packed position of each sequence's tokens,
+    right-padded (padding points at position 0 and is not valid)."""
+    bounds = cu_seqlens.tolist()
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=device)
+    cols = torch.arange(int(lengths.max()), device=device)
+    valid = cols[None] < lengths[:, None]
+    starts = torch.tensor(bounds[:-1], device=device)
+    return torch.where(valid, starts[:, None] + cols[None], 0), valid

@@ -91,8 +91,7 @@ class Actor:
         with building(initialize=False, recompute=cfg.train.recompute):
             chunks = self.family.build_chunks(mcfg, cfg.parallel)
         load(chunks)
-        if cfg.parallel.pipeline_parallel > 1:  # micro-batches differ in rows and length
-            chunks[0].config.variable_seq_lengths = True
+        self._vary_shapes(chunks)
         t = cfg.train
         self.model = wrap_for_training(chunks, cfg.optim, bf16=cfg.parallel.bf16,
                                        decay_steps=t.steps * t.mini_batches * t.epochs)
@@ -103,8 +102,12 @@ class Actor:
             with building(initialize=False):
                 ref = self.family.build_chunks(mcfg, cfg.parallel)
             load(ref)
+            # Only ever run under no_grad, but its weights keep the policy's requires_grad: megatron
+            # runs frozen weights through another linear implementation, whose rounding differs
+            # at some shapes -- and the first step's KL to the reference must be exactly 0.
             for c in ref:
-                c.eval().requires_grad_(False)
+                c.eval()
+            self._vary_shapes(ref)
             self.reference = ref
             self._offload(ref)
 
@@ -191,9 +194,12 @@ class Actor:
                       else sum(vals) / len(vals))
         first = {f"first/{k}": runs[0][k] for k in FIRST_STEP_KEYS if k in runs[0]}
         agree = {name: runs[0].get(k, 0.0) for k, name in ROLLOUT_AGREEMENT.items()}
+        computed = out.pop("computed_tokens")
+        real = out.pop("real_tokens", computed)
         public = {k if k.startswith(("lr", "grad_norm")) else f"train/{k}": v
                   for k, v in out.items() if not k.endswith(("_sum", "_tsum"))
                   and not k.startswith("rollout_") and k not in ("count", "tokens", "update_ok")}
+        public["train/padding_efficiency"] = real / computed  # real / computed tokens
         return {**public, **first, **agree}
 
     # --- forward passes ----------------------------------------------------------------------
@@ -296,6 +302,12 @@ class Actor:
         self.checkpoints.finish()  # a pending checkpoint is published before the export
         write_hf(self.model.unwrapped, self.family.mapping(self.model_cfg, self.hf_layout), out_dir,
                  src_dir)
+
+    def _vary_shapes(self, chunks) -> None:
+        """Micro-batches differ in rows and length: megatron's pipeline schedule then sends each
+        activation's shape before it (the first micro-batch's shape would not fit the next)."""
+        if self.cfg.parallel.pipeline_parallel > 1:
+            chunks[0].config.variable_seq_lengths = True
 
     # --- host offload of the reference (GPU only) ----------------------------------------------
 

@@ -160,9 +160,8 @@ def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
     """Collated micro-batches of `seqs` (this DP rank's share), packed or padded (module doc);
     `prepare(inputs) -> mb` adds the family's model inputs (positions, mm tensors) -- see
     models.family.Family.prepare. `image_token_id`, `width_multiple`: see `collate`."""
-    lengths = [len(s) for s in seqs]
-    parts = pack_sequences(lengths, budget) if pack else token_budget_partition(lengths, budget)
     out = []
+    parts = partition([len(s) for s in seqs], budget, pack)
     for idx in parts:
         raw = collate([seqs[i] for i in idx], pad_id, image_token_id,
                       1 if pack else width_multiple)
@@ -181,5 +180,26 @@ def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
         # row's attention is bounded by `cu_seqlens`.
         mb["attention_mask"] = None
         mb["sequences"] = idx
+        mb["real_tokens"] = sum(len(seqs[i]) for i in idx)
         out.append(mb)
     return out
+
+
+def partition(lengths: list[int], budget: int, pack: bool) -> list[list[int]]:
+    """The micro-batches' sequence indices: packed bins of <= budget real tokens, or
+    consecutive padded groups of <= budget rows x longest."""
+    return pack_sequences(lengths, budget) if pack else token_budget_partition(lengths, budget)
+
+
+def computed_tokens(lengths: list[int], parts: list[list[int]], pack: bool,
+                    width_multiple: int = 1) -> int:
+    """Tokens the model computes for these micro-batches (`partition`), padding included: a
+    packed row's real tokens rounded up to `width_multiple`, or rows x the padded width."""
+    total = 0
+    for idx in parts:
+        n = [lengths[i] for i in idx]
+        if pack:
+            total += -(-sum(n) // width_multiple) * width_multiple
+        else:
+            total += len(n) * (-(-max(n) // width_multiple) * width_multiple)
+    return total

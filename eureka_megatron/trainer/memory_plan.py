@@ -343,7 +343,9 @@ def plan_memory(cfg: RLConfig, hf_config: dict | None = None) -> MemoryPlan:
         if w.frozen:
             sp.training.append(Line("frozen weights", w.frozen * elem / GB,
                                     f"{w.frozen / 1e9:.3f}B params, no grads"))
-        act = stage_activation_bytes(text, par, n_layers, s, tokens, seq_len, cfg.train.recompute,
+        # a packed row attends over its whole length under the unfused attention's mask
+        row = tokens if cfg.train.sequence_packing else seq_len
+        act = stage_activation_bytes(text, par, n_layers, s, tokens, row, cfg.train.recompute,
                                      attention, elem, micro)
         in_flight = max(1, min(pp - s, micro))
         sp.training.append(Line("activations", act / GB,
@@ -367,7 +369,8 @@ def plan_memory(cfg: RLConfig, hf_config: dict | None = None) -> MemoryPlan:
     notes = [f"{hf.get('model_type')}: {sum(e.numel for e in entries) / 1e9:.2f}B parameters "
              f"({sum(e.numel for e in entries if e.trainable) / 1e9:.2f}B trainable)",
              f"largest micro-batch: {tokens} tokens, sequences <= {seq_len} "
-             f"({cfg.data.max_prompt_length} prompt + {cfg.rollout.max_new_tokens} response)"]
+             f"({cfg.data.max_prompt_length} prompt + {cfg.rollout.max_new_tokens} response)"
+             + (", packed" if cfg.train.sequence_packing else ", padded rows")]
     return MemoryPlan(cfg.cluster.gpu_memory_gb, stages,
                       [] if cfg.cluster.colocate else engine, notes)
 

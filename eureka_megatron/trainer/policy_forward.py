@@ -66,7 +66,11 @@ def policy_forward(algo: AlgoConfig, vocab_size: int, *, temperature: float = 1.
                 sum_norm_length=sum_norm_length, backend=backend)
             tokens = (mask != 0).sum().double()
             report = {"loss_sum": numerator.detach().double(), "count": count.detach().double(),
-                      "tokens": tokens}
+                      "tokens": tokens,
+                      "computed_tokens": torch.tensor(float(mb["input_ids"].numel()),
+                                                      dtype=torch.float64)}
+            if "real_tokens" in mb:  # prompt + response tokens (trainer/batches.py)
+                report["real_tokens"] = torch.tensor(float(mb["real_tokens"]), dtype=torch.float64)
             if rollout is not None:
                 report.update(mismatch_sums(old, rollout, mask, algo.rollout_is_cap))
             for k, v in metrics.items():

@@ -30,7 +30,12 @@ def bench(tmp_path_factory):
 
 @pytest.fixture
 def step_run(bench):
-    return bench[0]
+    return [r for r in bench[0] if "% of step" in r]
+
+
+@pytest.fixture
+def padding(bench):
+    return {r["what"]: r for r in bench[0] if r["what"].startswith("padding efficiency")}
 
 
 def test_split_tokens_per_s_and_mfu(step_run):
@@ -55,15 +60,30 @@ def test_split_tokens_per_s_and_mfu(step_run):
     assert train["% of bound"] > step["% of bound"]  # the update alone runs closer to the peak
 
 
-def test_every_row_has_numeric_time_and_the_printed_table_the_five_columns(bench):
-    step_run, printed = bench
+def test_every_row_has_numeric_time_and_the_printed_table_the_five_columns(bench, step_run):
+    printed = bench[1]
     header = next(line for line in printed.splitlines() if line.startswith("| what"))
     assert [c.strip() for c in header.strip("|").split("|")][:5] == [
         "what", "size", "time (s)", "throughput", "% of bound"]
     assert printed.count("| RL step (all of it) |") == 1
     for r in step_run:
         assert isinstance(r["time (s)"], float)
+    for r in bench[0]:
         assert r["throughput/value"] is None or isinstance(r["throughput/value"], float)
         assert r["% of bound"] is None or isinstance(r["% of bound"], float)
     measured = [r for r in step_run if r["% of bound"] is not None]
     assert len(measured) >= 5
+
+
+def test_padding_efficiency_of_the_run_and_of_an_mm_eureka_step(bench, step_run, padding):
+    # the run packs its micro-batches (the default) without sequence parallelism: no padding
+    assert step_run[0]["padding efficiency"] == 1.0
+    padded = padding["padding efficiency, padded micro-batches"]
+    packed = padding["padding efficiency, packed micro-batches"]
+    assert padded["real tokens"] == packed["real tokens"] == packed["computed tokens"]
+    assert packed["throughput/value"] == 100.0
+    assert padded["computed tokens"] > padded["real tokens"]
+    assert padded["throughput/value"] == pytest.approx(
+        100 * padded["real tokens"] / padded["computed tokens"])
+    assert packed["micro-batches"] < padded["micro-batches"]
+    assert "| padding efficiency, packed micro-batches |" in bench[1]
