@@ -322,6 +322,7 @@ def _sync_and_compare(model, cfg: Config, sizes) -> dict:
     dtype = torch.bfloat16 if cfg.parallel.bf16 else torch.float32
     engine = HFEngine.from_config(hf_qwen2_config(cfg.model), dtype=dtype,
                                   device="cuda" if gpu else "cpu")
+    model.gather_params()
     res = sync_weights(model.unwrapped, qwen2_mapping(cfg.model, "model.", "lm_head.weight"),
                        engine, version=1)
     if not res.ok:

@@ -36,6 +36,7 @@ class Config:
 
     def validate(self) -> "Config":
         validate_layout(self.model, self.parallel)
+        self.optim.validate()
         self.algo.validate()
         self.rewards.validate()
         t, p = self.train, self.parallel

@@ -50,8 +50,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r} is not one of {', '.join(map(str, allowed))}")
+        # same type too: YAML's true is not the choice 1, nor 1 the choice true
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            names = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+            raise ConfigError(f"{path}={value!r} is not one of {', '.join(names)}")
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

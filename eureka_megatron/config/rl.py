@@ -152,6 +152,7 @@ class RLConfig:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output.dir) / "checkpoints"
 
     def validate(self) -> "RLConfig":
+        self.optim.validate()
         self.algo.validate()
         self.rewards.validate()
         t, r, p = self.train, self.rollout, self.parallel

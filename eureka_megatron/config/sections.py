@@ -14,6 +14,7 @@ DEFAULT_REWARD = "eureka_megatron.rewards:rule_based_scores"  # the run's and ev
 Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce++"]
 PolicyLoss = Literal["ppo", "gspo", "cpgd"]
 RolloutIS = Literal["off", "token", "sequence", "mask"]  # algo/mismatch.py
+Overlap = Literal["auto", True, False]  # auto: on when the rank has CUDA
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 ROLLOUT_IS_MODES: tuple[str, ...] = get_args(RolloutIS)
 
@@ -77,6 +78,38 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     distributed_optimizer: bool = True
+    # Megatron's communication overlap (auto: on when the rank has CUDA). overlap_grad_reduce
+    # starts each gradient bucket's reduce(-scatter) during the backward pass, as soon as the
+    # bucket's last gradient is in; overlap_param_gather (distributed optimizer) all-gathers the
+    # updated parameters during the next forward pass instead of right after the step. Either
+    # way the same numbers: only when the communication runs changes. Megatron's bucket
+    # bookkeeping expects a gradient for every trainable parameter in each step's last
+    # micro-batch: a trainable vision tower with text-only rows wants overlap_grad_reduce false.
+    overlap_grad_reduce: Overlap = "auto"
+    overlap_param_gather: Overlap = "auto"
+    # parameters per gradient bucket when overlapping (null: megatron's max(40M, 1M x DP));
+    # smaller buckets start communicating earlier, at more collectives per step
+    ddp_bucket_size: int | None = None
+
+    def validate(self) -> "OptimConfig":
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"optim.ddp_bucket_size={self.ddp_bucket_size} must be >= 1 or null")
+        if self.overlap_param_gather is True and not self.distributed_optimizer:
+            raise ConfigError("optim.overlap_param_gather=true needs optim.distributed_optimizer="
+                              "true (the parameters it gathers are the optimizer's DP shards)")
+        if self.overlap_param_gather is True and self.overlap_grad_reduce is False:
+            raise ConfigError("optim.overlap_param_gather=true needs optim.overlap_grad_reduce "
+                              "true or auto (megatron overlaps the gather only with an "
+                              "overlapped gradient reduce)")
+        return self
+
+    def overlap(self, cuda: bool) -> tuple[bool, bool]:
+        """(overlap_grad_reduce, overlap_param_gather) on a rank with or without CUDA: auto is
+        on with CUDA; a requested param gather overlap brings the grad reduce overlap with it."""
+        param = (cuda and self.distributed_optimizer if self.overlap_param_gather == "auto"
+                 else self.overlap_param_gather)
+        grad = cuda or param if self.overlap_grad_reduce == "auto" else self.overlap_grad_reduce
+        return grad, param and grad
 
 
 @dataclass

@@ -291,6 +291,7 @@ class Actor:
         broadcast from each pipeline stage's sender."""
         layout = broadcast_object(engine.weight_layout if engine is not None else None)
         mapping = self.family.mapping(self.model_cfg, layout)
+        self.model.gather_params()
         return sync_with_restart(self.model.unwrapped, mapping, engine, version,
                                  bucket_bytes=self.cfg.rollout.sync_bucket_mb << 20,
                                  broadcaster=self.broadcaster)
@@ -300,6 +301,7 @@ class Actor:
         from, with `src_dir`'s side files, default its own), atomically and tensor by tensor."""
         src_dir = Path(src_dir or self.hf_dir)
         self.checkpoints.finish()  # a pending checkpoint is published before the export
+        self.model.gather_params()
         write_hf(self.model.unwrapped, self.family.mapping(self.model_cfg, self.hf_layout), out_dir,
                  src_dir)
 

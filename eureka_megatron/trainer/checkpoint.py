@@ -331,6 +331,7 @@ def _begin_save(run_dir: Path, tmp: Path, step: int, model: TrainableModel,
         tmp.mkdir()
     torch.distributed.barrier()
     t0 = time.perf_counter()
+    model.gather_params()
     state = _model_sd(model.unwrapped)
     for opt in _inner_optimizers(model.optimizer):
         # Nothing trained yet (e.g. an RL run whose first batches were all filtered out): torch
@@ -338,7 +339,7 @@ def _begin_save(run_dir: Path, tmp: Path, step: int, model: TrainableModel,
         inner = getattr(opt, "optimizer", None)
         if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
-    state["optimizer"] = model.optimizer.sharded_state_dict(state, metadata=_OPT_META)
+    state["optimizer"] = _optimizer_sd(model, state)
     state["rng_state"] = _rng_object(_rng_state())
     state["scheduler"] = model.scheduler.state_dict()
     state["step"] = step
@@ -426,14 +427,14 @@ def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: boo
 
     step_dir = resolve_checkpoint(path)
     info = json.loads((step_dir / COMPLETE).read_text())
+    model.gather_params()  # no all-gather still in flight to land on the loaded weights
     state = _model_sd(model.unwrapped)
     if load_optimizer:
         for opt in _inner_optimizers(model.optimizer):
             # torch Adam creates its state lazily; the load state dict needs it to exist.
             if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
                 opt._init_optimizer_states_with_dummy_values()
-        state["optimizer"] = model.optimizer.sharded_state_dict(state, is_loading=True,
-                                                                metadata=_OPT_META)
+        state["optimizer"] = _optimizer_sd(model, state, is_loading=True)
     same_layout = info.get("layout") == _layout()
     if same_layout:
         state["rng_state"] = _rng_object(None)
@@ -446,6 +447,34 @@ def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: boo
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return int(loaded["step"]), loaded.get("extra_state", {})
+
+
+def _optimizer_sd(model: TrainableModel, model_state: dict, is_loading: bool = False) -> dict:
+    """The optimizer's sharded state (fully reshardable: one tensor per parameter and state).
+
+    megatron-core 0.16 cuts each parameter's state out of a DP-gathered tensor that leaves out
+    the padding at the end of every gradient bucket, at the parameter's offset in the padded
+    buffer: past the first bucket every parameter got its neighbour's state, shifted (fixed
+    upstream after 0.16, Megatron-LM PR #5077). One bucket hides it; `overlap_grad_reduce`
+    splits the buffer into many. The offsets are rebased for the call."""
+    saved = []
+    for opt in _inner_optimizers(model.optimizer):
+        for buffer in getattr(opt, "buffers", []):
+            if any(b is buffer for b, _ in saved):
+                continue
+            saved.append((buffer, buffer.param_index_map))
+            stripped, before = 0, {}
+            for bucket in buffer.buckets:
+                before[bucket.bucket_id] = stripped
+                stripped += bucket.grad_data.numel() - bucket.numel_unpadded
+            buffer.param_index_map = {p: (start - before[b], end - before[b], b)
+                                      for p, (start, end, b) in buffer.param_index_map.items()}
+    try:
+        return model.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                  metadata=_OPT_META)
+    finally:
+        for buffer, index in saved:
+            buffer.param_index_map = index
 
 
 def _inner_optimizers(opt) -> list:

@@ -32,11 +32,24 @@ class TrainableModel:
     chunks: list  # DDP-wrapped megatron modules, one per virtual pipeline stage
     optimizer: Any
     scheduler: Any
+    # overlap_param_gather: an optimizer step ran since the parameters were last gathered
+    params_pending: bool = False
 
     @property
     def unwrapped(self) -> list[torch.nn.Module]:
         """The bare GPTModel-like chunks (inside DDP and Float16Module)."""
         return [unwrap(c) for c in self.chunks]
+
+    def gather_params(self) -> None:
+        """Collective: every rank's parameters up to date, before reading them outside a forward
+        pass (checkpoint save / load, weight sync, HF export). With overlap_param_gather the
+        optimizer step updates only this rank's DP shard of the parameter buffers; the rest
+        arrives with the next forward pass, whose pre-hooks wait for megatron's async all-gather
+        bucket by bucket. This finishes (or runs) that all-gather now."""
+        if self.params_pending:
+            for c in self.chunks:
+                c.start_param_sync(force_sync=True)
+            self.params_pending = False
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], optim: OptimConfig, *, bf16: bool,
@@ -55,10 +68,13 @@ def wrap_for_training(chunks: list[torch.nn.Module], optim: OptimConfig, *, bf16
     o = optim
     if bf16:
         chunks = [Float16Module(tcfg, c) for c in chunks]
+    overlap_grad, overlap_param = o.overlap(torch.cuda.is_available())
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad,
+        overlap_param_gather=overlap_param,
         use_distributed_optimizer=o.distributed_optimizer,
+        bucket_size=o.ddp_bucket_size,
     )
     wrapped = [
         DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
@@ -82,8 +98,17 @@ def wrap_for_training(chunks: list[torch.nn.Module], optim: OptimConfig, *, bf16
     # The schedules call these hooks; megatron-LM's training loop sets them the same way.
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
-    tcfg.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    tcfg.no_sync_func = _per_chunk([m.no_sync for m in wrapped])
+    if overlap_grad:  # each chunk's reduce starts after its last backward (PP stages aligned)
+        tcfg.grad_sync_func = _per_chunk([m.start_grad_sync for m in wrapped])
+    # No param_sync_func: that is megatron's align_param_gather (interleaved schedule with
+    # overlapped P2P); here each chunk's forward pre-hooks start and wait for its gathers.
     return TrainableModel(wrapped, optimizer, scheduler)
+
+
+def _per_chunk(funcs: list):
+    """A schedule hook as megatron takes it: one callable, or one per virtual pipeline chunk."""
+    return funcs if len(funcs) > 1 else funcs[0]
 
 
 def _last_stage_broadcast(t: torch.Tensor) -> torch.Tensor:
@@ -158,6 +183,7 @@ def train_step(model: TrainableModel, micro_batches: list[dict], forward_fn: For
     model.optimizer.zero_grad()
     sums = run_forward_backward(model, micro_batches, forward_fn)
     ok, grad_norm, _ = model.optimizer.step()
+    model.params_pending = model.chunks[0].ddp_config.overlap_param_gather
     lr = model.optimizer.param_groups[0]["lr"]
     model.scheduler.step(increment=1)
     metrics = finish_metrics(sums)

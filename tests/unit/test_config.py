@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from eureka_megatron.config import ConfigError, load_config
+from eureka_megatron.config import ConfigError, load_config, load_rl_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -103,3 +103,34 @@ def test_reward_weights_and_functions_from_overrides():
 def test_bad_algo_and_reward_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.overlap_param_gather=true", "optim.distributed_optimizer=false"],
+     "optim.overlap_param_gather=true needs optim.distributed_optimizer=true"),
+    (["optim.overlap_param_gather=true", "optim.overlap_grad_reduce=false"],
+     "optim.overlap_param_gather=true needs optim.overlap_grad_reduce true or auto"),
+    (["optim.overlap_grad_reduce=sometimes"],
+     "optim.overlap_grad_reduce='sometimes' is not one of auto, true, false"),
+    (["optim.overlap_param_gather=1"], "optim.overlap_param_gather=1 is not one of auto, true"),
+    (["optim.ddp_bucket_size=0"], "optim.ddp_bucket_size=0 must be >= 1 or null"),
+])
+def test_bad_overlap_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):  # the RL run's too
+        load_rl_config(None, ["model.hf=ckpt"] + overrides)
+
+
+@pytest.mark.parametrize("grad,param,dist_opt,cpu,gpu", [
+    ("auto", "auto", True, (False, False), (True, True)),
+    ("auto", "auto", False, (False, False), (True, False)),  # no distributed optimizer: no gather
+    ("false", "auto", True, (False, False), (False, False)),
+    ("auto", "true", True, (True, True), (True, True)),  # the gather overlap brings the reduce's
+    ("true", "false", True, (True, False), (True, False)),
+])
+def test_overlap_auto_is_on_with_cuda(grad, param, dist_opt, cpu, gpu):
+    optim = load_config(None, [f"optim.overlap_grad_reduce={grad}",
+                               f"optim.overlap_param_gather={param}",
+                               f"optim.distributed_optimizer={str(dist_opt).lower()}"]).optim
+    assert optim.overlap(cuda=False) == cpu and optim.overlap(cuda=True) == gpu

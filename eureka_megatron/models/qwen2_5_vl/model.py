@@ -139,13 +139,25 @@ class PatchEmbed(torch.nn.Module):
 
     def __init__(self, v: Qwen25VisionConfig, dtype: torch.dtype):
         super().__init__()
-        self.proj = torch.nn.Module()
-        self.proj.weight = torch.nn.Parameter(torch.empty(
+        self.proj = _PatchProjection(torch.empty(
             v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size, dtype=dtype))
         torch.nn.init.normal_(self.proj.weight, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
+        return self.proj(pixel_values)
+
+
+class _PatchProjection(torch.nn.Module):
+    """The Conv3d weight applied as a linear map. Its own module, called: megatron's overlapped
+    parameter all-gather waits for a parameter in the forward pre-hook of the module that owns
+    it, so a weight read through a parent's forward could be used before it arrived."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.weight
         return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))
 
 
