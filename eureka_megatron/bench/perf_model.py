@@ -4,10 +4,12 @@ so a user sees where a step's time goes before renting a cluster.
 Per phase of one step (trainer/loop.py): generation (prefill compute-bound; decode step by step,
 each step the slower of reading weights + KV cache from HBM and its FLOPs), rewards (CPU pool),
 old / ref log-probs (2N per token + attention at an MFU), training (6N + attention + recompute),
-optimizer (Adam over the shard, DP collectives) and the weight sync (bytes over NVLink / IB, as
-implemented: rank 0 assembles every tensor and feeds every engine). The model's numbers come in as
-a `ModelShape` (bench/perf_recipes.py counts them from the memory planner's meta-device build) and
-the recipe's as a `Recipe`; every other number is a named `Assumptions` field (NAME=VALUE).
+optimizer (Adam over the shard, DP collectives) and the weight sync, by the path the recipe's
+engines really take (`weight_sync`): the per-stage broadcast of 2026-12-06 for engines on GPUs of
+their own, tensors for colocated engines (through Ray's object store when they live in Ray actors).
+The model's numbers come in as a `ModelShape` (bench/perf_recipes.py counts them from the memory
+planner's meta-device build) and the recipe's as a `Recipe`; every other number is a named
+`Assumptions` field (NAME=VALUE).
 """
 from __future__ import annotations
 
@@ -38,9 +40,22 @@ class Assumptions:
                                 "0.40 on 8 GPUs, rl-systems.md 6)")
     engine_mfu: float = _assumed(0.50, "SGLang prefill and a decode step's compute roof; assumed")
     hbm_efficiency: float = _assumed(0.60, "share of HBM bandwidth decode and Adam reach; assumed")
-    collective_efficiency: float = _assumed(0.80, "DP collectives, share of the link; assumed")
-    sync_efficiency: float = _assumed(0.165, "weight sync, share of the link: verl's checkpoint "
-                                             "engine, 8.25 GB/s on 400 Gb IB (rl-systems.md 2)")
+    collective_efficiency: float = _assumed(0.80, "NCCL inside the trainer (DP collectives; the "
+                                                  "sync's TP all-gather and sends to rank 0), share "
+                                                  "of the link; assumed")
+    sync_efficiency: float = _assumed(0.165, "weight sync into the engines (NCCL broadcast, CUDA-IPC "
+                                             "reads), share of the link: verl's checkpoint engine "
+                                             "(NCCL broadcast of buckets), 8.25 GB/s on 400 Gb IB "
+                                             "(rl-systems.md 2)")
+    sync_parallel_stages: float = _assumed(1.0, "PP stages whose broadcasts an engine receives at "
+                                                "once: 1, SGLangEngine.receive_weights serves the "
+                                                "stages' groups one after the other")
+    host_copy_gb_s: float = _assumed(4.0, "one side of a bucket's hop through Ray's object store "
+                                          "(torch pickles a CUDA tensor by value: pageable D2H or "
+                                          "H2D plus ~3 host memcpys); assumed")
+    ray_object_gb_s: float = _assumed(2.0, "Ray's object manager between nodes (gRPC over TCP, not "
+                                           "RDMA), every pull out of rank 0's node together; "
+                                           "assumed")
     prompt_text_tokens: float = _assumed(200.0, "system prompt + question, mean; assumed")
     image_tokens: float | None = _assumed(None, "mean image tokens a prompt; assumed, by family: "
                                                 "Qwen2.5-VL 300 (cap 640), InternVL 768 (3 tiles; "
@@ -88,7 +103,7 @@ class ModelShape:
     """What the arithmetic needs of the model (parameter counts from the meta build)."""
 
     name: str
-    params: int                  # every parameter: what the weight sync sends (bf16)
+    params: int                  # every parameter (the sync sends Recipe.stage_params: the same sum)
     llm_matmul: int              # LLM parameters a token multiplies: all but the input embedding
     vision: int                  # the tower: runs on vit_tokens_per_image_token x the image tokens
     projector: int               # vision -> LLM projector: runs on the LLM's image tokens
@@ -121,8 +136,11 @@ class Recipe:
     colocated: bool
     engines: int
     gpus_per_engine: int
-    engines_on_first_node: int   # engines rank 0 reaches over NVLink (the rest over InfiniBand)
-    stages_on_first_node: int    # PP stages whose DP-0 TP group shares rank 0's node
+    transport: str               # the engines' weight_transport on a GPU: "tensor" / "distributed"
+    ray_engines: bool            # engines live in Ray actors (cluster.launcher ray)
+    engine_nodes: tuple[int, ...]   # each engine's node (plan_layout's GPUs, gpus_per_node a node)
+    stage_params: tuple[int, ...]   # parameters each PP stage exports (TP1 shapes)
+    stage_sharded: tuple[int, ...]  # ... of which TP-split (its TP group all-gathers them)
     prompts: int                 # per step, after the online filter
     samples: int
     mini_batches: int
@@ -146,6 +164,14 @@ class Recipe:
     @property
     def gpus(self) -> int:
         return self.actor_gpus + (0 if self.colocated else self.engines * self.gpus_per_engine)
+
+    def stage_node(self, stage: int) -> int:
+        """The node of the stage's sender, TP 0 / DP 0 (megatron's rank order: TP, DP, then PP)."""
+        return stage * self.tp * self.dp // self.gpus_per_node
+
+    @property
+    def engines_on_first_node(self) -> int:
+        return sum(n == 0 for n in self.engine_nodes)
 
 
 @dataclass
@@ -324,18 +350,86 @@ def optimizer(r: Recipe, a: Assumptions) -> Phase:
                  f"{steps} steps x (Adam {adam * 1e3:.0f} ms + DP collectives {comm * 1e3:.0f} ms)")
 
 
+def sync_terms(s: ModelShape, r: Recipe, a: Assumptions) -> dict[str, tuple[float, str]]:
+    """The weight sync's parts as {name: (seconds, link)}, by the path the engines take
+    (rollout/weight_sync.py); bf16, 2 bytes a parameter. A part waits for the one before it: each
+    sender exports a bucket, then sends it, then exports the next, and the engine loads one
+    update at a time.
+
+    - transport "distributed" (weight_broadcast.py): each PP stage's sender (TP 0 / DP 0) gets its
+      stage's tensors by a TP all-gather (NVLink), then broadcasts every bucket once into its group
+      eureka-pp{stage}, which holds every engine's ranks: a pipelined broadcast costs about
+      bytes / the slowest link (IB when an engine is on another node), not engines x bytes. The
+      engine serves the stages' groups one after the other (`sync_parallel_stages` of them at once).
+    - transport "tensor": rank 0 gets every tensor (its TP group's all-gather; other stages' whole
+      tensors sent to it). Engines in Ray actors (ray_engine.RemoteEngine.update_weights): each
+      bucket is pickled once per engine on rank 0 (torch pickles a CUDA tensor by value: a copy
+      to the host), Ray's object store carries it to the engines on other nodes, and each actor
+      rebuilds it on its own GPU and hands its server CUDA-IPC handles on that node. Engines in
+      rank 0's process (launched locally) read rank 0's buffers by CUDA-IPC over NVLink.
+    """
+    if len(r.stage_params) != r.pp or len(r.stage_sharded) != r.pp:
+        raise ConfigError(f"perf-model: {r.name}: stage_params / stage_sharded need one entry per "
+                          f"PP stage ({r.pp})")
+    if r.transport not in ("tensor", "distributed"):
+        raise ConfigError(f"perf-model: {r.name}: transport {r.transport!r}")
+
+    def link(same_node: bool) -> tuple[float, str]:
+        return ((a.nvlink_gb_s, "NVLink") if same_node else (a.ib_gb_s, "IB"))
+
+    tp_gb_s, tp_link = link(r.tp <= r.gpus_per_node)
+    gather = [2 * n * (1 - 1 / r.tp) / (tp_gb_s * 1e9 * a.collective_efficiency)
+              for n in r.stage_sharded]
+    w = 2 * sum(r.stage_params)
+    if r.transport == "distributed":
+        bcast, links = [], set()
+        for stage, n in enumerate(r.stage_params):
+            gb_s, name = link(all(e == r.stage_node(stage) for e in r.engine_nodes))
+            bcast.append(2 * n / (gb_s * 1e9 * a.sync_efficiency))
+            links.add(name)
+        per_stage = [g + b for g, b in zip(gather, bcast)]
+        total = max(max(per_stage), sum(per_stage) / min(a.sync_parallel_stages, r.pp))
+        scale = total / sum(per_stage) if sum(per_stage) else 0.0
+        return {"TP all-gather": (sum(gather) * scale, tp_link),
+                "broadcast": (sum(bcast) * scale, "IB" if "IB" in links else "NVLink")}
+    terms = {"TP all-gather": (sum(gather), tp_link)}
+    for stage in range(1, r.pp):  # the other stages' tensors, sent whole to rank 0
+        gb_s, name = link(r.stage_node(stage) == 0)
+        key = f"stages to rank 0 ({name})"
+        t = terms.get(key, (0.0, name))[0]
+        terms[key] = (t + 2 * r.stage_params[stage] / (gb_s * 1e9 * a.collective_efficiency), name)
+    ipc = a.nvlink_gb_s * 1e9 * a.sync_efficiency
+    if r.ray_engines:
+        remote = r.engines - r.engines_on_first_node
+        terms["pickled on rank 0"] = (r.engines * w / (a.host_copy_gb_s * 1e9), "host copies")
+        if remote:
+            terms["Ray object store"] = (remote * w / (a.ray_object_gb_s * 1e9), "Ray (TCP)")
+        terms["unpickled in the actor"] = (w / (a.host_copy_gb_s * 1e9), "host copies")
+        terms["CUDA-IPC load"] = (w / ipc, "NVLink")
+    else:
+        terms["CUDA-IPC load"] = (r.engines * w / ipc, "NVLink")
+    return terms
+
+
 def weight_sync(s: ModelShape, r: Recipe, a: Assumptions) -> Phase:
-    """Rank 0 gathers every tensor (its node's stages over NVLink, the others' over IB), then
-    feeds every engine: NVLink to engines on its node, IB to the others."""
-    w = 2 * s.params
-    local = min(r.stages_on_first_node, r.pp) / r.pp
-    nvlink_bytes = w * local * (1 - 1 / r.tp) + w * r.engines_on_first_node
-    ib_bytes = w * (1 - local) + w * (r.engines - r.engines_on_first_node)
-    seconds = (nvlink_bytes / (a.nvlink_gb_s * 1e9) + ib_bytes / (a.ib_gb_s * 1e9)) / a.sync_efficiency
-    return Phase("weight sync", seconds, "IB" if ib_bytes else "NVLink",
-                 f"{w / 1e9:.1f} GB of bf16 weights to each of {r.engines} engines: "
-                 f"{nvlink_bytes / 1e9:.0f} GB over NVLink, {ib_bytes / 1e9:.0f} GB over IB "
-                 f"({'colocated' if r.colocated else 'disaggregated'})")
+    """The sum of `sync_terms`; bound by the largest part's link."""
+    terms = sync_terms(s, r, a)
+    w = 2 * sum(r.stage_params)
+    seconds = sum(t for t, _ in terms.values())
+    _, bound = max(terms.values(), key=lambda term: term[0])
+    remote = r.engines - r.engines_on_first_node
+    if r.transport == "distributed":
+        how = (f"per-stage broadcast: {r.pp} sender(s) (TP0/DP0 of each stage), each stage's "
+               f"buckets broadcast once to all {r.engines} engines")
+    elif r.ray_engines:
+        how = (f"tensors through Ray: rank 0 gets them all, pickles each bucket for each of "
+               f"{r.engines} engines, {remote} on other nodes by Ray's object store; each actor "
+               f"loads its server by CUDA-IPC on its node")
+    else:
+        how = f"tensors: rank 0 gets them all, {r.engines} engines read them by CUDA-IPC"
+    parts = ", ".join(f"{name} {t:.3g} s" for name, (t, _) in terms.items() if t)
+    return Phase("weight sync", seconds, bound,
+                 f"{w / 1e9:.1f} GB of bf16 weights; {how} ({parts})")
 
 
 def rewards(r: Recipe, a: Assumptions) -> Phase:

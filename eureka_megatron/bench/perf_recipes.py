@@ -56,6 +56,26 @@ def model_shape(cfg: RLConfig, hub: dict) -> tuple[ModelShape, list, object]:
     return shape, entries, text
 
 
+def stage_exports(entries: list, layers: list[list[list[int]]]) -> list[tuple[int, int]]:
+    """Per PP stage, (parameters its sender exports, of which TP-split), TP1 shapes: its decoder
+    layers, the embedding and the vision tower on the first stage, the final norm and output layer
+    on the last (a tied embedding is exported once, from the first)."""
+    out = []
+    for stage, chunks in enumerate(layers):
+        mine = {layer for chunk in chunks for layer in chunk}
+        here = [e for e in entries if (e.layer in mine if e.layer is not None
+                                       else stage == (len(layers) - 1 if e.last else 0))]
+        out.append((sum(e.numel for e in here), sum(e.numel for e in here if e.tp_split)))
+    return out
+
+
+def weight_transport(cfg: RLConfig) -> str:
+    """rollout.weight_transport as trainer/engines.py resolves it on a GPU: auto -> tensors for
+    colocated engines, the per-stage broadcast for engines on GPUs of their own."""
+    t = cfg.rollout.weight_transport
+    return t if t != "auto" else ("tensor" if cfg.cluster.colocate else "distributed")
+
+
 def recipe_from_config(cfg: RLConfig, name: str, entries: list, text) -> Recipe:
     par, ro, t, c = cfg.parallel, cfg.rollout, cfg.train, cfg.cluster
     if ro.engine != "sglang":
@@ -65,6 +85,7 @@ def recipe_from_config(cfg: RLConfig, name: str, entries: list, text) -> Recipe:
     stages = [stage_params(entries, layers[s], s, par, text.tie_word_embeddings,
                            cfg.optim.distributed_optimizer) for s in range(par.pipeline_parallel)]
     fullest = max(stages, key=lambda w: w.buffer)
+    exports = stage_exports(entries, layers)
     layout = plan_layout(actor_world=par.nproc, engines=ro.engines, gpus_per_engine=ro.gpus_per_engine,
                          colocate=c.colocate, use_gpus=True, gpus_per_node=c.gpus_per_node)
     tp, dp = par.tensor_parallel, par.dp
@@ -72,8 +93,11 @@ def recipe_from_config(cfg: RLConfig, name: str, entries: list, text) -> Recipe:
     return Recipe(
         name=name, tp=tp, pp=par.pipeline_parallel, dp=dp, gpus_per_node=c.gpus_per_node,
         colocated=c.colocate, engines=ro.engines, gpus_per_engine=ro.gpus_per_engine,
-        engines_on_first_node=sum(b[0] < c.gpus_per_node for b in layout.engine_bundles),
-        stages_on_first_node=sum(s * tp * dp < c.gpus_per_node for s in range(par.pipeline_parallel)),
+        transport=weight_transport(cfg),
+        # rollout/factory.py: under the Ray launcher the engines are actors, unless given by URL
+        ray_engines=c.launcher == "ray" and not ro.sglang_url,
+        engine_nodes=tuple(b[0] // c.gpus_per_node for b in layout.engine_bundles),
+        stage_params=tuple(n for n, _ in exports), stage_sharded=tuple(k for _, k in exports),
         prompts=t.rollout_batch_size, samples=ro.n_samples, mini_batches=t.mini_batches,
         epochs=t.epochs, micro_batch_tokens=t.micro_batch_tokens, max_new_tokens=ro.max_new_tokens,
         online_filter=cfg.algo.online_filter, max_filter_rounds=ro.max_filter_rounds,

@@ -18,7 +18,8 @@ SHAPE = pm.ModelShape(name="tiny", params=1_200_000, llm_matmul=1_000_000, visio
                       vision_trainable=False, layers=2, heads=4, kv_heads=2, head_dim=8,
                       vit_tokens_per_image_token=0, image_tokens=0.0)
 RECIPE = pm.Recipe(name="tiny", tp=1, pp=1, dp=2, gpus_per_node=8, colocated=True, engines=1,
-                   gpus_per_engine=1, engines_on_first_node=1, stages_on_first_node=1, prompts=4,
+                   gpus_per_engine=1, transport="tensor", ray_engines=False, engine_nodes=(0,),
+                   stage_params=(1_200_000,), stage_sharded=(1_000_000,), prompts=4,
                    samples=2, mini_batches=2, epochs=1, micro_batch_tokens=1000, max_new_tokens=50,
                    online_filter=False, max_filter_rounds=4, old_logprobs=True, ref_logprobs=False,
                    recompute="none", off_policy=False, reward_workers=2, grad_buffer=1_000_000,
@@ -82,13 +83,85 @@ def test_online_filter_rounds_follow_the_collector_rule():
     assert pm.filter_rounds(RECIPE, pm.Assumptions(filter_keep_rate=0.1)) == [4]  # filter off
 
 
-def test_weight_sync_is_bytes_over_links():
-    """Rank 0 gathers the TP shards over NVLink and feeds one local and one remote engine."""
-    r = dataclasses.replace(RECIPE, tp=2, engines=2, engines_on_first_node=1)
-    w = 2 * 1_200_000
-    nvlink, ib = w * 0.5 + w, w
-    assert pm.weight_sync(SHAPE, r, A).seconds == pytest.approx(
-        (nvlink / 450e9 + ib / 50e9) / 0.165)
+# The sync's layout: TP2 x PP2, 1.2e6 parameters (2.4 MB bf16), stage 0 700k (600k TP-split),
+# stage 1 500k (400k TP-split). A TP all-gather brings a sender the other half of its stage's
+# split tensors: 2 B x (600k + 400k) x (1 - 1/2) = 1 MB over NVLink at 450 GB/s x 0.8.
+SYNC = dataclasses.replace(RECIPE, tp=2, pp=2, dp=1, engines=2, gpus_per_engine=2,
+                           stage_params=(700_000, 500_000), stage_sharded=(600_000, 400_000))
+W = 2 * 1_200_000
+GATHER = 1_000_000 / (450e9 * 0.8)
+
+
+def sync_seconds(r, a=A):
+    return {name: t for name, (t, _) in pm.sync_terms(SHAPE, r, a).items()}
+
+
+def test_broadcast_sync_is_each_stage_once_to_all_engines():
+    """Engines on another node: each stage's sender broadcasts its stage once over IB, whatever
+    the number of engines (a pipelined broadcast, not one copy per engine)."""
+    r = dataclasses.replace(SYNC, transport="distributed", colocated=False, engine_nodes=(1, 1))
+    assert r.stage_node(0) == r.stage_node(1) == 0  # TP2 x DP1: both senders on node 0
+    bcast = W / (50e9 * 0.165)
+    assert sync_seconds(r) == pytest.approx({"TP all-gather": GATHER, "broadcast": bcast})
+    phase = pm.weight_sync(SHAPE, r, A)
+    assert phase.seconds == pytest.approx(GATHER + bcast) and phase.bound == "IB"
+    four = dataclasses.replace(r, engines=4, engine_nodes=(1, 1, 2, 2))
+    assert pm.weight_sync(SHAPE, four, A).seconds == pytest.approx(phase.seconds)
+    local = dataclasses.replace(r, engine_nodes=(0, 0))  # engines on the senders' node: NVLink
+    assert sync_seconds(local)["broadcast"] == pytest.approx(W / (450e9 * 0.165))
+    # stage s: its gather + its broadcast; received two stages at once: the sum halves
+    t0 = 2 * 300_000 / (450e9 * 0.8) + 2 * 700_000 / (50e9 * 0.165)
+    t1 = 2 * 200_000 / (450e9 * 0.8) + 2 * 500_000 / (50e9 * 0.165)
+    both = pm.weight_sync(SHAPE, r, dataclasses.replace(A, sync_parallel_stages=2)).seconds
+    assert both == pytest.approx(max(t0, t1, (t0 + t1) / 2))
+
+
+def test_tensor_sync_through_ray_pickles_per_engine_and_crosses_nodes_by_object_store():
+    """Colocated on 2 nodes of 4 GPUs (TP2 x PP2 x DP2): stage 1's sender is on node 1, so its
+    tensors reach rank 0 over IB; rank 0 pickles every bucket for each of the 2 engines, the
+    engine on node 1 gets it through Ray's object store, each actor loads its server by IPC."""
+    r = dataclasses.replace(SYNC, dp=2, gpus_per_node=4, ray_engines=True, engine_nodes=(0, 1))
+    assert r.stage_node(1) == 1 and r.engines_on_first_node == 1
+    want = {"TP all-gather": GATHER,
+            "stages to rank 0 (IB)": 2 * 500_000 / (50e9 * 0.8),
+            "pickled on rank 0": 2 * W / 4e9,
+            "Ray object store": 1 * W / 2e9,
+            "unpickled in the actor": W / 4e9,
+            "CUDA-IPC load": W / (450e9 * 0.165)}
+    assert sync_seconds(r) == pytest.approx(want)
+    phase = pm.weight_sync(SHAPE, r, A)
+    assert phase.seconds == pytest.approx(sum(want.values())) and phase.bound == "host copies"
+    slow = dataclasses.replace(A, ray_object_gb_s=1.0)  # the largest part names the bound
+    assert pm.weight_sync(SHAPE, r, slow).bound == "Ray (TCP)"
+    assert "1 on other nodes by Ray's object store" in phase.detail
+    one_node = dataclasses.replace(r, gpus_per_node=8, engine_nodes=(0, 0))  # no TCP, NVLink send
+    got = sync_seconds(one_node)
+    assert "Ray object store" not in got
+    assert got["stages to rank 0 (NVLink)"] == pytest.approx(2 * 500_000 / (450e9 * 0.8))
+
+
+def test_tensor_sync_in_process_is_ipc_reads_of_rank0_by_every_engine():
+    r = dataclasses.replace(SYNC, engine_nodes=(0, 0))
+    assert sync_seconds(r) == pytest.approx({
+        "TP all-gather": GATHER, "stages to rank 0 (NVLink)": 2 * 500_000 / (450e9 * 0.8),
+        "CUDA-IPC load": 2 * W / (450e9 * 0.165)})
+    with pytest.raises(ConfigError, match="one entry per PP stage"):
+        pm.sync_terms(SHAPE, dataclasses.replace(r, stage_params=(1_200_000,)), A)
+
+
+def test_stage_exports_split_the_model_by_pipeline_stage():
+    from eureka_megatron.bench.perf_recipes import stage_exports
+    from eureka_megatron.trainer.memory_plan import ParamEntry
+
+    entries = [ParamEntry("emb", 100, True, None, False, True),
+               ParamEntry("vision", 40, True, None, False, False),
+               ParamEntry("l0.qkv", 30, True, 0, False, True),
+               ParamEntry("l0.norm", 2, False, 0, False, True),
+               ParamEntry("l1.qkv", 30, True, 1, False, True),
+               ParamEntry("final_norm", 2, False, None, True, True),
+               ParamEntry("output", 100, True, None, True, True)]
+    assert stage_exports(entries, [[[0]], [[1]]]) == [(172, 170), (132, 130)]
+    assert stage_exports(entries, [[[0, 1]]]) == [(304, 300)]
 
 
 def test_doubling_mfu_halves_the_compute_phases_only():
@@ -139,6 +212,8 @@ def test_cli_prints_the_table_for_a_recipe(tmp_path, capsys):
     assert round(row["params"] / 1e9, 2) == 8.30  # the planner's count (the recipe's header)
     assert row["assumptions"]["mfu"] == 0.3 and row["GPUs"] == 8
     assert row["time (s)"] == pytest.approx(sum(p["seconds"] for p in row["phases"]))
+    sync = next(p for p in row["phases"] if p["phase"] == "weight sync")
+    assert sync["how"].startswith("16.6 GB of bf16 weights; tensors through Ray")  # all 8.30B
 
 
 def test_cli_names_a_bad_assumption_and_a_misplaced_option(capsys):
