@@ -10,6 +10,15 @@ from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_
                                              token_logprobs, unwrap)
 
 
+def on_device(mb: dict) -> dict:
+    """The micro-batch's tensors on this rank's GPU (micro-batches are built on the host); as is
+    without CUDA."""
+    if not torch.cuda.is_available():
+        return mb
+    device = torch.device("cuda", torch.cuda.current_device())
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+
+
 def forward_logits(chunks: list[torch.nn.Module], micro_batch: dict,
                    call: Callable[[torch.nn.Module, dict], torch.Tensor]) -> torch.Tensor | None:
     """Run `call(chunk, micro_batch)` under the schedule (any TP/PP/VPP); returns the
@@ -21,7 +30,7 @@ def forward_logits(chunks: list[torch.nn.Module], micro_batch: dict,
     out = []
 
     def step(it, chunk):
-        y = call(chunk, next(it))
+        y = call(chunk, on_device(next(it)))
         if ps.is_pipeline_last_stage():
             out.append(gather_from_tensor_model_parallel_region(y).detach())
         return y, lambda o: (o.sum() * 0, torch.tensor(1), {})
@@ -39,8 +48,9 @@ def forward_logits(chunks: list[torch.nn.Module], micro_batch: dict,
 def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[dict],
                            call: Callable[[torch.nn.Module, dict], torch.Tensor], vocab_size: int,
                            temperature: float = 1.0, backend: str | None = None) -> list[torch.Tensor]:
-    """Log-probs [B, S] (float32) of each micro-batch's `labels` through the fused kernel, never
-    building logits; forward only, any TP/PP/VPP; returned on every rank (broadcast over PP).
+    """Log-probs [B, S] (float32, on the host) of each micro-batch's `labels` through the fused
+    kernel, never building logits; forward only, any TP/PP/VPP; returned on every rank
+    (broadcast over PP).
     A packed micro-batch's come one row per sequence (`models.packing.as_rows`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -48,7 +58,7 @@ def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[di
     out = []
 
     def step(it, chunk):
-        mb = next(it)
+        mb = on_device(next(it))
         model = unwrap(chunk)
         if not is_last_stage_chunk(model):
             return call(chunk, mb), lambda o: (o.sum() * 0, torch.tensor(1), {})
@@ -73,10 +83,12 @@ def forward_token_logprobs(chunks: list[torch.nn.Module], micro_batches: list[di
         src = ps.get_pipeline_model_parallel_last_rank()
         group = ps.get_pipeline_model_parallel_group()
         if not out:
-            out = [torch.empty(_rows_shape(mb), dtype=torch.float32) for mb in micro_batches]
+            device = torch.cuda.current_device() if torch.cuda.is_available() else None
+            out = [torch.empty(_rows_shape(mb), dtype=torch.float32, device=device)
+                   for mb in micro_batches]
         for t in out:
             torch.distributed.broadcast(t, src=src, group=group)
-    return out
+    return [t.cpu() for t in out]  # beside the micro-batches they belong to
 
 
 def _rows_shape(mb: dict) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from eureka_megatron.runtime.layout import COLOCATED_ENGINE_GPU, Layout
 from eureka_megatron.runtime.placement import bundle_gpu_ids, bundle_nodes, bundle_order, ray_init
 
 if TYPE_CHECKING:  # the actor side imports no torch until the engine's factory does
+    from eureka_megatron.rollout.buckets import FlatBucket
     from eureka_megatron.rollout.engine import NamedTensors, Prompt, Sample, SamplingParams
 
 
@@ -104,11 +105,14 @@ class EngineActor:
         self._sync = BucketFeed(self.engine, version, name=f"weight-sync-v{version}",
                                 **({"partial": True} if partial else {}))
 
-    def load_bucket(self, bucket: NamedTensors) -> None:
-        """Returns once the engine has taken the bucket and asked for the next one."""
+    def load_bucket(self, packed: list[FlatBucket]) -> None:
+        """Returns once the engine has taken the bucket (`flatten_bucket`'s buffers) and asked
+        for the next one."""
+        from eureka_megatron.rollout.buckets import unflatten_bucket  # torch
+
         if self._sync is None:
             raise RuntimeError("load_bucket without begin_update")
-        self._sync.push(bucket)
+        self._sync.push([named for flat in packed for named in unflatten_bucket(flat)])
 
     def finish_update(self) -> int | None:
         if self._sync is None:
@@ -247,11 +251,15 @@ class RemoteEngine:
     def update_weights(self, buckets: Iterable[NamedTensors], version: int, *,
                        partial: bool = False) -> None:
         """Stream `buckets` one actor call each; any failure aborts the engine's sync (version
-        None) and is raised here."""
+        None) and is raised here. A bucket travels packed, one fresh buffer per dtype: Ray pickles
+        a tensor with its whole storage, and the export hands out views of the trainer's
+        parameter buffers (a norm weight would carry gigabytes with it)."""
+        from eureka_megatron.rollout.buckets import flatten_bucket  # torch
+
         self._call("begin_update", version, partial)
         try:
             for bucket in buckets:
-                self._call("load_bucket", list(bucket))
+                self._call("load_bucket", flatten_bucket(bucket))
             self._call("finish_update")
         except BaseException:
             try:

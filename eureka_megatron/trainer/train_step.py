@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from eureka_megatron.config import OptimConfig
+from eureka_megatron.models.forward import on_device
 from eureka_megatron.models.logprobs import unwrap
 from eureka_megatron.runtime import cpu_compat
 
@@ -133,13 +134,8 @@ def run_forward_backward(model: TrainableModel, micro_batches: list[dict], forwa
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator)
-        if device is not None:
-            mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-        return forward_fn(chunk, mb)
+        return forward_fn(chunk, on_device(next(data_iterator)))
 
     mb0 = micro_batches[0]["input_ids"]
     iters = [iter(micro_batches) for _ in model.chunks]
