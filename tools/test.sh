@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh test
-.venv/bin/python -m pytest -q "$@"
+# two workers, a test file each (its fixtures stay shared): spawning ranks and importing torch
+# leave cores idle that the other worker fills; the slowest tests are listed at the end
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=30 "$@"
 bash tools/install-sglang-api.sh
 .venv-sglang/bin/python -m pytest -q -m sglang_api tests/sglang_api "$@"

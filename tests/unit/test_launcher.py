@@ -1,10 +1,12 @@
 """The rank launcher: results in rank order, failures surface at once with the rank's traceback."""
 import os
+import socket
 import time
 
 import pytest
 
 from eureka_megatron.runtime.launcher import RankError, launch
+from eureka_megatron.runtime.ports import _ephemeral_low, free_port
 
 
 def _rank_info(x):
@@ -149,3 +151,10 @@ def test_a_killed_launcher_takes_the_ranks_children_too(tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, "the rank or its child outlived the launcher"
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable():
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(20000 <= p < _ephemeral_low() for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free when handed out
