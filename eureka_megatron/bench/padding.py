@@ -13,10 +13,11 @@ from __future__ import annotations
 import random
 
 from eureka_megatron.bench.report import lead
-from eureka_megatron.trainer.batches import Sequence, computed_tokens, dp_share, partition
+from eureka_megatron.trainer.batches import (Sequence, computed_tokens, dp_share,
+                                             mini_batch_groups, partition)
 
 PROMPTS, SAMPLES, DP, MINI_BATCHES, BUDGET = 128, 8, 4, 8, 8192
-PROMPT_RANGE, RESPONSE_RANGE, RESPONSE_MEDIAN = (300, 3000), (50, 4096), 400
+PROMPT_RANGE, RESPONSE_RANGE = (300, 3000), (50, 4096)
 
 
 def synthetic_lengths(seed: int = 0) -> list[tuple[int, int, int]]:
@@ -36,13 +37,8 @@ def efficiency(lengths: list[tuple[int, int, int]], pack: bool, dp: int = DP,
     """Real and computed tokens and micro-batches of one step planned as the actor plans it
     (`Actor.plan`: mini-batches of whole groups, DP shares, then micro-batches)."""
     seqs = [Sequence([0] * p, [0] * r, group=g) for g, p, r in lengths]
-    groups = sorted({s.group for s in seqs})
-    per_mini = max(1, len(groups) // mini_batches)
-    real = computed = micro = 0
-    busiest = 0
-    for m in range(0, len(groups), per_mini):
-        chosen = set(groups[m:m + per_mini])
-        mini = [s for s in seqs if s.group in chosen]
+    real = computed = micro = busiest = 0
+    for mini in mini_batch_groups(seqs, mini_batches):
         rank_computed = []
         for r in range(dp):
             share = [len(s) for s in dp_share(mini, r, dp)]

@@ -14,13 +14,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
-
-def packed_seq_params(cu_seqlens: torch.Tensor | None, max_seqlen: int | None = None
-                      ) -> PackedSeqParams | None:
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> PackedSeqParams:
     """THD params of one packed row whose sequences end at `cu_seqlens` [n + 1] (the last entry
-    is the row's length: a padded tail counts as one more sequence); None when not packed."""
-    if cu_seqlens is None:
-        return None
+    is the row's length: a padded tail counts as one more sequence)."""
     cu = cu_seqlens.to(torch.int32)
     if max_seqlen is None:
         max_seqlen = int((cu[1:] - cu[:-1]).max())

@@ -32,7 +32,7 @@ from eureka_megatron.rollout.weight_sync import sync_with_restart
 from eureka_megatron.runtime.distributed import broadcast_object
 from eureka_megatron.trainer import checkpoint
 from eureka_megatron.trainer.checkpoint import CheckpointError
-from eureka_megatron.trainer.batches import Sequence, dp_share, micro_batches
+from eureka_megatron.trainer.batches import Sequence, dp_share, micro_batches, mini_batch_groups
 from eureka_megatron.trainer.policy_forward import policy_forward
 from eureka_megatron.trainer.train_step import train_step, wrap_for_training
 
@@ -123,12 +123,9 @@ class Actor:
             return None
         for i, s in enumerate(seqs):
             s.index = i
-        groups = sorted({s.group for s in seqs})
-        per_mini = max(1, len(groups) // self.cfg.train.mini_batches)
         minis = []
-        for m in range(0, len(groups), per_mini):
-            chosen = set(groups[m:m + per_mini])
-            share = dp_share([s for s in seqs if s.group in chosen], dp_rank, dp)
+        for mini in mini_batch_groups(seqs, self.cfg.train.mini_batches):
+            share = dp_share(mini, dp_rank, dp)
             if not share:  # more DP ranks than sequences: nothing to train on this rank
                 minis.append(([], []))
                 continue

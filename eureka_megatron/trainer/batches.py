@@ -41,6 +41,15 @@ class Sequence:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
+def mini_batch_groups(seqs: list[Sequence], mini_batches: int) -> list[list[Sequence]]:
+    """The step's sequences split into `mini_batches` mini-batches of whole GRPO groups (in
+    group order; the last may hold the remainder)."""
+    groups = sorted({s.group for s in seqs})
+    per_mini = max(1, len(groups) // mini_batches)
+    return [[s for s in seqs if s.group in set(groups[m:m + per_mini])]
+            for m in range(0, len(groups), per_mini)]
+
+
 def dp_share(seqs: list[Sequence], dp_rank: int, dp: int) -> list[Sequence]:
     """This DP rank's sequences, balanced by tokens: longest first, each to the rank with the
     fewest tokens so far (ties: the lower rank), so the ranks' step times match whatever the
