@@ -1,6 +1,7 @@
-"""A Qwen2.5-family LLM on megatron-core: the language half of our VLMs.
+"""A Qwen2.5 / Qwen3-family LLM on megatron-core: the language half of our VLMs.
 
-GQA with qkv bias, RMSNorm, SwiGLU, RoPE with a configurable theta, tied or untied embeddings.
+GQA (Qwen2.5: qkv bias; Qwen3: per-head q/k RMSNorm, no bias), RMSNorm, SwiGLU, RoPE with a
+configurable theta, tied or untied embeddings.
 The layer spec is Transformer Engine's when it imports (GPU clusters) and megatron's local spec
 otherwise; fp32 on CPU, bf16 through Float16Module on GPU.
 """
@@ -88,6 +89,7 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=cfg.qkv_bias,
+        qk_layernorm=cfg.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
@@ -148,10 +150,15 @@ def layer_spec(config, vp_stage: int | None):
     from eureka_megatron.models.packed_attention import PackedDotProductAttention  # megatron
 
     if have_transformer_engine() and not _OPTIONS.get().meta:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm)
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                     qk_layernorm=config.qk_layernorm)
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
+    if config.qk_layernorm:  # per head: megatron normalises [.., heads, head_dim] over head_dim
+        layer.submodules.self_attention.submodules.q_layernorm = TorchNorm
+        layer.submodules.self_attention.submodules.k_layernorm = TorchNorm
     layer.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=TorchNorm)

@@ -1,4 +1,4 @@
-"""The Qwen2.5-family decoder's architecture (every family's LLM) and the divisibility rules a
+"""The Qwen2.5 / Qwen3-family decoder's architecture (every family's LLM) and the divisibility rules a
 TP/PP layout must meet for it, checked before any rank starts (megatron asserts them deep inside
 a rank). Torch-free: configs load and validate without importing the model."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class LLMConfig:
-    """A Qwen2.5-family decoder (GQA, qkv bias, RMSNorm, SwiGLU, RoPE). Names follow HF's config."""
+    """A Qwen2.5 / Qwen3-family decoder (GQA, RMSNorm, SwiGLU, RoPE; Qwen2.5: qkv bias; Qwen3: no
+    bias, per-head q/k RMSNorm, head_dim set on its own). Names follow HF's config."""
 
     vocab_size: int = 1024
     hidden_size: int = 64
@@ -28,6 +29,7 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     qkv_bias: bool = True
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's head_dim on q and k, before rope
     max_position_embeddings: int = 32768
     init_std: float = 0.02
     # The embedding/output rows are padded to a multiple of this (TP-independent, so checkpoints
@@ -48,6 +50,7 @@ class LLMConfig:
         h, kv = self.hidden_size, self.kv_channels
         q, k = self.num_attention_heads * kv, self.num_key_value_heads * kv
         attn = h * (q + 2 * k) + (q + 2 * k if self.qkv_bias else 0) + q * h
+        attn += 2 * kv if self.qk_norm else 0
         mlp = 3 * h * self.intermediate_size
         layer = attn + mlp + 2 * h
         emb = self.vocab_size * h

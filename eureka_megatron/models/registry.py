@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from eureka_megatron.errors import ConfigError
-from eureka_megatron.models import internvl, qwen2, qwen2_5_vl
+from eureka_megatron.models import internvl, qwen2, qwen2_5_vl, qwen3
 from eureka_megatron.models.family import Family
 
 FAMILIES: list[Family] = [
     qwen2.FAMILY,
+    qwen3.FAMILY,
     qwen2_5_vl.FAMILY,
     internvl.FAMILY,
 ]

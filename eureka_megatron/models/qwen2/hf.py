@@ -1,4 +1,5 @@
-"""The Qwen2 / Qwen2.5 decoder: HF names <-> our megatron LLM (`models/llm.py`).
+"""The Qwen2 / Qwen2.5 / Qwen3 decoder: HF names <-> our megatron LLM (`models/llm.py`).
+Qwen3 drops the qkv bias and adds per-head q/k RMSNorm weights ([head_dim], copied).
 
 `hf_prefix` places the decoder inside a checkpoint: "model." for Qwen2ForCausalLM and for
 Qwen2.5-VL's on-disk layout, "model.language_model." for the transformers >= 4.52 in-memory
@@ -45,7 +46,14 @@ def qwen2_mapping(cfg: LLMConfig, hf_prefix: str = "model.", lm_head: str = "lm_
     rules = qwen2_rules(hf_prefix, None if cfg.tie_word_embeddings else lm_head)
     if not cfg.qkv_bias:
         rules = [r for r in rules if not r.megatron.endswith("linear_qkv.bias")]
+    if cfg.qk_norm:
+        p = hf_prefix + "layers.{i}."
+        rules += [Rule(_L + f"self_attention.{x}_layernorm.weight", (p + f"self_attn.{x}_norm.weight",),
+                       per_layer=True) for x in "qk"]
     return Mapping(rules, dims)
+
+
+QWEN3_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen3_vl_text", "qwen3_vl_moe_text")
 
 
 def _rope_theta(hf: dict, default: float) -> float:
@@ -54,7 +62,9 @@ def _rope_theta(hf: dict, default: float) -> float:
 
 
 def llm_config_from_hf(hf: dict, where: str = "config.json", **fields) -> LLMConfig:
-    """Our LLMConfig from a Qwen2-style HF text config (top level or a `text_config`)."""
+    """Our LLMConfig from a Qwen2- or Qwen3-style HF text config (top level or a `text_config`).
+    Qwen3 (its model_types, or `qwen3=True` in `fields`) has q/k norms and `attention_bias`
+    (default false) in place of Qwen2's unconditional qkv bias."""
     need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads")
     missing = [k for k in need if k not in hf]
@@ -67,6 +77,9 @@ def llm_config_from_hf(hf: dict, where: str = "config.json", **fields) -> LLMCon
                           "(default RoPE and mrope only)")
     if hf.get("use_sliding_window"):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported")
+    if fields.pop("qwen3", False) or hf.get("model_type") in QWEN3_MODEL_TYPES:
+        fields.setdefault("qk_norm", True)
+        fields.setdefault("qkv_bias", bool(hf.get("attention_bias", False)))
     return LLMConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
