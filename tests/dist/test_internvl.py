@@ -53,7 +53,8 @@ def hf_model(cfg: InternVLConfig):
     from transformers import InternVLConfig as HFConfig, InternVLForConditionalGeneration
 
     t, v = cfg.text, cfg.vision
-    text = dict(model_type="qwen2" if cfg.llm_arch == "qwen2" else "llama", vocab_size=t.vocab_size,
+    model_type = {"qwen2": "qwen2", "internlm2": "llama", "qwen3": "qwen3"}[cfg.llm_arch]
+    text = dict(model_type=model_type, vocab_size=t.vocab_size, head_dim=t.kv_channels,
                 hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                 num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                 num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
@@ -360,6 +361,9 @@ def chat_config_json(cfg: InternVLConfig) -> dict:
     if cfg.llm_arch == "internlm2":
         llm.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
                    rope_scaling=None)
+    elif cfg.llm_arch == "qwen3":  # InternVL3.5
+        llm.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=t.head_dim,
+                   attention_bias=False, use_sliding_window=False)
     else:
         llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
     vision = dict(model_type="intern_vit_6b", hidden_size=v.hidden_size,

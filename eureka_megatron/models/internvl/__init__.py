@@ -1,5 +1,5 @@
-"""InternVL2.5 / InternVL3 (InternViT + pixel shuffle + mlp1 + a Qwen2 or InternLM2 LLM):
-everything about the family in one place.
+"""InternVL2.5 / InternVL3 / InternVL3.5 (InternViT + pixel shuffle + mlp1 + a Qwen2, InternLM2
+or dense Qwen3 LLM): everything about the family in one place.
 
   config.py  the architecture          hf.py      config from HF, the three layouts, the mapping
   model.py   the megatron model        images.py  dynamic tiling (transformers-exact)

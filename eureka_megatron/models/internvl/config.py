@@ -49,14 +49,19 @@ class InternVisionConfig:
         return int(math.ceil(self.num_attention_heads / m) * m)
 
 
+LLM_ARCHS = ("qwen2", "internlm2", "qwen3")
+
+
 @dataclass
 class InternVLConfig:
-    """InternVL2.5 / InternVL3: InternViT, pixel shuffle, the mlp1 projector, a Qwen2 or InternLM2
-    LLM (InternLM2.5 is an `LLMConfig` with qkv_bias=False)."""
+    """InternVL2.5 / InternVL3 / InternVL3.5: InternViT, pixel shuffle, the mlp1 projector, a Qwen2,
+    InternLM2 or (InternVL3.5) dense Qwen3 LLM. InternLM2.5 is an `LLMConfig` with qkv_bias=False;
+    Qwen3 one with qk_norm=True, qkv_bias=False and its own head_dim."""
 
     text: LLMConfig = field(default_factory=LLMConfig)
     vision: InternVisionConfig = field(default_factory=InternVisionConfig)
-    llm_arch: Literal["qwen2", "internlm2"] = "qwen2"  # the LLM's parameter names in the chat layout
+    # the LLM's parameter names in the chat layout (qwen3: qwen2's plus self_attn.q_norm / k_norm)
+    llm_arch: Literal["qwen2", "internlm2", "qwen3"] = "qwen2"
     downsample_ratio: float = 0.5
     image_token_id: int = 151667  # <IMG_CONTEXT>
     select_layer: int = -1
@@ -64,8 +69,12 @@ class InternVLConfig:
     freeze_projector: bool | None = None  # the mlp1 projector; None: as freeze_vision
 
     def __post_init__(self):
-        if self.llm_arch not in ("qwen2", "internlm2"):
-            raise ConfigError(f"llm_arch must be qwen2 or internlm2, got {self.llm_arch!r}")
+        if self.llm_arch not in LLM_ARCHS:
+            raise ConfigError(f"llm_arch must be one of {', '.join(LLM_ARCHS)}, "
+                              f"got {self.llm_arch!r}")
+        if self.llm_arch == "qwen3" and not self.text.qk_norm:
+            raise ConfigError("llm_arch qwen3 (InternVL3.5) needs text.qk_norm=True: Qwen3 "
+                              "normalises each head's q and k")
         if not 0 < self.downsample_ratio <= 1 or (1 / self.downsample_ratio) % 1:
             raise ConfigError(f"downsample_ratio={self.downsample_ratio} must be 1 / an integer")
         n = self.vision.num_hidden_layers

@@ -1,10 +1,12 @@
-"""InternVL2.5 / InternVL3: HF names <-> our megatron model (`model.py` beside this file).
+"""InternVL2.5 / InternVL3 / InternVL3.5: HF names <-> our megatron model (`model.py` beside this
+file).
 
 Three HF layouts:
   chat           OpenGVLab's original `internvl_chat` checkpoints (remote code; same names on disk
-                 and in memory): vision_model.*, mlp1.*, language_model.* with a Qwen2 LLM
-                 (language_model.model.*, language_model.lm_head.weight) or an InternLM2 LLM
-                 (tok_embeddings, attention.wqkv, feed_forward.w1/w3/w2, language_model.output).
+                 and in memory): vision_model.*, mlp1.*, language_model.* with a Qwen2 or Qwen3
+                 LLM (language_model.model.*, language_model.lm_head.weight; Qwen3 adds
+                 self_attn.q_norm / k_norm) or an InternLM2 LLM (tok_embeddings, attention.wqkv,
+                 feed_forward.w1/w3/w2, language_model.output).
   native_disk    transformers' InternVLForConditionalGeneration as `save_pretrained` writes it:
                  vision_tower.*, multi_modal_projector.*, language_model.model.*,
                  language_model.lm_head.weight.
@@ -13,10 +15,17 @@ Three HF layouts:
 InternLM2's fused `wqkv` is already megatron's per-KV-group [q_g; k_g; v_g] order, so it is copied.
 In the native layouts InternLM2 is a Llama (no qkv bias), named like Qwen2.
 
+InternVL3.5 (OpenGVLab/InternVL3_5-1B..38B) is InternVL3's vision side with a dense Qwen3 LLM:
+llm_config.architectures ["Qwen3ForCausalLM"] in the chat format, text_config.model_type "qwen3"
+in the native one. Its <IMG_CONTEXT> id is not InternVL3's 151667 (that is Qwen3's <think>): the
+chat format reads it from tokenizer_config.json, the native config stores it.
+
 Not supported (clear errors in `config_from_hf`): rope scaling other than InternLM2's dynamic NTK
 (which only acts beyond max_position_embeddings: accepted with a warning, longer sequences would
-differ), ps_version v1, force_image_size != vision image_size, biased InternLM2 / Llama layers,
-sliding-window Qwen2, vision feature layer lists.
+differ), ps_version v1, force_image_size != vision image_size, biased InternLM2 / Llama / Qwen3
+layers, sliding-window Qwen2 / Qwen3, vision feature layer lists, and the InternVL3.5 models
+whose LLM is a mixture of experts (Qwen3-MoE: 30B-A3B, 241B-A28B; GPT-OSS: 20B-A4B). The Flash
+variants' extra tensors (their visual resolution router) have no mapping: conversion lists them.
 """
 from __future__ import annotations
 
@@ -212,13 +221,30 @@ def _square(value, key: str) -> int:
     return int(value)
 
 
+# LLMs of InternVL checkpoints we know and do not build, by chat architecture and native model_type
+_UNSUPPORTED_LLMS = {
+    "Qwen3MoeForCausalLM": "a Qwen3-MoE LLM (InternVL3.5-30B-A3B / 241B-A28B)",
+    "qwen3_moe": "a Qwen3-MoE LLM (InternVL3.5-30B-A3B / 241B-A28B)",
+    "GptOssForCausalLM": "a GPT-OSS LLM (InternVL3.5-GPT-OSS-20B-A4B)",
+    "gpt_oss": "a GPT-OSS LLM (InternVL3.5-GPT-OSS-20B-A4B)",
+}
+_MOE_HINT = ("; InternVL's mixture-of-experts LLMs are not supported (only dense Qwen2, Qwen3 "
+             "and InternLM2 LLMs: InternVL2.5, InternVL3, InternVL3.5-1B..38B)")
+
+
+def _llm_arch(name, known: dict[str, str], where: str) -> str:
+    if name in _UNSUPPORTED_LLMS:
+        raise ConfigError(f"{where}={name!r} is {_UNSUPPORTED_LLMS[name]}{_MOE_HINT}")
+    if name not in known:
+        raise ConfigError(f"{where}={name!r} is not supported ({' or '.join(known)})")
+    return known[name]
+
+
 def _from_chat(hf: dict, image_token_id: int | None) -> InternVLConfig:
     llm, vis = _need(hf, "llm_config", "config"), _need(hf, "vision_config", "config")
     arch = (llm.get("architectures") or [None])[0]
-    llm_arch = {"InternLM2ForCausalLM": "internlm2", "Qwen2ForCausalLM": "qwen2"}.get(arch)
-    if llm_arch is None:
-        raise ConfigError(f"llm_config.architectures={arch!r} is not supported "
-                          "(InternLM2ForCausalLM or Qwen2ForCausalLM)")
+    llm_arch = _llm_arch(arch, {"InternLM2ForCausalLM": "internlm2", "Qwen2ForCausalLM": "qwen2",
+                                "Qwen3ForCausalLM": "qwen3"}, "llm_config.architectures")
     if hf.get("ps_version", "v1") != "v2":
         raise ConfigError(f"ps_version={hf.get('ps_version', 'v1')!r} is not supported (only v2)")
     if image_token_id is None:
@@ -236,10 +262,8 @@ def _from_chat(hf: dict, image_token_id: int | None) -> InternVLConfig:
 
 def _from_native(hf: dict, image_token_id: int | None) -> InternVLConfig:
     text, vis = _need(hf, "text_config", "config"), _need(hf, "vision_config", "config")
-    llm_arch = {"qwen2": "qwen2", "llama": "internlm2"}.get(text.get("model_type"))
-    if llm_arch is None:
-        raise ConfigError(f"text_config.model_type={text.get('model_type')!r} is not supported "
-                          "(qwen2, or llama for InternLM2)")
+    llm_arch = _llm_arch(text.get("model_type"), {"qwen2": "qwen2", "llama": "internlm2",
+                                                  "qwen3": "qwen3"}, "text_config.model_type")
     checks = [("vision_config.use_mean_pooling", vis.get("use_mean_pooling", True), True),
               ("vision_config.use_mask_token", vis.get("use_mask_token", False), False),
               ("vision_config.use_absolute_position_embeddings",
@@ -265,10 +289,10 @@ def _from_native(hf: dict, image_token_id: int | None) -> InternVLConfig:
 
 
 def _llm_config(d: dict, llm_arch: str, where: str) -> LLMConfig:
-    """Qwen2, InternLM2 (remote code) or Llama (InternLM2 in transformers) text config."""
+    """Qwen2, Qwen3, InternLM2 (remote code) or Llama (InternLM2 in transformers) text config."""
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{where}.hidden_act={d['hidden_act']!r} is not supported (only silu)")
-    for key in ("bias", "attention_bias", "mlp_bias"):  # InternLM2, Llama
+    for key in ("bias", "attention_bias", "mlp_bias"):  # InternLM2, Llama, Qwen3 (q/k/v/o bias)
         if d.get(key):
             raise ConfigError(f"{where}.{key}=true is not supported")
     rope = dict(d.get("rope_parameters") or {}, **(d.get("rope_scaling") or {}))
@@ -279,8 +303,8 @@ def _llm_config(d: dict, llm_arch: str, where: str) -> LLMConfig:
                       "sequences would not match the reference", stacklevel=4)
     elif kind != "default":
         raise ConfigError(f"{where}: rope scaling {kind!r} is not supported")
-    cfg = llm_config_from_hf({k: v for k, v in d.items() if k != "rope_scaling"}, where,
-                             qkv_bias=llm_arch == "qwen2")
+    fields = {"qwen3": True} if llm_arch == "qwen3" else {"qkv_bias": llm_arch == "qwen2"}
+    cfg = llm_config_from_hf({k: v for k, v in d.items() if k != "rope_scaling"}, where, **fields)
     if cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads:
         cfg.head_dim = None  # the default, as the chat format leaves it
     return cfg

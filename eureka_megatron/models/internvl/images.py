@@ -108,6 +108,16 @@ def tile_size(hf_config: dict) -> int | None:
 
 
 def image_options_from_hf(hf_config: dict) -> dict:
-    """The checkpoint's own tile size (a whole number of LLM tokens, checked now)."""
+    """What the checkpoint's architecture fixes about its image tokens: the tile size, the ViT
+    patch and the pixel shuffle's downsample_ratio (both formats keep these two in the same
+    places). The tiling knobs (max tiles, thumbnail) stay the run's."""
     size = tile_size(hf_config)
-    return {"image_size": size} if size else {}
+    options = {"image_size": size} if size else {}
+    patch = (hf_config.get("vision_config") or {}).get("patch_size")
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0]
+    if patch:
+        options["patch_size"] = int(patch)
+    if hf_config.get("downsample_ratio"):
+        options["downsample_ratio"] = float(hf_config["downsample_ratio"])
+    return options

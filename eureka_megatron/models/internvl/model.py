@@ -1,4 +1,5 @@
-"""InternVL2.5 / InternVL3 on megatron-core: InternViT, pixel shuffle, the mlp1 projector, the LLM.
+"""InternVL2.5 / InternVL3 / InternVL3.5 on megatron-core: InternViT, pixel shuffle, the mlp1
+projector, the LLM (Qwen2, InternLM2 or, for InternVL3.5, Qwen3 with its per-head q/k norms).
 
 InternViT (first pipeline stage only) is built from megatron TransformerLayers, so it is
 tensor-parallel like the LLM: a Conv2d patch embedding with bias, a CLS token and a learned
