@@ -35,10 +35,27 @@ class ParallelConfig:
     # Megatron's sequence parallelism (needs TP > 1): the LLM's norms, dropouts and residuals run
     # on 1/TP of the sequence, so their activations divide by TP too; same loss and gradients.
     sequence_parallel: bool = False
+    # Mixture-of-Experts layouts (megatron's expert parallelism): the experts of each MoE layer
+    # are split over `expert_parallel` ranks (tokens travel to their experts by all-to-all), each
+    # expert's MLP over `expert_tensor_parallel` ranks (null: tensor_parallel, megatron's
+    # default). The expert ranks are carved out of the same nproc: nproc must be divisible by
+    # expert_tensor_parallel * expert_parallel * pipeline_parallel; the rest is the experts' DP.
+    expert_parallel: int = 1
+    expert_tensor_parallel: int | None = None
 
     @property
     def dp(self) -> int:
         return self.nproc // (self.tensor_parallel * self.pipeline_parallel)
+
+    @property
+    def etp(self) -> int:
+        """Expert tensor parallel size (megatron's default: the tensor parallel size)."""
+        return self.expert_tensor_parallel or self.tensor_parallel
+
+    @property
+    def expert_dp(self) -> int:
+        """Data parallel size of the expert weights (their gradients are reduced over it)."""
+        return self.nproc // (self.etp * self.expert_parallel * self.pipeline_parallel)
 
     def validate(self) -> "ParallelConfig":
         """The layout's own rules (the model's are `validate_layout`)."""
@@ -57,13 +74,27 @@ class ParallelConfig:
             raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
         if self.sequence_parallel and tp < 2:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel >= 2")
+        ep, etp = self.expert_parallel, self.expert_tensor_parallel
+        for name, v in (("expert_parallel", ep), ("expert_tensor_parallel", etp)):
+            if v is not None and (isinstance(v, bool) or v < 1):
+                raise ConfigError(f"parallel.{name} must be >= 1, got {v!r}")
+        if n % (self.etp * ep * pp):
+            raise ConfigError(
+                f"world size parallel.nproc={n} is not divisible by parallel.expert_tensor_parallel"
+                f" * parallel.expert_parallel * parallel.pipeline_parallel = {self.etp}*{ep}*{pp}"
+                f" = {self.etp * ep * pp} (megatron's expert layout"
+                + ("; expert_tensor_parallel defaults to tensor_parallel)" if etp is None else ")"))
         return self
 
     def describe(self) -> str:
         vpp = f" x VPP{self.virtual_pipeline}" if self.virtual_pipeline else ""
         sp = " (sequence parallel)" if self.sequence_parallel else ""
+        experts = ""
+        if self.expert_parallel > 1 or self.etp != self.tensor_parallel:
+            experts = (f"; experts EP{self.expert_parallel} x ETP{self.etp} x "
+                       f"EDP{self.expert_dp}")
         return (f"TP{self.tensor_parallel} x PP{self.pipeline_parallel}{vpp} x DP{self.dp} = "
-                f"{self.nproc} ranks{sp}")
+                f"{self.nproc} ranks{sp}{experts}")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """A Qwen2.5 / Qwen3-family LLM on megatron-core: the language half of our VLMs.
 
 GQA (Qwen2.5: qkv bias; Qwen3: per-head q/k RMSNorm, no bias), RMSNorm, SwiGLU, RoPE with a
-configurable theta, tied or untied embeddings.
+configurable theta, tied or untied embeddings; a dense MLP or megatron's MoE layer (Qwen3-MoE's
+routing, experts split over expert-parallel ranks, tokens sent to them by all-to-all).
 The layer spec is Transformer Engine's when it imports (GPU clusters) and megatron's local spec
 otherwise; fp32 on CPU, bf16 through Float16Module on GPU.
 """
@@ -117,12 +118,44 @@ def transformer_config(cfg: LLMConfig, par: ParallelConfig, **overrides):
         # swaps activations and gradients of the same shape. Ordered p2p ops avoid that.
         batch_p2p_comm=torch.cuda.is_available(),
     )
+    if cfg.is_moe:
+        fields.update(moe_fields(cfg, par))
     if overrides.get("pipeline_model_parallel_size", par.pipeline_parallel) > 1:
         fields.update(num_layers_in_first_pipeline_stage=par.first_stage_layers,
                       num_layers_in_last_pipeline_stage=par.last_stage_layers)
     fields.update(_recompute_fields(_OPTIONS.get().recompute))
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def moe_fields(cfg: LLMConfig, par: ParallelConfig) -> dict:
+    """megatron's MoE settings for Qwen3-MoE's routing: softmax over all experts, top-k, the k
+    weights renormalised iff `norm_topk_prob`. megatron's softmax scorer without pre-softmax takes
+    the top k logits and softmaxes over those k: exp(l_i) / sum_topk exp(l_j), which is HF's
+    renormalised top-k of the full softmax; with pre-softmax it keeps the full softmax's top-k
+    values as they are (HF without norm_topk_prob). The router runs in fp32 (logits and softmax)
+    whatever the parameter dtype. Load balancing is off unless `moe_aux_loss_coeff` > 0 (then
+    megatron's switch-transformer aux loss over each micro-batch's tokens)."""
+    aux = float(cfg.moe_aux_loss_coeff)
+    grouped = have_transformer_engine() and not _OPTIONS.get().meta
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.expert_ffn,
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not cfg.norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+        moe_aux_loss_coeff=aux,
+        moe_token_dispatcher_type="alltoall",
+        # TE's grouped GEMM (TEGroupedMLP) on GPU: same torch_dist keys and per-expert global
+        # tensors as the local spec's SequentialMLP (megatron maps them to each other)
+        moe_grouped_gemm=grouped,
+        moe_shared_expert_intermediate_size=cfg.shared_expert_intermediate_size or None,
+        moe_shared_expert_gate=bool(cfg.shared_expert_intermediate_size),
+        expert_model_parallel_size=par.expert_parallel,
+        expert_tensor_parallel_size=par.etp,
+    )
 
 
 class TorchNorm:
@@ -142,18 +175,27 @@ class TorchNorm:
 def layer_spec(config, vp_stage: int | None):
     """The decoder's block spec: Transformer Engine's layer on GPU; else megatron's local layer
     with `TorchNorm` for its norms and the final one (sequence parallelism on CPU) and
-    `PackedDotProductAttention` (packed sequences on CPU)."""
+    `PackedDotProductAttention` (packed sequences on CPU). MoE layers (`config.num_moe_experts`):
+    TE's grouped experts on GPU, the local SequentialMLP on CPU; both keep the MLP's norm under
+    TE's key `pre_mlp_layernorm.weight` (the local spec would rename it as for a dense MLP)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
     from eureka_megatron.models.packed_attention import PackedDotProductAttention  # megatron
 
+    experts = config.num_moe_experts
     if have_transformer_engine() and not _OPTIONS.get().meta:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=config.qk_layernorm)
-    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                                     normalization="RMSNorm",
                                                      qk_layernorm=config.qk_layernorm)
+    if experts:
+        layer.submodules.sharded_state_dict_keys_map = {
+            k: v for k, v in layer.submodules.sharded_state_dict_keys_map.items()
+            if k != "pre_mlp_layernorm."}
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
     if config.qk_layernorm:  # per head: megatron normalises [.., heads, head_dim] over head_dim

@@ -1,6 +1,7 @@
-"""The Qwen2.5 / Qwen3-family decoder's architecture (every family's LLM) and the divisibility rules a
-TP/PP layout must meet for it, checked before any rank starts (megatron asserts them deep inside
-a rank). Torch-free: configs load and validate without importing the model."""
+"""The Qwen2.5 / Qwen3-family decoder's architecture (every family's LLM, dense or Mixture-of-Experts)
+and the divisibility rules a TP/PP/EP layout must meet for it, checked before any rank starts
+(megatron asserts them deep inside a rank). Torch-free: configs load and validate without importing
+the model."""
 from __future__ import annotations
 
 import math
@@ -16,7 +17,16 @@ if TYPE_CHECKING:
 @dataclass
 class LLMConfig:
     """A Qwen2.5 / Qwen3-family decoder (GQA, RMSNorm, SwiGLU, RoPE; Qwen2.5: qkv bias; Qwen3: no
-    bias, per-head q/k RMSNorm, head_dim set on its own). Names follow HF's config."""
+    bias, per-head q/k RMSNorm, head_dim set on its own). Names follow HF's config.
+
+    Mixture-of-Experts (Qwen3-MoE, Qwen3-VL-MoE's LLM) when `num_experts` > 0: every layer's MLP is
+    `num_experts` SwiGLU experts of width `moe_intermediate_size`; a linear router (no bias)
+    scores them, softmax over all experts, the top `num_experts_per_tok` are kept and, with
+    `norm_topk_prob`, renormalised to sum to 1 (`intermediate_size` is then unused).
+    `moe_aux_loss_coeff` is the switch-transformer load-balancing loss weight of the *run*
+    (`model.moe_aux_loss_coeff` in the run config), 0 (off) by default as RL frameworks do; an HF
+    config's `router_aux_loss_coef` is never read into it.
+    """
 
     vocab_size: int = 1024
     hidden_size: int = 64
@@ -35,6 +45,13 @@ class LLMConfig:
     # The embedding/output rows are padded to a multiple of this (TP-independent, so checkpoints
     # reshard across TP); padded rows never enter the softmax.
     make_vocab_size_divisible_by: int = 128
+    # Mixture-of-Experts (0 experts: dense)
+    num_experts: int = 0
+    moe_intermediate_size: int | None = None  # default intermediate_size
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # a gated shared expert beside the routed ones (0: none)
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight; 0: megatron's routing without it
 
     @property
     def kv_channels(self) -> int:
@@ -45,13 +62,34 @@ class LLMConfig:
         m = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / m) * m)
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
     def num_parameters(self) -> int:
-        """Parameter count of the unpadded model (for tokens/s -> MFU arithmetic)."""
+        """Parameter count of the unpadded model, every expert included (memory, checkpoints)."""
+        return self._count(self.num_experts)
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token passes through: the router and its `num_experts_per_tok` experts
+        in place of all of them (tokens/s -> MFU arithmetic); the dense count for dense models."""
+        return self._count(self.num_experts_per_tok)
+
+    def _count(self, experts: int) -> int:
         h, kv = self.hidden_size, self.kv_channels
         q, k = self.num_attention_heads * kv, self.num_key_value_heads * kv
         attn = h * (q + 2 * k) + (q + 2 * k if self.qkv_bias else 0) + q * h
         attn += 2 * kv if self.qk_norm else 0
-        mlp = 3 * h * self.intermediate_size
+        if self.is_moe:
+            mlp = self.num_experts * h + experts * 3 * h * self.expert_ffn  # router + experts
+            if self.shared_expert_intermediate_size:  # the shared expert and its 1-wide gate
+                mlp += 3 * h * self.shared_expert_intermediate_size + h
+        else:
+            mlp = 3 * h * self.intermediate_size
         layer = attn + mlp + 2 * h
         emb = self.vocab_size * h
         return self.num_hidden_layers * layer + h + emb * (1 if self.tie_word_embeddings else 2)
@@ -61,6 +99,7 @@ def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:
     """The rules megatron asserts deep inside a rank for this model at `par` (heads, KV groups,
     layers per stage, padded vocab) and the layout's own (`par.validate()`), checked up front."""
     par.validate()
+    _validate_moe(model, par)
     tp, pp, vpp = par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline
     if model.num_attention_heads % tp:
         raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not "
@@ -80,6 +119,42 @@ def validate_layout(model: LLMConfig, par: ParallelConfig) -> None:
             f"model.num_hidden_layers={model.num_hidden_layers} is not divisible by the "
             f"{stages} pipeline stages (PP={pp}" + (f" x VPP={vpp})" if vpp else ")"))
     _validate_vocab(model, tp)
+
+
+def _validate_moe(model: LLMConfig, par: ParallelConfig) -> None:
+    """The experts' own rules and megatron's for their layout (EP, ETP), naming the keys."""
+    ep, etp, tp = par.expert_parallel, par.etp, par.tensor_parallel
+    e = model.num_experts
+    if isinstance(e, bool) or e < 0:
+        raise ConfigError(f"model.num_experts must be >= 0 (0: a dense model), got {e!r}")
+    if not model.is_moe:
+        if ep > 1:
+            raise ConfigError(f"parallel.expert_parallel={ep} needs a Mixture-of-Experts model "
+                              "(model.num_experts > 0); this model is dense")
+        if model.shared_expert_intermediate_size:
+            raise ConfigError("model.shared_expert_intermediate_size needs model.num_experts > 0")
+        return
+    if not 1 <= model.num_experts_per_tok <= e:
+        raise ConfigError(f"model.num_experts_per_tok={model.num_experts_per_tok} must be in "
+                          f"[1, model.num_experts={e}]")
+    if model.expert_ffn < 1:
+        raise ConfigError(f"model.moe_intermediate_size={model.moe_intermediate_size} must be >= 1")
+    if model.moe_aux_loss_coeff < 0:
+        raise ConfigError(f"model.moe_aux_loss_coeff={model.moe_aux_loss_coeff} must be >= 0")
+    if e % ep:
+        raise ConfigError(f"model.num_experts={e} is not divisible by parallel.expert_parallel={ep}")
+    if model.expert_ffn % etp:
+        raise ConfigError(f"model.moe_intermediate_size={model.expert_ffn} is not divisible by the "
+                          f"expert tensor parallel size {etp} (parallel.expert_tensor_parallel, "
+                          "default parallel.tensor_parallel)")
+    if model.shared_expert_intermediate_size % tp:
+        raise ConfigError(f"model.shared_expert_intermediate_size="
+                          f"{model.shared_expert_intermediate_size} is not divisible by "
+                          f"parallel.tensor_parallel={tp}")
+    if tp > 1 and not par.sequence_parallel:
+        raise ConfigError(f"a Mixture-of-Experts model at parallel.tensor_parallel={tp} needs "
+                          "parallel.sequence_parallel=true (megatron's MoE layer refuses to train "
+                          "with TP but without sequence parallelism)")
 
 
 def _validate_vocab(model: LLMConfig, tp: int) -> None:

@@ -1,8 +1,10 @@
 """The declarative mapping core: rules between HF tensor names and megatron global tensors.
 
 A megatron global tensor is named by its torch_dist checkpoint key plus its layer index (for
-`decoder.layers.*` keys), exactly what `models.init.fill_global_tensors` asks a source for. Each
-`Rule` ties one such tensor to one or more HF tensors through a reversible transform:
+`decoder.layers.*` keys) and, for MoE experts, its expert index (megatron's prepend axes: the
+`(layer, expert)` offsets of `decoder.layers.mlp.experts.*`), exactly what
+`models.init.fill_global_tensors` asks a source for. Each `Rule` ties one such tensor to one or
+more HF tensors through a reversible transform:
 
   copy      one HF tensor, unchanged
   pad_vocab one HF tensor; rows padded with zeros to the padded vocab (HF side: padding removed)
@@ -12,6 +14,18 @@ A megatron global tensor is named by its torch_dist checkpoint key plus its laye
   ffn_cols  one HF tensor whose dim 1 is the MLP width (linear_fc2.weight)
   head_cols one HF tensor whose dim 1 is heads x head_dim (attention output projections)
   head_rows one HF tensor whose dim 0 is heads x head_dim (full-width q/k norms)
+  experts   (per-expert rules) one HF tensor [num_experts, ...] holding every expert of a layer
+            (transformers' fused `mlp.experts.gate_up_proj` / `down_proj`); expert e's megatron
+            tensor is its row e
+  experts_t the same stacked with each expert's matrix transposed ([E, in, out]: Qwen3-VL-MoE's
+            on-disk `gate_up_proj` / `down_proj`)
+
+Per-expert rules (`per_expert=True`) exist once per (layer, expert); their HF names take "{e}" when
+the checkpoint stores each expert on its own (per-expert `gate_proj` / `up_proj` / `down_proj`),
+else they name the one stacked tensor (`experts` / `experts_t`). A stacked HF tensor needs all E
+megatron tensors of its layer, so the streams work per group: megatron -> HF asks for the E expert
+tensors of one stacked tensor and yields it once (built in place, one expert at a time beside it);
+HF -> megatron reads it once and yields its E expert tensors.
 
 Exact padding: where a width does not divide every tensor-parallel size (Qwen2.5-VL's ViT MLP 3420,
 InternViT-6B's 25 heads), `Dims.padded_ffn` / `Dims.padded_heads` give the megatron width. MLP
@@ -32,8 +46,10 @@ import torch
 from eureka_megatron.errors import UserError
 
 Transform = Literal["copy", "pad_vocab", "qkv", "fused_qkv", "concat", "ffn_cols", "head_cols",
-                    "head_rows"]
-MegatronKey = tuple[str, tuple[int, ...]]  # (checkpoint key, layer offsets) e.g. ("decoder...", (3,))
+                    "head_rows", "experts", "experts_t"]
+STACKED = ("experts", "experts_t")  # one HF tensor for all experts of a layer
+# (checkpoint key, prepend-axis offsets): ("decoder...", (3,)) for layer 3, (3, 5) for its expert 5
+MegatronKey = tuple[str, tuple[int, ...]]
 
 
 class MappingError(UserError, ValueError):
@@ -43,9 +59,10 @@ class MappingError(UserError, ValueError):
 @dataclass(frozen=True)
 class Rule:
     megatron: str             # torch_dist key (layer index implied for per-layer rules)
-    hf: tuple[str, ...]       # HF names; "{i}" is replaced by the layer index
-    transform: Transform = "copy"  # one of the eight above
+    hf: tuple[str, ...]       # HF names; "{i}" is replaced by the layer index, "{e}" by the expert's
+    transform: Transform = "copy"  # one of the ten above
     per_layer: bool = False
+    per_expert: bool = False  # once per (layer, expert); implies per_layer
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class Dims:
     ffn: int = 0
     padded_ffn: int = 0     # 0: no MLP padding
     padded_heads: int = 0   # 0: no head padding
+    num_experts: int = 0    # MoE experts per layer (per-expert rules)
 
     @property
     def pad_ffn(self) -> int:
@@ -90,29 +108,43 @@ class Mapping:
         return out
 
     # -- enumeration -------------------------------------------------------------------------
-    def entries(self) -> Iterable[tuple[Rule, Dims, MegatronKey, tuple[str, ...]]]:
+    def groups(self) -> Iterable[tuple[Rule, Dims, list[MegatronKey], tuple[str, ...]]]:
+        """(rule, dims, megatron keys, HF names): the HF tensors `names` hold exactly the megatron
+        tensors `keys` -- one key, except a stacked expert tensor's E keys (expert order)."""
         for rules, dims, prefix in self.parts:
             for rule in rules:
-                layers = range(dims.num_layers) if rule.per_layer else [None]
+                layers = range(dims.num_layers) if rule.per_layer or rule.per_expert else [None]
                 for i in layers:
-                    names = tuple(n.format(i=i) for n in rule.hf)
-                    yield rule, dims, (prefix + rule.megatron, () if i is None else (i,)), names
+                    key = prefix + rule.megatron
+                    if i is None:
+                        yield rule, dims, [(key, ())], rule.hf
+                    elif not rule.per_expert:
+                        yield rule, dims, [(key, (i,))], tuple(n.format(i=i) for n in rule.hf)
+                    elif rule.transform in STACKED:
+                        yield (rule, dims, [(key, (i, e)) for e in range(dims.num_experts)],
+                               tuple(n.format(i=i) for n in rule.hf))
+                    else:
+                        for e in range(dims.num_experts):
+                            yield rule, dims, [(key, (i, e))], tuple(n.format(i=i, e=e) for n in rule.hf)
+
+    def entries(self) -> Iterable[tuple[Rule, Dims, MegatronKey, tuple[str, ...]]]:
+        """(rule, dims, megatron key, the HF names it is made from), one per megatron tensor."""
+        for rule, dims, keys, names in self.groups():
+            for key in keys:
+                yield rule, dims, key, names
 
     def hf_names(self) -> set[str]:
-        return {n for *_, names in self.entries() for n in names}
+        return {n for *_, names in self.groups() for n in names}
 
     # -- HF -> megatron ----------------------------------------------------------------------
     def iter_megatron(self, hf: Callable[[str], torch.Tensor]) -> Iterator[tuple[MegatronKey, torch.Tensor]]:
-        """Megatron global tensors one at a time (streaming), reading HF tensors via `hf(name)`.
-        With meta tensors this checks shapes without touching any data."""
-        for rule, dims, key, names in self.entries():
+        """Megatron global tensors one at a time (streaming), reading HF tensors via `hf(name)`
+        (a stacked expert tensor once for its E experts). With meta tensors this checks shapes
+        without touching any data."""
+        for rule, dims, keys, names in self.groups():
             ts = [hf(n) for n in names]
-            try:
-                yield key, _to_megatron(rule, dims, ts)
-            except RuntimeError as e:  # a reshape/cat that the shapes do not allow
-                shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, ts))
-                raise MappingError(f"{shapes} cannot become {key[0]}{list(key[1])} "
-                                   f"({rule.transform}): {e}") from None
+            for key in keys:
+                yield key, _checked_to_megatron(rule, dims, key, names, ts)
 
     def to_megatron(self, hf: Callable[[str], torch.Tensor]) -> dict[MegatronKey, torch.Tensor]:
         """All megatron global tensors, reading HF tensors through `hf(name)`."""
@@ -121,27 +153,67 @@ class Mapping:
     def source(self, hf: Callable[[str], torch.Tensor]):
         """A `models.init.Source`: each megatron global tensor built on demand from the HF
         tensors it needs, read through `hf(name)` then and dropped after the caller's copy --
-        loading holds one tensor at a time, never the model."""
+        loading holds one tensor at a time, never the model. Stacked expert tensors are the
+        exception: the last two read stay (a layer's gate_up and down, which megatron's experts
+        ask for in turn), so each is read once per layer, not once per expert."""
         index = {key: (rule, dims, names) for rule, dims, key, names in self.entries()}
+        stacked: dict[str, torch.Tensor] = {}
+
+        def read(name: str, keep: bool) -> torch.Tensor:
+            if not keep:
+                return hf(name)
+            if name not in stacked:
+                if len(stacked) >= 2:
+                    del stacked[next(iter(stacked))]
+                stacked[name] = hf(name)
+            return stacked[name]
 
         def source(key: str, layer: tuple[int, ...], shape: tuple[int, ...]):
             if (key, layer) not in index:
                 raise MappingError(f"the model has {key}{list(layer)}, which the mapping does not "
                                    "produce (wrong family config or layout?)")
             rule, dims, names = index[(key, layer)]
-            return _to_megatron(rule, dims, [hf(n) for n in names])
+            ts = [read(n, rule.transform in STACKED) for n in names]
+            return _checked_to_megatron(rule, dims, (key, layer), names, ts)
 
         return source
 
     # -- megatron -> HF ----------------------------------------------------------------------
     def iter_hf(self, megatron: Callable[[MegatronKey], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) pairs one megatron tensor at a time: the converter's and the
-        weight sync's export stream."""
-        for rule, dims, key, names in self.entries():
-            yield from zip(names, _to_hf(rule, dims, megatron(key), len(names)))
+        """(HF name, full tensor) pairs one megatron tensor at a time (a stacked expert tensor
+        after its E experts): the converter's and the weight sync's export stream."""
+        for rule, dims, keys, names in self.groups():
+            if rule.transform in STACKED:
+                yield names[0], _stack_experts(rule, keys, megatron)
+            else:
+                yield from zip(names, _to_hf(rule, dims, megatron(keys[0]), len(names)))
 
     def to_hf(self, megatron: dict[MegatronKey, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(self.iter_hf(megatron.__getitem__))
+
+
+def _checked_to_megatron(rule: Rule, dims: Dims, key: MegatronKey, names, ts) -> torch.Tensor:
+    try:
+        return _to_megatron(rule, dims, ts, key[1])
+    except (RuntimeError, IndexError) as e:  # a reshape/cat/index that the shapes do not allow
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, ts))
+        raise MappingError(f"{shapes} cannot become {key[0]}{list(key[1])} "
+                           f"({rule.transform}): {e}") from None
+
+
+def _stack_experts(rule: Rule, keys: list[MegatronKey], megatron) -> torch.Tensor:
+    """The HF tensor [E, ...] of a layer's experts, filled one expert at a time."""
+    out = None
+    for e, key in enumerate(keys):
+        t = megatron(key)
+        if rule.transform == "experts_t":
+            t = t.transpose(0, 1)
+        if out is None:
+            out = torch.empty((len(keys), *t.shape), dtype=t.dtype, device=t.device)
+        if out.device.type != "meta":
+            out[e].copy_(t)
+        del t
+    return out
 
 
 def _interleave(d: Dims, q, k, v) -> torch.Tensor:
@@ -167,10 +239,16 @@ def _pad(t: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _to_megatron(rule: Rule, d: Dims, ts: list[torch.Tensor]) -> torch.Tensor:
+def _to_megatron(rule: Rule, d: Dims, ts: list[torch.Tensor], offsets: tuple[int, ...] = ()) -> torch.Tensor:
     hd = d.head_dim
     if rule.transform == "copy":
         return ts[0]
+    if rule.transform in STACKED:
+        (t,) = ts
+        if t.shape[0] != d.num_experts:
+            raise RuntimeError(f"{t.shape[0]} experts stacked, the model has {d.num_experts}")
+        w = t[offsets[-1]]
+        return w.transpose(0, 1).contiguous() if rule.transform == "experts_t" else w
     if rule.transform == "pad_vocab":
         (w,) = ts
         return _pad(w, 0, d.padded_vocab_size - w.shape[0])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from eureka_megatron.errors import ConfigError
-from eureka_megatron.models import internvl, qwen2, qwen2_5_vl, qwen3
+from eureka_megatron.models import internvl, qwen2, qwen2_5_vl, qwen3, qwen3_moe
 from eureka_megatron.models.family import Family
 
 FAMILIES: list[Family] = [
     qwen2.FAMILY,
     qwen3.FAMILY,
+    qwen3_moe.FAMILY,
     qwen2_5_vl.FAMILY,
     internvl.FAMILY,
 ]

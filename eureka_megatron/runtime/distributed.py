@@ -45,6 +45,8 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_minutes: int
         tensor_model_parallel_size=par.tensor_parallel,
         pipeline_model_parallel_size=par.pipeline_parallel,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline,
+        expert_model_parallel_size=par.expert_parallel,
+        expert_tensor_parallel_size=par.etp,
         distributed_timeout_minutes=timeout_minutes,
     )
     if par.threads:
