@@ -11,6 +11,7 @@ FAMILIES: list[Family] = [
     qwen3.FAMILY,
     qwen3_moe.FAMILY,
     qwen2_5_vl.FAMILY,
+    qwen3_vl.FAMILY,
     internvl.FAMILY,
 ]
 

@@ -1,0 +1,74 @@
+"""Qwen3-VL's image preprocessing, numerically identical to transformers' PIL-backend
+`Qwen2VLImageProcessorPil` as Qwen3-VL's checkpoints configure it (see `models/images.py` for
+why and for the shared arithmetic).
+
+The same steps as Qwen2.5-VL's (resize to multiples of patch*merge within a pixel range, patches
+in merge-window order, each repeated temporal_patch_size times), with Qwen3-VL's numbers: 16x16
+patches (factor 32) and mean = std = 0.5 per channel. The checkpoints' own pixel range
+(preprocessor_config.json: shortest_edge 65536, longest_edge 16777216) are the defaults here;
+a run's data.min_pixels / max_pixels override them as for Qwen2.5-VL.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eureka_megatron.models.images import ImageOptions, normalized_chw
+from eureka_megatron.models.qwen2_5_vl.images import smart_resize
+
+QWEN3_VL_MEAN = (0.5, 0.5, 0.5)
+QWEN3_VL_STD = (0.5, 0.5, 0.5)
+QWEN3_VL_MIN_PIXELS = 65536
+QWEN3_VL_MAX_PIXELS = 16777216
+
+
+def qwen3_vl_pixels(images: list[Image.Image], *, min_pixels: int = QWEN3_VL_MIN_PIXELS,
+                    max_pixels: int = QWEN3_VL_MAX_PIXELS, patch_size: int = 16,
+                    temporal_patch_size: int = 2, merge_size: int = 2
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values float32 [sum of patches, 3*T*P*P], image_grid_thw long [n_images, 3])."""
+    if not images:
+        raise ValueError("qwen3_vl_pixels needs at least one image")
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    chunks, grids = [], []
+    for im in images:
+        h, w = smart_resize(im.height, im.width, factor=p * m, min_pixels=min_pixels,
+                            max_pixels=max_pixels)
+        x = normalized_chw(im.resize((w, h), Image.Resampling.BICUBIC), QWEN3_VL_MEAN, QWEN3_VL_STD)
+        gh, gw = h // p, w // p
+        # C, (gh/m, m, p), (gw/m, m, p) -> (gh/m, gw/m, m, m, C, p, p): merge windows contiguous
+        x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        x = np.repeat(x[:, :, :, :, :, None], t, axis=5)  # a still image as t identical frames
+        chunks.append(x.reshape(gh * gw, 3 * t * p * p))
+        grids.append((1, gh, gw))
+    return torch.from_numpy(np.concatenate(chunks)), torch.tensor(grids, dtype=torch.long)
+
+
+def image_tokens(image_grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
+    """LLM tokens per image: the patch grid after merge_size x merge_size merging."""
+    return [int(g) // merge_size ** 2 for g in image_grid_thw.prod(dim=-1).tolist()]
+
+
+def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list[int]]:
+    """The family's hook: (pixel_values + image_grid_thw, LLM tokens per image). The patch
+    geometry comes from the checkpoint (`image_options_from_hf`)."""
+    pixel_values, grid = qwen3_vl_pixels(images, min_pixels=o.min_pixels, max_pixels=o.max_pixels,
+                                         patch_size=o.patch_size, merge_size=o.merge_size,
+                                         temporal_patch_size=o.temporal_patch_size)
+    return ({"pixel_values": pixel_values, "image_grid_thw": grid},
+            image_tokens(grid, o.merge_size))
+
+
+def image_options_from_hf(hf_config: dict) -> dict:
+    """The tower's patch geometry from config.json (Qwen3-VL: 16x16 patches, 2x2 merge); the
+    pixel range stays the run's (data.min_pixels / max_pixels)."""
+    v = hf_config.get("vision_config") or {}
+    return {"patch_size": _int(v.get("patch_size", 16)),
+            "merge_size": _int(v.get("spatial_merge_size", 2)),
+            "temporal_patch_size": _int(v.get("temporal_patch_size", 2))}
+
+
+def _int(x) -> int:
+    """HF allows a size as one int or a per-axis list (equal axes here)."""
+    return int(x[0] if isinstance(x, (list, tuple)) else x)
