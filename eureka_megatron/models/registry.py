@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eureka_megatron.errors import ConfigError
-from eureka_megatron.models import internvl, qwen2, qwen2_5_vl, qwen3, qwen3_moe
+from eureka_megatron.models import internvl, qwen2, qwen2_5_vl, qwen3, qwen3_moe, qwen3_vl
 from eureka_megatron.models.family import Family
 
 FAMILIES: list[Family] = [
