@@ -63,9 +63,165 @@ INTERNVL2_5_38B = {
                       "torch_dtype": "bfloat16"},
 }
 
-# InternVL chat checkpoints keep the <IMG_CONTEXT> id in the tokenizer config
-TOKENIZER_CONFIG = {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>", "special": True}}}
+# OpenGVLab/InternVL3_5-38B (internvl_chat layout): InternViT-6B-448px-V2_5 + Qwen3-32B. Its own
+# config.json was not found in any stored copy, so this is assembled from parts that were:
+#  - top level: the model's authors' SFT recipe, github.com/OpenGVLab/InternVL
+#    internvl_chat_gpt_oss/shell/internvl3_5_qwen3/internvl3_5_38b_sft.sh (force_image_size 448,
+#    max_dynamic_patch 12, down_sample_ratio 0.5, vision_select_layer -1, dynamic_image_size,
+#    use_thumbnail, ps_version 'v2', conv_style -> template "internvl2_5"); min_dynamic_patch 1
+#    and eos_token_id 151645 as in huggingface.co/OpenGVLab/InternVL3_5-1B config.json
+#  - llm_config: Qwen/Qwen3-32B's config.json (quoted verbatim in a verl doc of Ascend runs,
+#    where only num_hidden_layers was edited, 64 -> 16, and said so); InternVL3.5 llm_configs
+#    keep the base Qwen3 config's fields (InternVL3_5-1B's: Qwen3-0.6B's vocab 151936, 40960
+#    positions, rope_theta 1e6, no rope scaling)
+#  - vision_config: InternViT-6B-448px-V2_5, the same tower as InternVL2.5-38B's (above)
+# The LLM is Qwen3-32B per the InternVL3.5 model cards / paper (arXiv 2508.18265).
+INTERNVL3_5_38B = {
+    "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+    "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2", "template": "internvl2_5",
+    "force_image_size": 448, "dynamic_image_size": True, "use_thumbnail": True,
+    "min_dynamic_patch": 1, "max_dynamic_patch": 12, "eos_token_id": 151645,
+    "llm_config": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                   "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+                   "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                   "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 25600,
+                   "max_position_embeddings": 40960, "max_window_layers": 64,
+                   "num_attention_heads": 64, "num_hidden_layers": 64, "num_key_value_heads": 8,
+                   "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000,
+                   "sliding_window": None, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936},
+    "vision_config": dict(INTERNVL2_5_38B["vision_config"]),
+}
 
+# InternVL chat checkpoints keep the <IMG_CONTEXT> id in the tokenizer config: 151667 with
+# InternVL2.5/3's Qwen2.5 tokenizer, 151671 with InternVL3.5's Qwen3 one (151667 is Qwen3's
+# <think>; <img> 151669, </img> 151670). 151671: InternLM/xtuner
+# xtuner/v1/model/compose/internvl/internvl_config.py (InternVL3.5 image_token_id) and the
+# native InternVL3.5 configs' image_token_id.
+TOKENIZER_CONFIG = {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>", "special": True}}}
+INTERNVL3_5_TOKENIZER_CONFIG = {
+    "added_tokens_decoder": {"151667": {"content": "<think>", "special": True},
+                             "151671": {"content": "<IMG_CONTEXT>", "special": True}}}
+
+# Qwen/Qwen3-VL-8B-Instruct config.json, verbatim: a model-inspector report on GitHub quoting the
+# raw file of a local download (".../opensource/Qwen3-VL-8B-Instruct/config.json", 原始 config.json)
+# with its tensor shapes; a Neuron port of NVIDIA's Alpamayo has the same values (its backbone,
+# Cosmos-Reason2-8B, ships Qwen3-VL-8B-Instruct's config byte for byte).
+QWEN3_VL_8B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655,
+    "model_type": "qwen3_vl",
+    "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+                    "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128,
+                    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+                    "intermediate_size": 12288, "max_position_embeddings": 262144,
+                    "model_type": "qwen3_vl_text", "num_attention_heads": 32,
+                    "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                     "rope_type": "default"},
+                    "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+    "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+    "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27,
+                      "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152, "in_channels": 3,
+                      "initializer_range": 0.02, "intermediate_size": 4304,
+                      "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304,
+                      "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+}
+
+# Qwen/Qwen3-VL-32B-Instruct config.json: MiniMax-H3 ships it as its text encoder's config
+# (".../Qwen3-VL-32B-Instruct/config.json", 1474 bytes); two GitHub ports of MiniMax-H3 quote it
+# (one re-serialised: rms_norm_eps 0.000001, no transformers_version), and an architecture note
+# "verified against Qwen/Qwen3-VL-32B-Instruct/config.json" gives the same numbers.
+QWEN3_VL_32B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655,
+    "model_type": "qwen3_vl",
+    "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+                    "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128,
+                    "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+                    "intermediate_size": 25600, "max_position_embeddings": 262144,
+                    "model_type": "qwen3_vl_text", "num_attention_heads": 64,
+                    "num_hidden_layers": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                     "rope_type": "default"},
+                    "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+    "tie_word_embeddings": False, "video_token_id": 151656,
+    "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27,
+                      "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152, "in_channels": 3,
+                      "initializer_range": 0.02, "intermediate_size": 4304,
+                      "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304,
+                      "out_hidden_size": 5120, "patch_size": 16, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+}
+
+# Qwen/Qwen3-VL-30B-A3B-Instruct config.json, verbatim: the model-inspector report above quoting
+# the raw file (".../opensource/Qwen3-VL-30B-A3B-Instruct/config.json") with its tensor shapes;
+# a Rust port's test transcribes the same file "byte-for-byte ... at commit 1fc78ad".
+QWEN3_VL_30B_A3B = {
+    "architectures": ["Qwen3VLMoeForConditionalGeneration"], "image_token_id": 151655,
+    "model_type": "qwen3_vl_moe",
+    "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+                    "decoder_sparse_step": 1, "dtype": "bfloat16", "eos_token_id": 151645,
+                    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+                    "initializer_range": 0.02, "intermediate_size": 6144,
+                    "max_position_embeddings": 262144, "mlp_only_layers": [],
+                    "model_type": "qwen3_vl_moe_text", "moe_intermediate_size": 768,
+                    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+                    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+                    "rms_norm_eps": 1e-6,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                     "rope_type": "default"},
+                    "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+    "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+    "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27,
+                      "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152, "in_channels": 3,
+                      "initializer_range": 0.02, "intermediate_size": 4304,
+                      "model_type": "qwen3_vl_moe", "num_heads": 16,
+                      "num_position_embeddings": 2304, "out_hidden_size": 2048, "patch_size": 16,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+}
+
+# Qwen/Qwen3-VL-235B-A22B-Instruct: the raw file was not found; its values are. The same
+# model-inspector report prints the transformers-5.7 view of a local download of it (which
+# renames num_experts -> num_local_experts and folds rope_scaling + rope_theta into
+# rope_parameters) with every tensor shape (94 layers, experts [128, 1536, 4096], q_proj
+# [8192, 4096], k_proj [512, 4096], merger out 4096, patch_embed [1152, 3, 2, 16, 16]); the text
+# fields under their on-disk names are those of ai-dynamo/aiconfigurator
+# src/aiconfigurator/model_configs/Qwen--Qwen3-VL-235B-A22B-Thinking_config.json (same
+# architecture; its vision_config there is abridged and says patch_size 14, which the tensor
+# shapes contradict, so the vision side here is the report's). Key names follow the 30B-A3B file.
+QWEN3_VL_235B_A22B = {
+    "architectures": ["Qwen3VLMoeForConditionalGeneration"], "image_token_id": 151655,
+    "model_type": "qwen3_vl_moe",
+    "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+                    "decoder_sparse_step": 1, "dtype": "bfloat16", "eos_token_id": 151645,
+                    "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+                    "initializer_range": 0.02, "intermediate_size": 12288,
+                    "max_position_embeddings": 262144, "mlp_only_layers": [],
+                    "model_type": "qwen3_vl_moe_text", "moe_intermediate_size": 1536,
+                    "norm_topk_prob": True, "num_attention_heads": 64, "num_experts": 128,
+                    "num_experts_per_tok": 8, "num_hidden_layers": 94, "num_key_value_heads": 4,
+                    "rms_norm_eps": 1e-6,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                     "rope_type": "default"},
+                    "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+    "tie_word_embeddings": False, "video_token_id": 151656,
+    "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27,
+                      "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152, "in_channels": 3,
+                      "initializer_range": 0.02, "intermediate_size": 4304,
+                      "model_type": "qwen3_vl_moe", "num_heads": 16,
+                      "num_position_embeddings": 2304, "out_hidden_size": 4096, "patch_size": 16,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+}
+
+
+def tokenizer_config_for(hub: dict) -> dict:
+    """The tokenizer_config.json (its <IMG_CONTEXT>) of an internvl_chat hub config."""
+    arch = (hub.get("llm_config", {}).get("architectures") or [None])[0]
+    return INTERNVL3_5_TOKENIZER_CONFIG if arch == "Qwen3ForCausalLM" else TOKENIZER_CONFIG
 
 
 def write_config_dir(directory: Path, hub: dict) -> Path:
@@ -74,7 +230,7 @@ def write_config_dir(directory: Path, hub: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hub))
     if hub["model_type"] == "internvl_chat":
-        (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_for(hub)))
     return directory
 
 
@@ -82,6 +238,8 @@ def write_config_dir(directory: Path, hub: dict) -> Path:
 PRESETS = {
     "Qwen2.5-VL-7B": (QWEN2_5_VL_7B, ("num_hidden_layers",), ("vision_config", "depth")),
     "InternVL2.5-38B": (INTERNVL2_5_38B, ("llm_config", "num_hidden_layers"),
+                        ("vision_config", "num_hidden_layers")),
+    "InternVL3.5-38B": (INTERNVL3_5_38B, ("llm_config", "num_hidden_layers"),
                         ("vision_config", "num_hidden_layers")),
 }
 
@@ -158,7 +316,8 @@ def _timed(cmd: list[str]) -> tuple[float, float]:
 # cut to QUICK_VOCAB rows (the embedding and output layer would be two thirds of the bytes)
 QUICK_LAYERS = (1, 1)
 QUICK_VOCAB = 8192
-VOCAB_PATHS = {"Qwen2.5-VL-7B": ("vocab_size",), "InternVL2.5-38B": ("llm_config", "vocab_size")}
+VOCAB_PATHS = {"Qwen2.5-VL-7B": ("vocab_size",), "InternVL2.5-38B": ("llm_config", "vocab_size"),
+               "InternVL3.5-38B": ("llm_config", "vocab_size")}
 
 
 def copy_seconds(src: Path, dst: Path) -> float:
@@ -185,7 +344,7 @@ def run(quick: bool = False) -> tuple[list[dict], list[str]]:
             full = (_get(config, llm_path), _get(config, vision_path))
             src, mg, back = work / "hf", work / "mg", work / "back"
             src.mkdir()
-            (src / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+            (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_for(config)))
             full_bytes = model_bytes(config, src)
             # 38B (77 GB in bf16) does not fit a workstation disk three times: fewer layers.
             layers = QUICK_LAYERS if quick else (full if name == "Qwen2.5-VL-7B" else (8, 6))

@@ -10,7 +10,8 @@ the native on-disk layout. The Qwen3 LLM has head_dim 24 != hidden 64 / 4 heads 
 by our preprocessing: 1 tile and 3 tiles + thumbnail. fp32 logits, image embeddings and the
 tower's gradients match transformers at TP1, TP2, PP2 and TP2xPP2; the mapping round-trips bit
 for bit in all three layouts; both config formats read back our config; the Qwen3-MoE and
-GPT-OSS InternVL3.5 models fail with a clear error.
+GPT-OSS InternVL3.5 models fail with a clear error; InternVL3.5-38B's hub config reads as
+InternViT-6B + Qwen3-32B with its own <IMG_CONTEXT> id.
 """
 import json
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from eureka_megatron.bench.convert import INTERNVL3_5_38B, write_config_dir
 from eureka_megatron.config import ConfigError, ParallelConfig
 from eureka_megatron.models.internvl import FAMILY
 from eureka_megatron.models.internvl.config import InternVisionConfig, InternVLConfig
@@ -153,3 +155,17 @@ def test_moe_llms_fail_clearly():
         config_from_hf(biased, image_token_id=IMAGE)
     with pytest.raises(ConfigError, match="qk_norm"):
         InternVLConfig(text=LLMConfig(qkv_bias=False), llm_arch="qwen3")
+
+
+def test_internvl3_5_38b_hub_config(tmp_path):
+    """The bench's InternVL3.5-38B config.json + tokenizer config: InternViT-6B (25 heads padded
+    to 32) + Qwen3-32B (head_dim 128 != 5120 / 64), <IMG_CONTEXT> 151671 (151667 is <think>)."""
+    cfg = FAMILY.config_from_hf(INTERNVL3_5_38B, write_config_dir(tmp_path, INTERNVL3_5_38B))
+    t, v = cfg.text, cfg.vision
+    assert (cfg.llm_arch, cfg.image_token_id, cfg.shuffle_factor) == ("qwen3", 151671, 2)
+    assert (t.qk_norm, t.qkv_bias, t.kv_channels, t.num_hidden_layers) == (True, False, 128, 64)
+    assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads) == (5120, 64, 8)
+    assert (v.num_hidden_layers, v.padded_heads, v.qk_normalization) == (45, 32, True)
+    names = internvl_mapping(cfg, "chat").hf_names()
+    assert "language_model.model.layers.63.self_attn.k_norm.weight" in names
+    assert not any(".bias" in n for n in names if n.startswith("language_model."))
