@@ -116,6 +116,10 @@ class _FakeStream:
     def __getattr__(self, name):
         return lambda *a, **k: None
 
+    def record_event(self, *args, **kwargs):
+        """An event to wait on later (the MoE all-to-all dispatcher's `d2h_event.synchronize()`)."""
+        return _FakeStream()
+
     def __enter__(self):
         return self
 
@@ -182,12 +186,32 @@ def patch_megatron() -> None:
     if _state["megatron"] or not is_active():
         return
     from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils
 
     # `_set_cuda_rng_state` defers through `torch.cuda._lazy_call`, which never runs without
     # CUDA, so the tracker's fork() would silently not switch states.
     _replace_everywhere(mrandom._get_cuda_rng_state, _cpu_rng_state)
     _replace_everywhere(mrandom._set_cuda_rng_state, _set_cpu_rng_state)
+
+    # MoE router (moe_utils.RouterGatingLinearFunction): tests `te_general_gemm is not None`, a
+    # name that only the Transformer Engine import defines -> NameError without TE. None selects
+    # its torch.mm path.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # MoE all-to-all dispatcher: `maybe_move_tensor_to_cpu(splits, as_numpy=True)` converts only
+    # CUDA tensors, so on CPU the split sizes stay tensors, which `all_to_all_single` refuses
+    # (it takes a sequence of ints: numpy arrays, as on GPU). Convert CPU tensors too.
+    _orig["to_host"] = moe_utils.maybe_move_tensor_to_cpu
+    _replace_everywhere(moe_utils.maybe_move_tensor_to_cpu, _tensor_to_host)
+    # MoE under expert TP > 1 (token_dispatcher.py: the all-gather-v of tokens over the expert TP
+    # group and its reduce-scatter-v): `all_gather` of unequal tensors and a list
+    # `reduce_scatter`, neither of which gloo has. Equal-size collectives in their place.
+    _orig["gather_first"] = mappings._gather_along_first_dim
+    _orig["reduce_scatter_first"] = mappings._reduce_scatter_along_first_dim
+    mappings._gather_along_first_dim = _gather_along_first_dim_v
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim_v
 
     dopt = distrib_optimizer.DistributedOptimizer
     if not distrib_optimizer.HAVE_APEX_OR_TE:
@@ -215,6 +239,40 @@ def patch_megatron() -> None:
         dopt._set_main_param_and_optimizer_states = _set_states
         dopt.load_state_dict = _load_state_dict
     _state["megatron"] = True
+
+
+def _tensor_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's `maybe_move_tensor_to_cpu` for CPU tensors: numpy when asked."""
+    if torch.is_tensor(tensor) and not tensor.is_cuda:
+        return tensor.numpy() if as_numpy else tensor
+    return _orig["to_host"](tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+
+def _gather_along_first_dim_v(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """megatron's first-dim all-gather; unequal pieces (`output_split_sizes`) padded to the
+    largest, gathered as equal ones, then cut back."""
+    sizes = None if output_split_sizes is None else [int(n) for n in output_split_sizes]
+    if sizes is None or group.size() == 1 or len(set(sizes)) == 1:
+        return _orig["gather_first"](input_, group, output_split_sizes, use_global_buffer)
+    most = max(sizes)
+    padded = input_.new_zeros((most, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    out = input_.new_empty((most * group.size(), *input_.shape[1:]))
+    torch.distributed.all_gather_into_tensor(out, padded, group=group)
+    return torch.cat([out[r * most: r * most + n] for r, n in enumerate(sizes)])
+
+
+def _reduce_scatter_along_first_dim_v(input_, group, input_split_sizes=None,
+                                      use_global_buffer=False):
+    """megatron's first-dim reduce-scatter; with unequal pieces (`input_split_sizes`) a sum over
+    the group of the whole input, of which this rank keeps its piece."""
+    sizes = None if input_split_sizes is None else [int(n) for n in input_split_sizes]
+    if sizes is None or group.size() == 1:
+        return _orig["reduce_scatter_first"](input_, group, input_split_sizes, use_global_buffer)
+    total = input_.contiguous().clone()
+    torch.distributed.all_reduce(total, group=group)
+    start = sum(sizes[: group.rank()])
+    return total[start: start + sizes[group.rank()]].clone()
 
 
 def _quiet_expected_warnings() -> None:
