@@ -63,7 +63,7 @@ class InternVLConfig:
     # the LLM's parameter names in the chat layout (qwen3: qwen2's plus self_attn.q_norm / k_norm)
     llm_arch: Literal["qwen2", "internlm2", "qwen3"] = "qwen2"
     downsample_ratio: float = 0.5
-    image_token_id: int = 151667  # <IMG_CONTEXT>
+    image_token_id: int = 151667  # <IMG_CONTEXT> (InternVL2.5/3; InternVL3.5's Qwen3 tokenizer: 151671)
     select_layer: int = -1
     freeze_vision: bool = True  # the tower
     freeze_projector: bool | None = None  # the mlp1 projector; None: as freeze_vision
