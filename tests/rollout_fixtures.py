@@ -42,6 +42,8 @@ def _roughen(model, seed: int):
         for name, p in model.named_parameters():
             if "lambda_" in name:
                 p.uniform_(0.5, 1.5, generator=gen)
+            elif name.endswith("mlp.gate.weight"):  # MoE routers (transformers inits them to 0)
+                p.normal_(0.0, 0.5, generator=gen)
             elif p.ndim == 1 or "cls_token" in name or "position_embeddings" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.eval()
@@ -55,6 +57,30 @@ def qwen2_config(tie: bool = False):
                        tie_word_embeddings=tie, initializer_range=0.1, bos_token_id=1,
                        eos_token_id=EOS, pad_token_id=PAD,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def qwen3_config(tie: bool = False):
+    """Qwen3: q/k norms, no qkv bias, head_dim (24) not hidden / heads."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                       max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=0.1,
+                       bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def qwen3_moe_config(tie: bool = False):
+    """Qwen3-MoE: 8 experts of width 32, top 2, renormalised."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                          moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                          norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=24, max_position_embeddings=512,
+                          tie_word_embeddings=tie, initializer_range=0.1, bos_token_id=1,
+                          eos_token_id=EOS, pad_token_id=PAD,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
 def qwen2_5_vl_config(tie: bool = False):
@@ -91,17 +117,19 @@ def internvl_config():
                           pad_token_id=PAD)
 
 
-CONFIGS = {"qwen2": qwen2_config, "qwen2_5_vl": qwen2_5_vl_config, "internvl": internvl_config}
+CONFIGS = {"qwen2": qwen2_config, "qwen3": qwen3_config, "qwen3_moe": qwen3_moe_config,
+           "qwen2_5_vl": qwen2_5_vl_config, "internvl": internvl_config}
+CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "internvl": "InternVLForConditionalGeneration"}
 
 
 def tiny_model(family: str, seed: int = 0, **kw):
-    """A random fp32 model of `family` ("qwen2", "qwen2_5_vl", "internvl")."""
+    """A random fp32 model of `family` (a key of CONFIGS)."""
     import transformers
 
     cfg = CONFIGS[family](**kw)
-    cls = {"qwen2": transformers.Qwen2ForCausalLM,
-           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-           "internvl": transformers.InternVLForConditionalGeneration}[family]
+    cls = getattr(transformers, CLASSES[family])
     torch.manual_seed(seed)
     return _roughen(cls(cfg), seed)
 
@@ -153,7 +181,8 @@ def internvl_prompts(seed: int = 0) -> list[Prompt]:
             internvl_prompt(gen, 1, [1, 3], 2)]
 
 
-PROMPTS = {"qwen2": text_prompts, "qwen2_5_vl": qwen2_5_vl_prompts, "internvl": internvl_prompts}
+PROMPTS = {"qwen2": text_prompts, "qwen3": text_prompts, "qwen3_moe": text_prompts,
+           "qwen2_5_vl": qwen2_5_vl_prompts, "internvl": internvl_prompts}
 
 
 def full_forward_logits(model, ids: list[int], mm_inputs: dict) -> torch.Tensor:

@@ -70,6 +70,9 @@ class RolloutConfig:
     deterministic: bool = False    # SGLang --enable-deterministic-inference: seeds honoured (slower)
     # SGLang weight sync: tensor (IPC/HTTP) | distributed (NCCL); auto: by placement
     weight_transport: Literal["auto", "tensor", "distributed"] = "auto"
+    # MoE models: the engine reports each token's experts and training replays them
+    # (models/routing_replay.py), so train and rollout log-probs differ by rounding, not routing
+    routing_replay: bool = False
 
 
 @dataclass

@@ -43,6 +43,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (kept in the text, as SGLang)
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's EOS ids
     seed: int | None = None
+    # MoE models: report each token's experts (`Sample.routed_experts`; SGLang's request field
+    # of the same name) for routing replay
+    return_routed_experts: bool = False
 
     def validate(self) -> "SamplingParams":
         if not self.temperature >= 0:
@@ -64,6 +67,10 @@ class Sample:
     logprobs: list[float]    # one per token_ids entry; see the module docstring
     finish_reason: str       # "stop" (EOS / stop token / stop string) or "length"
     weight_version: int
+    # MoE engines asked for their routing (SamplingParams.return_routed_experts): the experts
+    # each token went to, int32 [prompt + len(token_ids) - 1, MoE layers, k] (the last token is
+    # never fed back); what routing replay trains on (models/routing_replay.py)
+    routed_experts: torch.Tensor | None = None
 
 
 @runtime_checkable

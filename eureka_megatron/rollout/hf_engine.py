@@ -191,7 +191,8 @@ class HFEngine:
         self.pad_token_id = int(pad)
         self.suppress_token_ids = sorted(self.mm_token_ids if self._suppress_arg is None
                                          else _ids(self._suppress_arg))
-        self.mrope = self.weight_layout == "memory"
+        # Qwen-VL models: 3-D multimodal rope positions from the model's own get_rope_index
+        self.mrope = hasattr(getattr(model, "model", None), "get_rope_index")
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -359,10 +360,16 @@ class HFEngine:
 
     @torch.no_grad()
     def _generate_chunk(self, prompts, first_index, n, sp: SamplingParams, gen) -> list[Sample]:
+        with RoutingRecorder(self.model, sp.return_routed_experts) as routing:
+            return self._decode_loop(prompts, first_index, n, sp, gen, routing)
+
+    def _decode_loop(self, prompts, first_index, n, sp: SamplingParams, gen,
+                     routing: "RoutingRecorder") -> list[Sample]:
         ids, mask, mm = self._batch(prompts)
         pos = self._positions(ids, mask, mm)
         out = self._run(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                         logits_to_keep=1, **mm)
+        experts = routing.prefill(mask, n)  # per sample: [tokens fed so far, layers, k] pieces
         cache = out.past_key_values
         # prefill once per prompt, then n rows per prompt: [p0 x n, p1 x n, ...]
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)
@@ -410,10 +417,12 @@ class HFEngine:
                 step_pos = step_pos[None].expand(3, -1, -1)
             out = self._run(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos,
                             past_key_values=cache, use_cache=True)
+            routing.step(experts, active.tolist())
             cache, logits = out.past_key_values, out.logits[:, -1].float()
             next_pos = next_pos + 1
         return [Sample(prompt_index=first_index + r // n, token_ids=tokens[r], text=self._decode(tokens[r]),
-                       logprobs=logps[r], finish_reason=reason[r], weight_version=self._version)
+                       logprobs=logps[r], finish_reason=reason[r], weight_version=self._version,
+                       routed_experts=torch.cat(experts[r]) if experts else None)
                 for r in range(rows)]
 
     def _hit_stop(self, tail_ids: list[int], stops: list[str]) -> bool:
@@ -424,6 +433,53 @@ class HFEngine:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+
+
+class RoutingRecorder:
+    """The experts a MoE model's routers chose, per token, while it generates (for routing
+    replay): forward hooks on transformers' top-k routers (`*TopKRouter`, whose outputs are
+    (logits, weights, expert ids)); off (no hooks) unless asked."""
+
+    def __init__(self, model, enabled: bool):
+        self.routers = []
+        if enabled:
+            self.routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+            if not self.routers:
+                raise ValueError(f"return_routed_experts: {type(model).__name__} has no "
+                                 "Mixture-of-Experts routers")
+        self.calls: list[torch.Tensor] = []
+        self.hooks = []
+
+    def __enter__(self) -> "RoutingRecorder":
+        self.hooks = [r.register_forward_hook(self._record) for r in self.routers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def _record(self, module, args, output) -> None:
+        self.calls.append(output[2].detach().to("cpu", torch.int32))
+
+    def _take(self, rows: int) -> torch.Tensor:
+        """The last forward's choices as [rows, tokens per row, layers, k]."""
+        layers = torch.stack(self.calls, dim=1)  # [rows * tokens, layers, k]
+        self.calls = []
+        return layers.view(rows, -1, *layers.shape[1:])
+
+    def prefill(self, mask: torch.Tensor, n: int) -> list[list[torch.Tensor]]:
+        """Each sample's prompt routing (left padding dropped), n samples per prompt; [] if off."""
+        if not self.routers:
+            return []
+        chosen, keep = self._take(mask.shape[0]), mask.bool().cpu()
+        return [[chosen[p][keep[p]]] for p in range(mask.shape[0]) for _ in range(n)]
+
+    def step(self, experts: list[list[torch.Tensor]], active: list[int]) -> None:
+        """One decode step fed a token to each active row (in batch order)."""
+        if self.routers:
+            chosen = self._take(len(active))
+            for j, r in enumerate(active):
+                experts[r].append(chosen[j])
 
 
 def load_processor(path) -> Any:

@@ -27,6 +27,7 @@ from eureka_megatron.models.llm import building
 from eureka_megatron.models.logprobs import (final_hidden_states, is_last_stage_chunk,
                                              token_logprobs, unwrap)
 from eureka_megatron.models.registry import family_for
+from eureka_megatron.models.routing_replay import replaying
 from eureka_megatron.rollout.weight_broadcast import WeightBroadcaster
 from eureka_megatron.rollout.weight_sync import sync_with_restart
 from eureka_megatron.runtime.distributed import broadcast_object
@@ -202,7 +203,10 @@ class Actor:
     # --- forward passes ----------------------------------------------------------------------
 
     def call(self, chunk, mb):
-        return self.family.call(self.model_cfg, chunk, mb)
+        """Every forward of the policy and the reference; a MoE micro-batch that carries the
+        engine's routing is routed by it (routing replay)."""
+        with replaying(chunk, mb):
+            return self.family.call(self.model_cfg, chunk, mb)
 
     def prepare(self, inputs: dict) -> dict:
         return self.family.prepare(self.model_cfg, inputs)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eureka_megatron.models.packing import cu_seqlens, pack_sequences
+from eureka_megatron.models.routing_replay import filler
 
 IGNORE = -100
 
@@ -36,6 +37,9 @@ class Sequence:
     rollout_logprobs: list[float] | None = None
     group: int = 0  # index of the prompt's group in the rollout batch
     index: int = -1  # position in the step's sequence list
+    # MoE routing replay: the engine's experts per token [len - 1, MoE layers, k]
+    # (models/routing_replay.py); None: the trainer's routers decide
+    routed_experts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -111,6 +115,9 @@ def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None
     out = {"input_ids": ids, "attention_mask": attn, "labels": labels,
            "loss_mask": (labels != IGNORE).float(),
            "rollout_logprobs": rollout_lp}
+    routing = _routing(seqs, width)
+    if routing is not None:
+        out["routed_experts"] = routing
     keys = sorted({k for s in seqs for k in s.mm_inputs})
     if image_token_id is None or not keys:
         for k in keys:
@@ -141,6 +148,26 @@ def collate(seqs: list[Sequence], pad_id: int, image_token_id: int | None = None
     return out
 
 
+def _routing(seqs: list[Sequence], width: int) -> torch.Tensor | None:
+    """[B, width, layers, k] engine expert ids of the rows (routing replay), or None when no
+    sequence carries them; positions without a recorded choice hold `routing_replay.filler`."""
+    recorded = [s.routed_experts for s in seqs if s.routed_experts is not None]
+    if not recorded:
+        return None
+    if len(recorded) != len(seqs):
+        raise ValueError("routing replay: some sequences of a micro-batch carry the engine's "
+                         "routed experts and some do not")
+    _, layers, k = recorded[0].shape
+    out = filler(len(seqs) * width, layers, k, recorded[0].dtype).view(len(seqs), width, layers, k)
+    for i, s in enumerate(seqs):
+        r = s.routed_experts
+        if r.shape[0] != len(s) - 1 or tuple(r.shape[1:]) != (layers, k):
+            raise ValueError(f"routing replay: a sequence of {len(s)} tokens has routed experts of "
+                             f"shape {tuple(r.shape)}; expected ({len(s) - 1}, {layers}, {k})")
+        out[i, :r.shape[0]] = r
+    return out
+
+
 def packed(raw: dict, pad_id: int, width_multiple: int = 1) -> dict:
     """A padded `collate` output as one packed row: input_ids and labels [1, T] (T the real
     tokens, rounded up to `width_multiple` with a padding tail), `cu_seqlens` (the tail, if any,
@@ -158,6 +185,11 @@ def packed(raw: dict, pad_id: int, width_multiple: int = 1) -> dict:
     index[valid] = torch.arange(real)
     seqlens = lengths + ([total - real] if total > real else [])
     out = {k: v for k, v in raw.items() if k not in ("input_ids", "attention_mask", "labels")}
+    if "routed_experts" in raw:
+        routing = raw["routed_experts"]
+        row = filler(total, *routing.shape[2:], dtype=routing.dtype)
+        row[:real] = routing[valid]
+        out["routed_experts"] = row[None]
     out.update(input_ids=ids, labels=labels, cu_seqlens=cu_seqlens(seqlens),
                max_seqlen=max(seqlens), packed_index=index, packed_valid=valid)
     return out
@@ -181,7 +213,7 @@ def micro_batches(seqs: list[Sequence], budget: int, pad_id: int, prepare,
             inputs["image_grid_thw"] = raw["row_image_grid_thw"]
         mb = prepare(inputs)
         for k in ("image_grid_thw", "image_index", "labels", "loss_mask", "rollout_logprobs",
-                  "cu_seqlens", "max_seqlen", "packed_index", "packed_valid"):
+                  "cu_seqlens", "max_seqlen", "packed_index", "packed_valid", "routed_experts"):
             if k in raw:
                 mb[k] = raw[k]
         # Right padding: causal attention alone keeps real tokens from seeing padding, so no

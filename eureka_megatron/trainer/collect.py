@@ -34,6 +34,7 @@ class Group:
     rollout_logprobs: list[list[float]]
     rewards: list[float]
     accuracy: list[float]
+    routed_experts: list | None = None  # per response, the engine's routing (routing replay)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class Collector:
         r = self.cfg.rollout
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens,
-                              seed=(self.cfg.train.seed * 1_000_003 + step * 101 + round_) % 2**63)
+                              seed=(self.cfg.train.seed * 1_000_003 + step * 101 + round_) % 2**63,
+                              return_routed_experts=r.routing_replay)
 
     def collect(self, step: int) -> RolloutBatch:
         cfg = self.cfg
@@ -124,7 +126,8 @@ class Collector:
                                   response_ids=[s.token_ids for s in rows],
                                   rollout_logprobs=[s.logprobs for s in rows],
                                   rewards=scored.total[g * n:(g + 1) * n],
-                                  accuracy=acc[g * n:(g + 1) * n]))
+                                  accuracy=acc[g * n:(g + 1) * n],
+                                  routed_experts=_routing(rows)))
         metrics = {"rewards/total": mean(totals), "rewards/accuracy": mean(accs),
                    "rewards/format": mean(fmts), "filter/rounds": float(rounds),
                    # weights the samples came from: step - 1 on-policy, step - 2 off-policy
@@ -149,6 +152,12 @@ class Collector:
                     "(they give %s): the filter has nothing to filter on and is skipped. Return "
                     "an 'accuracy' score to filter, or set algo.online_filter=false.",
                     sorted(scores) or "none")
+
+
+def _routing(samples) -> list | None:
+    """The samples' recorded routing (routing replay), or None when the engine sent none."""
+    routing = [s.routed_experts for s in samples]
+    return routing if any(r is not None for r in routing) else None
 
 
 def greedy_accuracy(engine, pool, items, max_new_tokens: int) -> dict[str, float]:

@@ -26,6 +26,7 @@ from eureka_megatron.algo.reward_shaping import overlong_penalty
 from eureka_megatron.config import RLConfig
 from eureka_megatron.models.llm_config import validate_layout
 from eureka_megatron.models.registry import family_for
+from eureka_megatron.models.routing_replay import check_config as check_routing_replay
 from eureka_megatron.runtime.distributed import init_distributed
 from eureka_megatron.trainer import checkpoint
 from eureka_megatron.trainer.actor import Actor
@@ -153,8 +154,10 @@ def to_sequences(batch: RolloutBatch, cfg: RLConfig) -> tuple[list[Sequence], to
     penalty when `algo.overlong_buffer` is set)."""
     seqs, rewards = [], []
     for g, grp in enumerate(batch.groups):
-        for ids, lp, r in zip(grp.response_ids, grp.rollout_logprobs, grp.rewards):
-            seqs.append(Sequence(grp.prompt_ids, ids, grp.mm_inputs, lp, group=g))
+        routing = grp.routed_experts or [None] * len(grp.response_ids)
+        for ids, lp, r, experts in zip(grp.response_ids, grp.rollout_logprobs, grp.rewards, routing):
+            seqs.append(Sequence(grp.prompt_ids, ids, grp.mm_inputs, lp, group=g,
+                                 routed_experts=experts))
             rewards.append(r)
     rewards = torch.tensor(rewards, dtype=torch.float64)
     if cfg.algo.overlong_buffer > 0 and seqs:
@@ -199,6 +202,8 @@ def describe(cfg: RLConfig) -> str:
     hf = json.loads(path.read_text())
     mcfg = family_for(hf, str(path)).config_from_hf(hf, cfg.model.hf_dir)
     validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
+    check_routing_replay(cfg.rollout.routing_replay, getattr(mcfg, "text", mcfg),
+                         cfg.train.recompute)
     t, r = cfg.train, cfg.rollout
     engines = f"{r.engine} engine x{r.engines}"
     where = "colocated" if cfg.cluster.colocate else "disaggregated"

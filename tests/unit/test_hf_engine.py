@@ -1,4 +1,5 @@
-"""HFEngine on tiny real transformers models of every family (Qwen2, Qwen2.5-VL, InternVL).
+"""HFEngine on tiny real transformers models of every family (Qwen2, Qwen3, Qwen3-MoE,
+Qwen2.5-VL, InternVL).
 
 References are independent of the engine's batching and KV cache: one unpadded sequence through
 transformers' own forward (full sequence, no cache) per step / per sample. Prompts differ in
@@ -14,8 +15,9 @@ from eureka_megatron.rollout.engine import RolloutEngine, SamplingParams, StaleW
 from eureka_megatron.rollout.hf_engine import HFEngine, WeightSyncError
 from tests import rollout_fixtures as F
 
-FAMILIES = ["qwen2", "qwen2_5_vl", "internvl"]
-MM_IDS = {"qwen2": [], "qwen2_5_vl": [F.VIDEO, F.IMAGE], "internvl": [F.IMAGE]}
+FAMILIES = ["qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "internvl"]
+MM_IDS = {"qwen2": [], "qwen3": [], "qwen3_moe": [], "qwen2_5_vl": [F.VIDEO, F.IMAGE],
+          "internvl": [F.IMAGE]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -328,3 +330,39 @@ def test_cuda_sync_generate_release_resume(models):
     engine.resume_memory()
     assert engine.model.lm_head.weight.is_cuda and engine.weight_version == 1
     assert len(engine.generate(prompts, 1, sp)) == 3
+
+
+# --- routing (MoE routing replay) --------------------------------------------------------------
+
+def full_forward_routing(model, ids: list[int]) -> torch.Tensor:
+    """[S, layers, k] experts transformers' routers pick for one unpadded sequence (no cache)."""
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    picked = []
+    hooks = [r.register_forward_hook(lambda m, a, out: picked.append(out[2])) for r in routers]
+    try:
+        F.full_forward_logits(model, ids, {})
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(picked, dim=1)
+
+
+def test_moe_engine_reports_the_experts_of_every_fed_token(models):
+    """With return_routed_experts every sample carries [prompt + response - 1, layers, k] expert
+    ids: the prompt's from the batched, left-padded prefill, then one row per decoded token fed
+    back (the last token never is), equal to what one unpadded forward of the sequence picks."""
+    model, prompts = models["qwen3_moe"], F.PROMPTS["qwen3_moe"]()
+    engine = engine_for(model)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5, return_routed_experts=True)
+    out = engine.generate(prompts, 2, sp)
+    k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    for s in out:
+        ids = list(prompts[s.prompt_index].input_ids) + s.token_ids
+        assert s.routed_experts.dtype == torch.int32
+        assert tuple(s.routed_experts.shape) == (len(ids) - 1, layers, k)
+        ref = full_forward_routing(model, ids[:-1])
+        assert torch.equal(s.routed_experts.sort(-1).values, ref.sort(-1).values.int())
+    plain = engine.generate(prompts, 1, SamplingParams(max_new_tokens=2, seed=5))
+    assert all(s.routed_experts is None for s in plain)  # off unless asked
+    with pytest.raises(ValueError, match="no Mixture-of-Experts routers"):
+        engine_for(models["qwen3"]).generate(prompts, 1, sp)
