@@ -16,6 +16,30 @@ from tests import rollout_fixtures as F
 NAMES = [f.name for f in FAMILIES]
 
 
+def qwen3_vl_model():
+    """A tiny random Qwen3-VL (3-block tower with DeepStack from blocks 0 and 2, 2-layer LLM)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=F.VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=24, max_position_embeddings=512, initializer_range=0.1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [6, 3, 3], "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=64, patch_size=16, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 2], initializer_range=0.2),
+        image_token_id=F.IMAGE, video_token_id=F.VIDEO, vision_start_token_id=F.VSTART,
+        eos_token_id=F.EOS, pad_token_id=F.PAD)
+    torch.manual_seed(0)
+    return Qwen3VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_model(name: str):
+    """The rollout fixtures' tiny model of a family; Qwen3-VL's from here."""
+    return qwen3_vl_model() if name == "qwen3_vl" and name not in F.CONFIGS else F.tiny_model(name)
+
+
 def test_model_types_and_names_are_unique():
     types = [t for f in FAMILIES for t in f.model_types]
     assert len(types) == len(set(types)) and len(NAMES) == len(set(NAMES))
@@ -30,14 +54,15 @@ def test_family_matches_transformers_model(name):
     """The transformers class the HF engine builds is the family's; its state_dict is in the
     family's `hf_layout`, and that layout's mapping covers every tensor of it, both ways."""
     fam = family_named(name)
-    model = F.tiny_model(name)
+    model = tiny_model(name)
     assert type(model).__name__ == fam.hf_class and getattr(transformers, fam.hf_class)
     assert model.config.model_type == fam.hf_model_type
     names = set(model.state_dict())
     assert fam.detect_layout(names) == fam.hf_layout
     cfg = fam.config_from_hf(model.config.to_dict(), None)
     mapping = fam.mapping(cfg, fam.hf_layout)
-    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    # transformers ties by the top-level flag (Qwen3-VL's text config has none)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     assert mapping.hf_names() == names - tied
 
 
@@ -47,10 +72,12 @@ def test_vlm_hooks_agree(name):
     pixels, and its chat markup and SGLang placeholder are defined."""
     fam = family_named(name)
     assert fam.chat is not None and fam.sglang_image_placeholder
-    options = ImageOptions(max_pixels=112 * 56, image_size=F.TILE, max_tiles=4)
+    model = tiny_model(name)
+    # the checkpoint's own geometry (Qwen3-VL: 16-px patches) over the run's options
+    options = ImageOptions(**dict(max_pixels=112 * 56, image_size=F.TILE, max_tiles=4)
+                           | fam.image_options_from_hf(model.config.to_dict()))
     fam.check_images(options)
     mm, counts = fam.image_inputs([Image.new("RGB", (112, 56), (200, 30, 30))], options)
-    model = F.tiny_model(name)
     with torch.no_grad():
         feats = model.model.get_image_features(**mm)
     assert sum(counts) == image_feature_rows(feats, model.config.get_text_config().hidden_size)
