@@ -153,6 +153,7 @@ def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, t
     megatron_dir = resolve_checkpoint(megatron_dir)
     fam, cfg, _, _ = read_conversion(megatron_dir, hf_config_dir)
     par = check_layout(cfg, tp, pp)
+    fam.check_layout(cfg, par)
     raw = load_inputs(inputs)
     mb = fam.prepare(cfg, raw)
     results = launch(_forward_rank, par.nproc, str(megatron_dir), hf_config_dir, par, mb,

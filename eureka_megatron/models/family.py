@@ -43,6 +43,9 @@ class Family:
     image_inputs: Callable[[list, ImageOptions], tuple[dict, list[int]]] | None = None
     image_options_from_hf: Callable[[dict], dict] = lambda hf_config: {}
     check_images: Callable[[ImageOptions], None] = lambda options: None  # fail before any image
+    # (model cfg, ParallelConfig) -> None: the family's own layout rules beyond the LLM's
+    # (`validate_layout`), checked before any rank starts; raises ConfigError
+    check_layout: Callable[[Any, Any], None] = lambda cfg, parallel: None
     sglang_image_placeholder: str | None = None  # what SGLang's processor matches as one image
     # (model cfg, the run's `model:` section) -> the cfg with what that section freezes
     trainable: Callable[[Any, Any], Any] = lambda cfg, model_section: cfg

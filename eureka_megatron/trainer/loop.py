@@ -200,8 +200,10 @@ def describe(cfg: RLConfig) -> str:
     """The resolved layout, for `train --dry-run`."""
     path = cfg.model.hf_dir / "config.json"
     hf = json.loads(path.read_text())
-    mcfg = family_for(hf, str(path)).config_from_hf(hf, cfg.model.hf_dir)
+    fam = family_for(hf, str(path))
+    mcfg = fam.config_from_hf(hf, cfg.model.hf_dir)
     validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
+    fam.check_layout(mcfg, cfg.parallel)  # the family's own (Qwen3-VL: DeepStack on stage 0)
     check_routing_replay(cfg.rollout.routing_replay, getattr(mcfg, "text", mcfg),
                          cfg.train.recompute)
     t, r = cfg.train, cfg.rollout

@@ -488,3 +488,16 @@ def test_sequence_parallel_train_step_equals_tp2():
                                                       sequence_parallel=True)]
     for plain, sp in launch(train_step, 2, layouts, 2):
         assert_same_step(plain["padded"], sp["padded"], "sequence parallel")
+
+
+def test_train_dry_run_refuses_a_layout_without_deepstack_on_stage_0(tmp_path):
+    """`train` checks the family's layout rules before any rank starts (loop.describe)."""
+    from eureka_megatron.config import load_rl_config
+    from eureka_megatron.trainer.loop import describe
+
+    (tmp_path / "config.json").write_text(json.dumps(hub_config()))
+    base = [f"model.hf={tmp_path}", "parallel.pipeline_parallel=2", "parallel.nproc=2"]
+    assert "qwen3_vl" in describe(load_rl_config(None, base))
+    cfg = load_rl_config(None, base + ["parallel.first_stage_layers=2"])
+    with pytest.raises(ConfigError, match="first 3 LLM layers.*parallel.first_stage_layers >= 3"):
+        describe(cfg)

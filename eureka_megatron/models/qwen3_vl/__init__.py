@@ -51,7 +51,7 @@ FAMILY = Family(
     prepare=prepare, call=call,
     hf_model_type="qwen3_vl", hf_class="Qwen3VLForConditionalGeneration", hf_layout="memory",
     chat=QWEN_CHAT, image_inputs=images.image_inputs,
-    image_options_from_hf=images.image_options_from_hf,
+    image_options_from_hf=images.image_options_from_hf, check_layout=validate_qwen3_vl_layout,
     sglang_image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     # the mergers (main and DeepStack) are part of the tower: one switch
     trainable=lambda cfg, m: dataclasses.replace(cfg, freeze_vision=m.freeze_vision))
