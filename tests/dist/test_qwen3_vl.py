@@ -20,9 +20,9 @@ import torch
 
 from eureka_megatron.config import ParallelConfig
 from eureka_megatron.errors import ConfigError
+from eureka_megatron.models.images import ImageOptions
 from eureka_megatron.models.llm_config import LLMConfig
 from eureka_megatron.models.qwen3_vl import FAMILY, hf as q3hf
-from eureka_megatron.models.qwen3_vl import images as q3img
 from eureka_megatron.models.qwen3_vl.config import (Qwen3VLConfig, Qwen3VLVisionConfig,
                                                     validate_qwen3_vl_layout)
 from eureka_megatron.models.qwen3_vl.hf import qwen3_vl_mapping
@@ -130,7 +130,6 @@ def test_interleaved_mrope_matches_transformers():
 
     cfg = our_config()
     rope = hf_model().model.language_model.rotary_emb
-    input_ids, _ = batch()
     pos = torch.stack([torch.arange(26), torch.arange(26) % 5, torch.arange(26) * 3 % 7])
     pos = pos[:, None].expand(3, 2, -1).clone()
     pos[:, 1] += 4
@@ -385,7 +384,7 @@ def test_preprocessing_matches_transformers(size, pixels):
     rng = np.random.default_rng(size[0])
     im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     ref = proc(images=[im, im.transpose(Image.Transpose.ROTATE_90)], return_tensors="pt")
-    options = q3img.ImageOptions(min_pixels=65536, **pixels,
+    options = ImageOptions(min_pixels=65536, **pixels,
                                  **FAMILY.image_options_from_hf(hub_config()))
     mm, tokens = FAMILY.image_inputs([im, im.transpose(Image.Transpose.ROTATE_90)], options)
     assert torch.equal(mm["image_grid_thw"], ref["image_grid_thw"])
