@@ -68,8 +68,9 @@ class Sample:
     finish_reason: str       # "stop" (EOS / stop token / stop string) or "length"
     weight_version: int
     # MoE engines asked for their routing (SamplingParams.return_routed_experts): the experts
-    # each token went to, int32 [prompt + len(token_ids) - 1, MoE layers, k] (the last token is
-    # never fed back); what routing replay trains on (models/routing_replay.py)
+    # each token went to, int32 [prompt + len(token_ids) - 1, MoE layers, k] (SGLang's come as
+    # [tokens, layers * k]; the last token is never fed back); what routing replay trains on
+    # (models/routing_replay.py)
     routed_experts: torch.Tensor | None = None
 
 

@@ -122,8 +122,11 @@ class Actor:
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         if len(seqs) < dp:
             return None
+        k = getattr(self.text_cfg, "num_experts_per_tok", 0)
         for i, s in enumerate(seqs):
             s.index = i
+            if s.routed_experts is not None:  # SGLang sends [tokens, layers * k]
+                s.routed_experts = s.routed_experts.reshape(len(s) - 1, -1, k)
         minis = []
         for mini in mini_batch_groups(seqs, self.cfg.train.mini_batches):
             share = dp_share(mini, dp_rank, dp)

@@ -23,6 +23,7 @@ import torch
 
 from eureka_megatron.config import RLConfig
 from eureka_megatron.rollout import factory
+from eureka_megatron.rollout.sglang.flags import ROUTED_EXPERTS_FLAG
 
 
 def build_engine(cfg: RLConfig, hf_dir: Path):
@@ -48,6 +49,8 @@ def weight_transport(cfg: RLConfig) -> str:
 def launch_kwargs(cfg: RLConfig, hf_dir: Path) -> dict:
     """`SGLangEngine.launch` keyword arguments for one engine of this run."""
     extra = ["--enable-memory-saver"] if cfg.cluster.colocate else []
+    if cfg.rollout.routing_replay:
+        extra.append(ROUTED_EXPERTS_FLAG)
     return dict(model_path=str(hf_dir), tp=cfg.rollout.gpus_per_engine,
                 mem_fraction_static=cfg.rollout.mem_fraction_static,
                 deterministic=cfg.rollout.deterministic, weight_transport=weight_transport(cfg),

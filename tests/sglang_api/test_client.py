@@ -160,6 +160,35 @@ def test_launch_flags_pass_sglangs_own_parser():
         validate_server_flags(["--model-path", "/m", "--tp-size", "two"])
 
 
+def test_routed_experts_request_and_answer_are_sglangs():
+    """Routing replay's SGLang side: the server flag passes SGLang's parser, SGLang's request class
+    takes our body's field, and our decoder of meta_info.routed_experts reads what SGLang's
+    tokenizer manager encodes exactly as SGLang's own decoder does."""
+    import pybase64
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.state_capturer.routed_experts import extract_routed_experts_from_meta_info
+
+    from eureka_megatron.rollout.sglang.flags import ROUTED_EXPERTS_FLAG
+    from eureka_megatron.rollout.sglang.prompts import generate_body, parse_sample
+
+    validate_server_flags(server_flags("/models/m", extra_args=[ROUTED_EXPERTS_FLAG]))
+    sp = SamplingParams(max_new_tokens=4, return_routed_experts=True)
+    body = generate_body(Prompt(input_ids=[5, 6, 7]), 0, 1, sp, family=None, seeded=False)
+    assert GenerateReqInput(**body).return_routed_experts is True
+    experts = torch.randint(0, 128, (3 + 4 - 1, 5, 8), dtype=torch.int32)  # 5 layers, top 8
+    meta = {"finish_reason": {"type": "length"}, "prompt_tokens": 3,
+            "output_token_logprobs": [(-0.5, t, None) for t in (11, 12, 13, 14)],
+            # as sglang/srt/managers/tokenizer_manager.py encodes a tensor of routed experts
+            "routed_experts": pybase64.b64encode(experts.numpy().tobytes()).decode("utf-8")}
+    sample = parse_sample({"text": "", "meta_info": meta}, 0, 1, 3, "http://s", True)
+    theirs = extract_routed_experts_from_meta_info({"meta_info": meta})
+    assert torch.equal(sample.routed_experts.flatten(), torch.from_numpy(theirs.copy()))
+    assert torch.equal(sample.routed_experts.view(6, 5, 8), experts)
+    del meta["routed_experts"]
+    with pytest.raises(RuntimeError, match=ROUTED_EXPERTS_FLAG):
+        parse_sample({"text": "", "meta_info": meta}, 0, 1, 3, "http://s", True)
+
+
 # --- image prompts through SGLang's own processors -------------------------------------------
 
 def image(color, size=(56, 56)):

@@ -192,7 +192,8 @@ class SGLangEngine:
                 raise RuntimeError(f"{self.url}: /generate gave {len(outs)} outputs, wanted {n}")
             expected = len(prompts[i].input_ids) if prompts[i].input_ids else None
             try:
-                samples += [parse_sample(o, i, version, expected, self.url) for o in outs]
+                samples += [parse_sample(o, i, version, expected, self.url,
+                                         sampling.return_routed_experts) for o in outs]
             except RequestAborted as e:
                 if self._version != version:
                     raise StaleWeightsError(str(e)) from None

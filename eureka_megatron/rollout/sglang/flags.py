@@ -8,6 +8,7 @@ from typing import Sequence
 DETERMINISTIC_FLAG = "--enable-deterministic-inference"  # per-request sampling_seed honoured
 MEMORY_SAVER_FLAG = "--enable-memory-saver"              # release / resume of GPU memory
 WEIGHTS_BACKUP_FLAG = "--enable-weights-cpu-backup"      # released weights survive on the host
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"   # MoE: requests may ask for their routing
 
 
 def sglang_available() -> bool:

@@ -16,8 +16,12 @@ import os
 import re
 from typing import Any
 
+import numpy as np
+import torch
+
 from eureka_megatron.models.registry import FAMILIES, family_named
 from eureka_megatron.rollout.engine import Prompt, Sample, SamplingParams, StaleWeightsError
+from eureka_megatron.rollout.sglang.flags import ROUTED_EXPERTS_FLAG
 
 # The VLM family of each HF model_type SGLang serves (for its image placeholders).
 FAMILY_OF_MODEL_TYPE = {t: f.name for f in FAMILIES if f.sglang_image_placeholder for t in f.model_types}
@@ -94,6 +98,8 @@ def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
     else:
         raise ValueError(f"prompt {index} has neither input_ids nor text")
     body: dict[str, Any] = {"return_logprob": True}
+    if sp.return_routed_experts:
+        body["return_routed_experts"] = True
     seeds = seeded and sp.seed is not None
     if n == 1:
         if seeds:
@@ -114,9 +120,10 @@ def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
 
 
 def parse_sample(out: dict, prompt_index: int, version: int, expected_prompt_tokens: int | None,
-                 url: str) -> Sample:
+                 url: str, routed_experts: bool = False) -> Sample:
     """A Sample from one SGLang output (entries of meta_info.output_token_logprobs are
-    (logprob, token_id, text|None)); raises on aborts, other weights and prompt mismatches."""
+    (logprob, token_id, text|None)); raises on aborts, other weights and prompt mismatches.
+    `routed_experts`: the request asked for its routing (meta_info.routed_experts)."""
     meta = out.get("meta_info") or {}
     reason = meta.get("finish_reason")
     kind = reason.get("type") if isinstance(reason, dict) else reason
@@ -140,5 +147,24 @@ def parse_sample(out: dict, prompt_index: int, version: int, expected_prompt_tok
     entries = meta.get("output_token_logprobs")
     if entries is None:
         raise RuntimeError(f"{url}: answer has no meta_info.output_token_logprobs")
+    routing = None
+    if routed_experts:
+        routing = parse_routed_experts(meta, len(entries), url)
     return Sample(prompt_index, [int(e[1]) for e in entries], out.get("text") or "",
-                  [float(e[0]) for e in entries], kind, version)
+                  [float(e[0]) for e in entries], kind, version, routing)
+
+
+def parse_routed_experts(meta: dict, completion_tokens: int, url: str) -> torch.Tensor:
+    """meta_info.routed_experts: base64 of int32 expert ids for every token the server fed
+    (prompt + completion - 1), layers x k per token, as SGLang's tokenizer manager encodes them.
+    Returned as [tokens, layers * k]: the trainer splits the layers by its model's k."""
+    raw = meta.get("routed_experts")
+    if raw is None:
+        raise RuntimeError(f"{url}: the answer has no meta_info.routed_experts; start the server "
+                           f"with {ROUTED_EXPERTS_FLAG} (rollout.routing_replay)")
+    ids = torch.from_numpy(np.frombuffer(base64.b64decode(raw), dtype=np.int32).copy())
+    tokens = int(meta.get("prompt_tokens", 0)) + completion_tokens - 1
+    if tokens < 1 or ids.numel() % tokens:
+        raise RuntimeError(f"{url}: meta_info.routed_experts holds {ids.numel()} expert ids, not "
+                           f"a whole number per each of the {tokens} fed tokens")
+    return ids.view(tokens, -1)
