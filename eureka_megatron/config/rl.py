@@ -29,6 +29,9 @@ class PolicyModelConfig:
     # MM-Eureka's InternVL runs froze only the tower: false there.
     freeze_projector: bool | None = None
     rollout_dtype: Literal["fp32", "bf16"] = "fp32"  # the HF engine's dtype
+    # Mixture-of-Experts models: weight of megatron's load-balancing (aux) loss on the routers;
+    # 0 = off, as RL frameworks train; a checkpoint's router_aux_loss_coef is never used
+    moe_aux_loss_coeff: float = 0.0
 
     @property
     def hf_dir(self) -> Path:
@@ -191,6 +194,8 @@ class RLConfig:
             raise ConfigError("eval.interval must be >= 0 and eval.size >= 1")
         if self.warmup.steps < 0:
             raise ConfigError(f"warmup.steps={self.warmup.steps} must be >= 0")
+        if not self.model.moe_aux_loss_coeff >= 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff={self.model.moe_aux_loss_coeff} must be >= 0")
         if self.model.hf is None and self.model.megatron is None:
             raise ConfigError("model.hf is required: an HF checkpoint directory (config.json, "
                               "weights, tokenizer); or model.megatron: a torch_dist checkpoint "

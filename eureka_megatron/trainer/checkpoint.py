@@ -32,7 +32,10 @@ from eureka_megatron.trainer.train_step import TrainableModel
 
 LATEST = "latest"
 COMPLETE = "complete.json"
-_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+# chained_optim_avoid_prefix: a MoE model at EP > 1 has two optimizers (dense and expert
+# parameters; megatron's ChainedOptimizer), at EP 1 one. Their states are saved under the
+# parameters' keys without a `chained_{i}.` prefix, so a checkpoint reshards across EP sizes.
+_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -171,12 +174,20 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _layout() -> dict:
+    """The layout a checkpoint was saved at (complete.json); RNG states are restored only at the
+    same one. Expert parallelism (EP, and an expert TP other than TP) counts too -- megatron's
+    expert RNG stream differs per EP rank -- and appears only when used, so dense checkpoints
+    keep their layout record."""
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(),
-            "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size(),
-            "vpp": ps.get_virtual_pipeline_model_parallel_world_size()}
+    layout = {"tp": ps.get_tensor_model_parallel_world_size(),
+              "pp": ps.get_pipeline_model_parallel_world_size(),
+              "dp": ps.get_data_parallel_world_size(),
+              "vpp": ps.get_virtual_pipeline_model_parallel_world_size()}
+    ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+    if ep > 1 or etp != layout["tp"]:
+        layout.update(ep=ep, etp=etp)
+    return layout
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: TrainableModel,
@@ -441,7 +452,7 @@ def load_checkpoint(path: str | Path, model: TrainableModel, load_optimizer: boo
     loaded = dist_checkpointing.load(state, str(step_dir))
     _load_chunks(model.unwrapped, loaded)
     if load_optimizer:
-        model.optimizer.load_state_dict(loaded["optimizer"])
+        model.optimizer.load_state_dict(_fit_chain(loaded["optimizer"], model.optimizer))
         model.scheduler.num_steps = 0  # load_state_dict *adds* the saved step count
         model.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -475,6 +486,41 @@ def _optimizer_sd(model: TrainableModel, model_state: dict, is_loading: bool = F
     finally:
         for buffer, index in saved:
             buffer.param_index_map = index
+
+
+_GROUP_KEYS = ("wd_mult", "lr_mult", "is_decoupled_lr")  # megatron's group identity, less EP
+
+
+def _fit_chain(loaded: dict, optimizer) -> dict:
+    """The loaded optimizer state in the shape of `optimizer`'s chain. A MoE model has one
+    optimizer at EP 1 and two at EP > 1 (dense, expert parameters: megatron's ChainedOptimizer);
+    the parameter states reshard by key (`chained_optim_avoid_prefix`), but the common part --
+    each optimizer's param_groups (lr, betas, step, ...) -- is stored per optimizer of the saving
+    chain. Across EP sizes each current group takes the saved group of the same lr/wd multipliers,
+    with its own `is_expert_parallel`. Same chain length: `loaded` unchanged."""
+    inner = _inner_optimizers(optimizer)
+    ints = sorted(k for k in loaded if isinstance(k, int) and "optimizer" in loaded[k])
+    saved = [loaded[k] for k in ints] if ints else [loaded]
+    if len(saved) == len(inner):
+        return loaded
+    pool = [g for c in saved for g in c["optimizer"]["param_groups"]]
+
+    def group(current: dict) -> dict:
+        key = tuple(current.get(k) for k in _GROUP_KEYS)
+        match = next((g for g in pool if tuple(g.get(k) for k in _GROUP_KEYS) == key), None)
+        if match is None:
+            raise CheckpointError(f"the checkpoint's optimizer has no parameter group like "
+                                  f"{dict(zip(_GROUP_KEYS, key))} (a different optimizer setup)")
+        return {**match, "is_expert_parallel": current.get("is_expert_parallel", False)}
+
+    common = {k: v for k, v in saved[0].items() if k != "param_state"}
+    fitted = []
+    for i, opt in enumerate(inner):
+        param_state = (loaded[i] if len(inner) > 1 else loaded)["param_state"]
+        groups = [group(g) for g in opt.optimizer.param_groups]
+        fitted.append({**common, "optimizer": {**common["optimizer"], "param_groups": groups},
+                       "param_state": param_state})
+    return dict(enumerate(fitted)) if len(inner) > 1 else fitted[0]
 
 
 def _inner_optimizers(opt) -> list:

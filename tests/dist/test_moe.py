@@ -19,7 +19,7 @@ from eureka_megatron.models.qwen2.hf import llm_config_from_hf, qwen2_mapping
 from eureka_megatron.models.registry import family_for
 from eureka_megatron.runtime.launcher import launch
 from tests.dist.test_llm_vs_transformers import megatron_logits
-from tests.helpers import tiny_config
+from tests.helpers import rel_diff, tiny_config
 
 VOCAB = 1000
 
@@ -141,3 +141,84 @@ def test_bad_expert_layouts_fail_before_ranks_start(change, key):
     model = dataclasses.replace(model, **model_fields)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_layout(model, ParallelConfig(**change))
+
+
+# --- training: the same batch gives the same loss and grad-norm at EP1 and EP2 ---------------
+
+
+def moe_lm_config(ep=1, steps=3, aux=0.0, **kw):
+    """tests.helpers.tiny_config's run with the Qwen3-MoE layer (8 experts, top-2) at DP2."""
+    cfg = tiny_config(nproc=2, steps=steps, **kw)
+    cfg.model = dataclasses.replace(cfg.model, qkv_bias=False, qk_norm=True, num_experts=8,
+                                    moe_intermediate_size=32, num_experts_per_tok=2,
+                                    moe_aux_loss_coeff=aux)
+    cfg.parallel.expert_parallel = ep
+    return cfg.validate()
+
+
+@lru_cache(maxsize=4)
+def lm_history(ep: int, aux: float = 0.0):
+    """Every rank's metrics of 5 uninterrupted steps (the lr schedule does not depend on the
+    step count: tiny_config's decay_steps)."""
+    from eureka_megatron.trainer.lm_run import run_lm
+
+    return launch(run_lm, 2, moe_lm_config(ep, 5, aux))
+
+
+def assert_same_steps(history, ref, tol=1e-6):
+    assert [m["step"] for m in history] == [m["step"] for m in ref]
+    for m, r in zip(history, ref):
+        for key in ("loss", "grad_norm"):
+            assert rel_diff(m[key], r[key]) < tol, (m["step"], key, m[key], r[key])
+
+
+@pytest.mark.parametrize("aux", [0.0, 0.01], ids=["no_aux", "aux_loss"])
+def test_train_steps_same_at_ep1_and_ep2(aux):
+    """DP2 at EP1 (every rank all experts, expert grads reduced over DP2) and EP2 (4 experts a
+    rank, tokens exchanged by all-to-all, expert DP 1): the same losses and grad-norms. With
+    model.moe_aux_loss_coeff the load-balancing loss changes the gradients, the same way."""
+    ep1, ep2 = lm_history(1, aux), lm_history(2, aux)
+    assert all(m["update_ok"] == 1.0 for m in ep1[0])
+    for rank in ep1 + ep2:  # every rank reports the same
+        assert_same_steps(rank, ep1[0])
+    if aux:
+        assert ep1[0][0]["grad_norm"] != lm_history(1)[0][0]["grad_norm"]
+    print("EP1 vs EP2 rel diff (loss, grad-norm) per step, aux", aux,
+          [(rel_diff(a["loss"], b["loss"]), rel_diff(a["grad_norm"], b["grad_norm"]))
+           for a, b in zip(ep1[0], ep2[0])])
+
+
+@pytest.fixture(scope="module")
+def ep2_checkpoint(tmp_path_factory):
+    """Steps 1-2 at EP2, saved (torch_dist, the distributed optimizer's state per expert shard)."""
+    from eureka_megatron.trainer.lm_run import run_lm
+
+    run = tmp_path_factory.mktemp("ep2")
+    first = launch(run_lm, 2, moe_lm_config(2, 2, ckpt_dir=str(run)))[0]
+    return run, first
+
+
+def test_resume_at_ep2(ep2_checkpoint, tmp_path):
+    """Resumed at EP2, steps 3-4 are the uninterrupted run's."""
+    import json
+
+    from eureka_megatron.trainer import checkpoint as ckpt
+    from eureka_megatron.trainer.lm_run import run_lm
+
+    run, first = ep2_checkpoint
+    info = json.loads((run / "step_00000002" / ckpt.COMPLETE).read_text())
+    assert info["layout"]["ep"] == 2
+    rest = launch(run_lm, 2, moe_lm_config(2, 4, ckpt_dir=str(tmp_path), load=str(run)))[0]
+    assert_same_steps(first + rest, lm_history(2)[0][:4], tol=1e-12)
+
+
+def test_resume_across_expert_layouts(ep2_checkpoint, tmp_path):
+    """The EP2 checkpoint (experts sharded over EP, two optimizers) resumed at EP1 (every rank
+    all experts, one optimizer) for step 3, saved there and resumed at EP2 for steps 4-5 (step 5
+    moves by the Adam moments loaded at EP2): the uninterrupted run's losses and grad-norms."""
+    from eureka_megatron.trainer.lm_run import run_lm
+
+    run, _ = ep2_checkpoint
+    mid = launch(run_lm, 2, moe_lm_config(1, 3, ckpt_dir=str(tmp_path), load=str(run)))[0]
+    end = launch(run_lm, 2, moe_lm_config(2, 5, load=str(tmp_path)))[0]
+    assert_same_steps(mid + end, lm_history(1)[0][2:])

@@ -134,3 +134,50 @@ def test_overlap_auto_is_on_with_cuda(grad, param, dist_opt, cpu, gpu):
                                f"optim.overlap_param_gather={param}",
                                f"optim.distributed_optimizer={str(dist_opt).lower()}"]).optim
     assert optim.overlap(cuda=False) == cpu and optim.overlap(cuda=True) == gpu
+
+
+MOE = ["model.num_experts=8", "model.moe_intermediate_size=32", "model.num_experts_per_tok=2"]
+
+
+def test_expert_parallel_keys_from_yaml_and_overrides(tmp_path):
+    f = tmp_path / "moe.yaml"
+    f.write_text("model:\n  num_experts: 8\n  moe_intermediate_size: 32\n"
+                 "parallel:\n  expert_parallel: 2\n  nproc: 4\n")
+    cfg = load_config(f, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                          "parallel.expert_tensor_parallel=1", "model.moe_aux_loss_coeff=1e-3"])
+    p = cfg.parallel
+    assert (p.expert_parallel, p.etp, p.expert_dp, p.dp) == (2, 1, 2, 2)
+    assert cfg.model.moe_aux_loss_coeff == pytest.approx(1e-3)
+    assert p.describe() == "TP2 x PP1 x DP2 = 4 ranks (sequence parallel); experts EP2 x ETP1 x EDP2"
+    dense = load_config(None, [])
+    assert dense.parallel.etp == 1 and "experts" not in dense.parallel.describe()
+    assert dense.model.num_experts == 0 and dense.model.moe_aux_loss_coeff == 0.0
+    rl = load_rl_config(None, ["model.hf=ckpt", "model.moe_aux_loss_coeff=0.01",
+                               "parallel.expert_parallel=2", "parallel.nproc=2"])
+    assert rl.model.moe_aux_loss_coeff == 0.01 and rl.parallel.expert_parallel == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.expert_parallel=2", "parallel.nproc=2"],
+     "parallel.expert_parallel=2 needs a Mixture-of-Experts model (model.num_experts > 0)"),
+    (MOE[1:] + ["model.num_experts=6", "parallel.expert_parallel=4", "parallel.nproc=4"],
+     "model.num_experts=6 is not divisible by parallel.expert_parallel=4"),
+    (MOE + ["parallel.expert_parallel=2", "parallel.nproc=3"],
+     "world size parallel.nproc=3 is not divisible by parallel.expert_tensor_parallel * "
+     "parallel.expert_parallel * parallel.pipeline_parallel = 1*2*1 = 2"),
+    (MOE + ["parallel.expert_parallel=2", "parallel.tensor_parallel=2", "parallel.nproc=2",
+            "parallel.sequence_parallel=true"], "= 2*2*1 = 4 (megatron's expert layout; "
+                                                "expert_tensor_parallel defaults to tensor_parallel)"),
+    (MOE + ["parallel.expert_parallel=0"], "parallel.expert_parallel must be >= 1, got 0"),
+    (MOE + ["parallel.expert_tensor_parallel=true"], "parallel.expert_tensor_parallel: expected an integer"),
+    (MOE + ["parallel.expert_tensor_parallel=3", "parallel.nproc=3"],
+     "model.moe_intermediate_size=32 is not divisible by the expert tensor parallel size 3"),
+    (MOE + ["parallel.tensor_parallel=2", "parallel.nproc=2"],
+     "needs parallel.sequence_parallel=true"),
+    (MOE + ["model.num_experts_per_tok=9"], "model.num_experts_per_tok=9 must be in [1, model.num_experts=8]"),
+    (MOE + ["model.moe_aux_loss_coeff=-1"], "model.moe_aux_loss_coeff=-1.0 must be >= 0"),
+])
+def test_bad_expert_layouts_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
