@@ -61,7 +61,7 @@ def sequences_batch(prompt, samples, pad_id):
     return ids, mask, labels, engine_lp
 
 
-def sync_rank(family_name, cfg, par, tensors, hf_config, logits_inputs, prompt, fail_after):
+def sync_rank(family_name, cfg, par, tensors, hf_config, logits_inputs, prompt, fail_after, layout):
     from eureka_megatron.models.forward import forward_token_logprobs
     from eureka_megatron.models.init import fill_global_tensors
     from eureka_megatron.algo.mismatch import mismatch_sums
@@ -81,8 +81,6 @@ def sync_rank(family_name, cfg, par, tensors, hf_config, logits_inputs, prompt, 
         engine = HFEngine.from_config(hf_config, dtype=torch.float32, device="cpu")
         if fail_after is not None:
             engine = FlakyEngine(engine, fail_after)
-    layout = "memory" if family_name == "qwen2_5_vl" else (
-        "native_memory" if family_name == "internvl" else "causal_lm")
     result = sync_with_restart(chunks, fam.mapping(cfg, layout), engine, version=7,
                                bucket_bytes=64 << 10)  # 64 KiB: the embedding is bigger
     out = {"ok": result.ok, "attempts": result.attempts}
@@ -142,22 +140,37 @@ def internvl_case():
         "native_memory"
 
 
-CASES = {
+def qwen3_moe_case():
+    from tests.dist import test_moe as m
+
+    hf = m.hf_model()
+    cfg = m.our_config(hf).model
+    input_ids = torch.randint(0, m.VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids).logits
+    prompt = Prompt(input_ids=input_ids[0, :10].tolist())
+    return "qwen3_moe", cfg, hf, dict(input_ids=input_ids), ref, prompt, "memory"
+
+
+CASES = {  # (case, TP, PP, engine fails after this many buckets[, EP])
     "qwen2_5_vl_tp2_pp2": (qwen2_5_vl_case, 2, 2, None),
     "qwen2_5_vl_tp2_engine_dies_mid_sync": (qwen2_5_vl_case, 2, 1, 3),
     "internvl_tp2_pp2": (internvl_case, 2, 2, None),
     "internvl_tp2": (internvl_case, 2, 1, None),
+    "qwen3_moe_ep2": (qwen3_moe_case, 1, 1, None, 2),  # each rank holds half the experts
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_after_sync_runs_the_trained_weights(case):
-    make, tp, pp, fail_after = CASES[case]
+    make, tp, pp, fail_after, *ep = CASES[case]
+    ep = ep[0] if ep else 1
     family, cfg, hf, logits_inputs, ref, prompt, layout = make()
     tensors = FAMILY[family].mapping(cfg, layout).to_megatron(hf.state_dict().__getitem__)
-    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp)
+    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp * ep,
+                         expert_parallel=ep)
     results = launch(sync_rank, par.nproc, family, cfg, par, tensors, hf.config.to_dict(),
-                     logits_inputs, prompt, fail_after)
+                     logits_inputs, prompt, fail_after, layout)
     assert all(r["ok"] for r in results)
     out = results[0]
     assert out["version"] == 7

@@ -51,21 +51,31 @@ def internvl_case():
     return "internvl", cfg, "native_memory", hf_model(cfg).state_dict()
 
 
+def qwen3_moe_case():
+    from tests.dist.test_moe import hf_model, our_config
+
+    hf = hf_model()
+    return "qwen3_moe", our_config(hf).model, "memory", hf.state_dict()
+
+
 CASES = {
     "qwen2_tied_tp2_pp2": (lambda: qwen2_case(True), 2, 2, 1, "rank0", torch.float32),
     "qwen2_untied_dp2_all_bf16": (lambda: qwen2_case(False), 1, 1, 2, "all", torch.bfloat16),
     "qwen2_5_vl_tp2_pp2": (qwen2_5_vl_case, 2, 2, 1, "rank0", torch.float32),
     "qwen2_5_vl_tp2": (qwen2_5_vl_case, 2, 1, 1, "rank0", torch.float32),
     "internvl_vit6b_tp2_pp2": (internvl_case, 2, 2, 1, "rank0", torch.float32),
+    # experts split over EP2 (DP2), each layer's stacked HF tensors assembled from both ranks
+    "qwen3_moe_ep2_pp2": (qwen3_moe_case, 1, 2, 2, "rank0", torch.float32, 2),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_returns_the_hf_checkpoint(case):
-    make, tp, pp, dp, dest, dtype = CASES[case]
+    make, tp, pp, dp, dest, dtype, *ep = CASES[case]
     family, cfg, layout, sd = make()
     tensors = FAMILY[family].mapping(cfg, layout).to_megatron(sd.__getitem__)
-    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp * dp)
+    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp * dp,
+                         expert_parallel=ep[0] if ep else 1)
     results = launch(export_rank, par.nproc, family, cfg, par, layout, tensors, dest, dtype)
     receivers = [r for r in results if r]
     assert len(receivers) == (par.nproc if dest == "all" else 1)
