@@ -1,4 +1,4 @@
-"""`eureka-megatron forward`: logits of a megatron checkpoint at a chosen TP/PP.
+"""`eureka-megatron forward`: logits of a megatron checkpoint at a chosen TP/PP (and EP for MoE).
 
 The check a user runs on a converted checkpoint: feed the dict an HF processor returned (saved
 with `torch.save`) through the megatron model, loaded by megatron's own dist_checkpointing at the
@@ -39,6 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="OUT.pt")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size (MoE models): the experts split over EP ranks, which "
+                        "run as data-parallel replicas of the batch; TP*PP*EP ranks in all")
     p.add_argument("--hf-config", type=Path, default=None,
                    help="dir with config.json (default: MEGATRON/hf)")
     p.add_argument("--engine", choices=ENGINES, default=None,
@@ -49,9 +52,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     logits = run_forward(args.megatron, args.inputs, args.out, tp=args.tp, pp=args.pp,
-                         hf_config_dir=args.hf_config, engine=args.engine)
+                         hf_config_dir=args.hf_config, engine=args.engine, ep=args.ep)
     via = f", synced into the {args.engine} engine" if args.engine else ""
-    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (TP{args.tp} x PP{args.pp}{via})")
+    experts = f" x EP{args.ep}" if args.ep > 1 else ""
+    print(f"wrote {args.out}: logits {list(logits.shape)} float32 "
+          f"(TP{args.tp} x PP{args.pp}{experts}{via})")
     return 0
 
 
@@ -83,14 +88,32 @@ def _text(cfg) -> LLMConfig:
     return cfg if isinstance(cfg, LLMConfig) else cfg.text
 
 
-def check_layout(cfg, tp: int, pp: int) -> ParallelConfig:
-    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp)
+def check_layout(cfg, tp: int, pp: int, ep: int = 1) -> ParallelConfig:
+    """The layout's ranks (EP ranks are data-parallel replicas), checked before any starts;
+    MoE models at TP > 1 run with sequence parallelism (megatron's MoE layer needs it)."""
+    moe = getattr(_text(cfg), "is_moe", False)
+    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=tp * pp * ep,
+                         expert_parallel=ep, sequence_parallel=moe and tp > 1)
     validate_layout(_text(cfg), par)
     vision = getattr(cfg, "vision", None)
     heads = getattr(vision, "padded_heads", None) or getattr(vision, "num_heads", None)
     if heads and heads % tp:
         raise ConfigError(f"the vision tower's {heads} (padded) heads do not divide TP={tp}")
     return par
+
+
+def _padded_to(raw: dict, multiple: int) -> dict:
+    """Right-padded to a multiple of `multiple` tokens (sequence parallelism splits the sequence
+    over the TP ranks); causal attention keeps the real tokens' logits unchanged."""
+    import torch
+
+    ids = raw["input_ids"]
+    ids = ids[None] if ids.ndim == 1 else ids
+    extra = -ids.shape[1] % multiple
+    mask = raw.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else (mask[None] if mask.ndim == 1 else mask)
+    return {**raw, "input_ids": torch.cat([ids, ids.new_zeros(ids.shape[0], extra)], 1),
+            "attention_mask": torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1)}
 
 
 def _forward_rank(megatron_dir: str, hf_config_dir, par: ParallelConfig, mb: dict,
@@ -138,9 +161,10 @@ def _engine_logits(fam, cfg, chunks, side: Path, inputs: dict):
 
 
 def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, tp: int = 1,
-                pp: int = 1, hf_config_dir: str | Path | None = None, engine: str | None = None):
-    """Logits of the megatron checkpoint at TP x PP; with `engine="hf"`, the logits of an HF
-    engine after a weight sync from that megatron model (the engine runs the trained weights)."""
+                pp: int = 1, hf_config_dir: str | Path | None = None, engine: str | None = None,
+                ep: int = 1):
+    """Logits of the megatron checkpoint at TP x PP (x EP); with `engine="hf"`, the logits of an
+    HF engine after a weight sync from that megatron model (the engine runs the trained weights)."""
     import torch
 
     from eureka_megatron.convert.run import read_conversion
@@ -152,13 +176,14 @@ def run_forward(megatron_dir: str | Path, inputs: str | Path, out: str | Path, t
                           "(SGLang needs a GPU server; see README)")
     megatron_dir = resolve_checkpoint(megatron_dir)
     fam, cfg, _, _ = read_conversion(megatron_dir, hf_config_dir)
-    par = check_layout(cfg, tp, pp)
+    par = check_layout(cfg, tp, pp, ep)
     fam.check_layout(cfg, par)
     raw = load_inputs(inputs)
-    mb = fam.prepare(cfg, raw)
+    width = raw["input_ids"].shape[-1]
+    mb = fam.prepare(cfg, _padded_to(raw, tp) if par.sequence_parallel else raw)
     results = launch(_forward_rank, par.nproc, str(megatron_dir), hf_config_dir, par, mb,
                      engine, raw)
-    logits = next(r for r in results if r is not None)
+    logits = next(r for r in results if r is not None)[..., :width, :]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as tmp:
