@@ -127,6 +127,47 @@ def test_mapping_round_trip_is_bit_exact(tmp_path):
     assert all(torch.equal(t, stacked_t[n]) for n, t in mapping.iter_hf(megatron.__getitem__))
 
 
+def logits_from_torch_dist(cfg, path, input_ids):
+    """Rank function: our LLM built without init, its weights read from a torch_dist checkpoint
+    (each rank its own shards: at EP2 its own experts); full-vocab logits on the last stage."""
+    from eureka_megatron.models.forward import forward_logits
+    from eureka_megatron.models.llm import build_llm_chunks, building
+    from eureka_megatron.runtime.distributed import init_distributed
+    from eureka_megatron.trainer.checkpoint import load_weights
+
+    init_distributed(cfg.parallel)
+    with building(initialize=False):
+        chunks = build_llm_chunks(cfg.model, cfg.parallel)
+    load_weights(chunks, path)
+    logits = forward_logits(chunks, {"input_ids": input_ids},
+                            lambda chunk, mb: chunk(mb["input_ids"], None, attention_mask=None))
+    return None if logits is None else logits[..., :VOCAB]
+
+
+def test_convert_and_load_at_ep2(tmp_path):
+    """`convert hf-to-megatron` of the per-expert checkpoint save_pretrained writes, loaded at EP2
+    (each rank reads its 4 experts), computes transformers' logits; `megatron-to-hf` gives the
+    files back bit for bit."""
+    from safetensors.torch import load_file
+
+    from eureka_megatron.convert.run import hf_to_megatron, megatron_to_hf
+
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    info = hf_to_megatron(tmp_path / "hf", tmp_path / "meg", progress=False)
+    assert (info["family"], info["layout"]) == ("qwen3_moe", "disk")
+    input_ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids).logits.float()
+    results = launch(logits_from_torch_dist, 2, our_config(hf, ep=2), str(tmp_path / "meg"), input_ids)
+    logits = next(r for r in results if r is not None)
+    assert float((logits - ref).abs().max() / ref.abs().max()) < 1e-5
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", progress=False)
+    before = load_file(tmp_path / "hf" / "model.safetensors")
+    after = {k: v for f in (tmp_path / "back").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("change,key", [
     (dict(num_experts=6, expert_parallel=4, nproc=4), "parallel.expert_parallel"),
     (dict(num_experts=0, expert_parallel=2, nproc=2), "parallel.expert_parallel"),
