@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
 
@@ -61,6 +61,7 @@ class ParamEntry:
     layer: int | None       # the LLM decoder layer it belongs to; None: not a layer
     last: bool              # lives on the last PP stage (final norm, output layer)
     trainable: bool
+    expert: bool = False    # a MoE expert's weight: split over EP (and ETP, not TP), reduced over EDP
 
 
 # --- the parameter inventory (a meta build) ---------------------------------------------------
@@ -119,7 +120,8 @@ def _entries(chunk) -> list[ParamEntry]:
                     layer = int(parts[2])
                 last = parts[0] == "output_layer" or parts[:2] == ["decoder", "final_layernorm"]
             out.append(ParamEntry(f"{mname}.{pname}" if mname else pname, p.numel(), split, layer,
-                                  last, p.requires_grad))
+                                  last, p.requires_grad,
+                                  expert=getattr(module, "is_expert", False)))  # megatron's mark
     return out
 
 
@@ -178,9 +180,23 @@ def _buffer_layout(numels: list[tuple[int, bool]], dp: int, distributed: bool) -
 
 def stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
                  par: ParallelConfig, tied: bool, distributed_optimizer: bool) -> StageParams:
-    """One rank of PP stage `stage` (per TP rank; the optimizer shard of the fullest DP rank)."""
-    tp, pp = par.tensor_parallel, par.pipeline_parallel
-    dp = par.nproc // (tp * pp)
+    """One rank of PP stage `stage` (per TP rank; the optimizer shard of the fullest DP rank).
+    MoE experts are megatron's second set of buffers: 1/EP of the experts per rank, each split
+    over ETP, their grads reduced and optimizer state sharded over the expert DP group."""
+    dense = _stage_params([e for e in entries if not e.expert], layers, stage, par, tied,
+                          distributed_optimizer, par.tensor_parallel, 1, par.dp)
+    if not any(e.expert for e in entries):
+        return dense
+    experts = _stage_params([e for e in entries if e.expert], layers, stage, par, False,
+                            distributed_optimizer, par.etp, par.expert_parallel, par.expert_dp)
+    return StageParams(*(a + b for a, b in zip(astuple(dense), astuple(experts))))
+
+
+def _stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
+                  par: ParallelConfig, tied: bool, distributed_optimizer: bool, tp: int,
+                  ep: int, dp: int) -> StageParams:
+    """`stage_params` for one set of buffers: split over `tp` (and `ep`), sharded over `dp`."""
+    pp = par.pipeline_parallel
     out = StageParams()
     shard = [0] * dp
     for v, chunk_layers in enumerate(layers):
@@ -193,7 +209,7 @@ def stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
                     else (last_chunk if e.last else first_chunk))
             if not here:
                 continue
-            n = e.numel // tp if e.tp_split else e.numel
+            n = (e.numel // tp if e.tp_split else e.numel) // ep
             shared = tied and pp > 1 and e.name.endswith("embedding.word_embeddings.weight")
             if e.trainable:
                 out.trainable += n
@@ -216,7 +232,8 @@ def stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int,
 # --- activations ------------------------------------------------------------------------------
 
 def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recompute: str,
-                              attention: Attention, elem: int, sp: bool = False) -> float:
+                              attention: Attention, elem: int, sp: bool = False,
+                              etp: int | None = None) -> float:
     """Elements (of the activation dtype) one LLM layer keeps per token for the backward pass.
 
     Local spec (CPU, measured): each RMSNorm keeps its input, the normalised input and 1/rms
@@ -226,7 +243,11 @@ def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recomp
     silu(gate), up, fc2 input). Selective recompute keeps only the attention's inputs (q, k and
     the qkv output v views). Full recompute keeps the layer's input (h). TP divides everything
     but the norms and the replicated linear inputs -- those too under sequence parallelism
-    (`sp`: each rank keeps its slice of the sequence; the linears gather it again backward)."""
+    (`sp`: each rank keeps its slice of the sequence; the linears gather it again backward).
+    A MoE layer (an estimate, not measured): the router's fp32 logits and probabilities (2E)
+    and, for each of the k copies of a token sent to an expert, the permuted input and the
+    unpermuted output (2h) and the expert's SwiGLU (5 f_expert / ETP); with balanced routing a
+    rank's experts receive as many token copies as its own tokens send."""
     h, d = text_cfg.hidden_size, text_cfg.kv_channels
     nq, nkv, f = text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.intermediate_size
     seq_split = tp if sp else 1
@@ -239,7 +260,11 @@ def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recomp
     else:
         attn = 3 * nq * d / tp + nq / tp * seq_len + seq_len / elem  # q, k, v; probs; bool mask
     norms = (2 * (2 * h + 1) + 2 * h) / seq_split  # two norms, the qkv and fc1 inputs
-    return norms + 4 * d + attn + nq * d / tp + 5 * f / tp
+    mlp = 5 * f / tp
+    if text_cfg.is_moe:
+        k, fe = text_cfg.num_experts_per_tok, text_cfg.expert_ffn
+        mlp = 2 * text_cfg.num_experts * 4 / elem + k * (2 * h + 5 * fe / (etp or tp))
+    return norms + 4 * d + attn + nq * d / tp + mlp
 
 
 def stage_activation_bytes(text_cfg: LLMConfig, par: ParallelConfig, n_layers: int, stage: int,
@@ -249,7 +274,7 @@ def stage_activation_bytes(text_cfg: LLMConfig, par: ParallelConfig, n_layers: i
     PP - stage micro-batches in flight, each with `tokens` tokens over its `n_layers` layers."""
     per_token = n_layers * layer_activation_elements(text_cfg, par.tensor_parallel, seq_len,
                                                      recompute, attention, elem,
-                                                     par.sequence_parallel)
+                                                     par.sequence_parallel, par.etp)
     pp = par.pipeline_parallel
     if stage == 0:
         per_token += 2  # token ids (int64)
@@ -366,8 +391,10 @@ def plan_memory(cfg: RLConfig, hf_config: dict | None = None) -> MemoryPlan:
             sp.rollout = [Line("actor weights, grads, optimizer", resident, "stay resident"),
                           Line("CUDA context, NCCL", 1.0, "assumed")] + engine
         stages.append(sp)
+    active = (f", {text.num_active_parameters() / 1e9:.2f}B of the LLM's active per token "
+              f"({text.num_experts_per_tok} of {text.num_experts} experts)" if text.is_moe else "")
     notes = [f"{hf.get('model_type')}: {sum(e.numel for e in entries) / 1e9:.2f}B parameters "
-             f"({sum(e.numel for e in entries if e.trainable) / 1e9:.2f}B trainable)",
+             f"({sum(e.numel for e in entries if e.trainable) / 1e9:.2f}B trainable{active})",
              f"largest micro-batch: {tokens} tokens, sequences <= {seq_len} "
              f"({cfg.data.max_prompt_length} prompt + {cfg.rollout.max_new_tokens} response)"
              + (", packed" if cfg.train.sequence_packing else ", padded rows")]

@@ -3,7 +3,8 @@
 Per rank of a real gloo layout (TP1, TP2 x DP2, PP2 x DP2, TP2 x PP2): the parameters with and
 without gradients, the DDP param/grad buffers (with megatron's padding) and the distributed
 optimizer's state equal `memory_plan.stage_params` exactly, for Qwen2.5-VL (frozen tower; tied
-embeddings split over PP) and InternVL with InternViT-6B's padded, TP-sharded heads. And the activations a
+embeddings split over PP), InternVL with InternViT-6B's padded, TP-sharded heads and Qwen3-MoE
+with its experts over EP2 (megatron's second set of buffers, reduced over the expert DP group). And the activations a
 forward leaves for the backward pass (the bytes of every tensor autograd saved, parameters
 excluded) match `layer_activation_elements` within 1% at TP1 and TP2, for every recompute mode.
 """
@@ -19,11 +20,15 @@ from eureka_megatron.models.registry import family_named
 from eureka_megatron.runtime.launcher import launch
 from eureka_megatron.trainer import memory_plan
 
-LAYOUTS = {"tp1": (1, 1, 1), "tp2_dp2": (2, 1, 4), "pp2_dp2": (1, 2, 4), "tp2_pp2": (2, 2, 4)}
+LAYOUTS = {"tp1": (1, 1, 1), "tp2_dp2": (2, 1, 4), "pp2_dp2": (1, 2, 4), "tp2_pp2": (2, 2, 4),
+           "ep2_dp2": (1, 1, 4, 2), "tp2_ep2": (2, 1, 4, 2)}  # (TP, PP, nproc[, EP])
 
 
 def model_case(name: str):
     """(family, model config with the recipe's freezing, tied embeddings)."""
+    if name == "qwen3_moe":
+        from tests.dist.test_moe import hf_model, our_config
+        return family_named("qwen3_moe"), our_config(hf_model()).model, False
     if name.startswith("qwen2_5_vl"):
         from tests.dist.test_qwen2_5_vl import our_config
         cfg, fam = our_config(tie=name.endswith("tied")), family_named("qwen2_5_vl")
@@ -49,6 +54,8 @@ def _allocated(name: str, par: ParallelConfig, bf16: bool) -> dict:
         chunks = fam.build_chunks(cfg, par)
     params = [p for c in chunks for p in c.parameters()]
     model = wrap_for_training(chunks, OptimConfig(), bf16=bf16, decay_steps=10)
+    # dense and (MoE) expert-parallel param/grad buffers
+    buffers = [b for ddp in model.chunks for b in ddp.buffers + ddp.expert_parallel_buffers]
     optimizer = 0
     for opt in _inner_optimizers(model.optimizer):
         opt._init_optimizer_states_with_dummy_values()
@@ -59,26 +66,26 @@ def _allocated(name: str, par: ParallelConfig, bf16: bool) -> dict:
     return {"pp": ps.get_pipeline_model_parallel_rank(),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "frozen": sum(p.numel() for p in params if not p.requires_grad),
-            "buffer": sum(b.numel for ddp in model.chunks for b in ddp.buffers),
-            "grad_bytes": sum(b.grad_data.numel() * b.grad_data.element_size()
-                              for ddp in model.chunks for b in ddp.buffers),
-            "param_bytes": sum(b.param_data.numel() * b.param_data.element_size()
-                               for ddp in model.chunks for b in ddp.buffers),
+            "buffer": sum(b.numel for b in buffers),
+            "grad_bytes": sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers),
+            "param_bytes": sum(b.param_data.numel() * b.param_data.element_size() for b in buffers),
             "optimizer": optimizer}
 
 
 # every layout for one model; tied embeddings where PP splits them; InternViT-6B's sharded heads
-CASES = [("qwen2_5_vl", layout) for layout in sorted(LAYOUTS)] + [
-    ("qwen2_5_vl_tied", "pp2_dp2"), ("internvl_vit6b", "tp2_dp2")]
+CASES = [("qwen2_5_vl", layout) for layout in ("tp1", "tp2_dp2", "pp2_dp2", "tp2_pp2")] + [
+    ("qwen2_5_vl_tied", "pp2_dp2"), ("internvl_vit6b", "tp2_dp2"), ("qwen3_moe", "ep2_dp2"),
+    ("qwen3_moe", "tp2_ep2")]
 
 
 @pytest.mark.parametrize("name,layout", CASES, ids=[f"{n}-{l}" for n, l in CASES])
 def test_planned_weights_grads_and_optimizer_equal_the_built_model(name, layout):
-    tp, pp, nproc = LAYOUTS[layout]
-    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=nproc)
+    tp, pp, nproc, *ep = LAYOUTS[layout]
+    par = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, nproc=nproc,
+                         expert_parallel=ep[0] if ep else 1, sequence_parallel=bool(ep) and tp > 1)
     fam, cfg, tied = model_case(name)
     entries = memory_plan.inventory(fam, cfg)
-    layers = memory_plan.stage_layers(cfg.text, par)
+    layers = memory_plan.stage_layers(getattr(cfg, "text", cfg), par)
     measured = launch(_allocated, nproc, name, par, False)
     for stage in range(pp):
         plan = memory_plan.stage_params(entries, layers[stage], stage, par, tied, True)
@@ -88,7 +95,8 @@ def test_planned_weights_grads_and_optimizer_equal_the_built_model(name, layout)
             assert m["grad_bytes"] == plan.buffer * 4 and m["param_bytes"] == plan.buffer * 4
         # fp32 weights: the optimizer shard is Adam's m and v (the main params are the weights)
         assert max(m["optimizer"] for m in ranks) == 2 * plan.optimizer
-    assert any(e.tp_split for e in entries) and any(not e.trainable for e in entries)
+    assert any(e.tp_split for e in entries)
+    assert any(e.expert for e in entries) if ep else any(not e.trainable for e in entries)
 
 
 def test_planned_bf16_optimizer_keeps_fp32_main_copies():
