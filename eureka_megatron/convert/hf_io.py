@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from eureka_megatron.errors import UserError
+from eureka_megatron.models.family import TensorNames
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -59,8 +60,9 @@ class HFCheckpoint:
             raise HFCheckpointError(f"shards named in {self.dir / INDEX} are missing: {', '.join(missing)}")
 
     @property
-    def names(self) -> set[str]:
-        return set(self.weight_map)
+    def names(self) -> TensorNames:
+        """The tensor names; their shapes on request (`names.shape(name)`, headers only)."""
+        return TensorNames(self.weight_map, self.shape)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read with plain file reads (no mmap: memory stays at this tensor)."""

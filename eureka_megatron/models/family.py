@@ -13,6 +13,24 @@ if TYPE_CHECKING:
     import torch
 
 
+class TensorNames(set):
+    """A state dict's tensor names that also tell each tensor's shape (`shape(name)`), for the
+    layouts names alone cannot tell (Qwen3-VL-MoE's expert stacks: transformers' in-memory
+    [E, 2I, H] and the hub's transposed [E, H, 2I] share their names). `HFCheckpoint.names` is
+    one (shapes from the safetensors headers); `of(state_dict)` makes one from tensors."""
+
+    def __init__(self, names=(), shape: Callable[[str], tuple[int, ...]] | None = None):
+        super().__init__(names)
+        self._shape = shape
+
+    @classmethod
+    def of(cls, tensors: dict) -> "TensorNames":
+        return cls(tensors, lambda name: tuple(tensors[name].shape))
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return None if self._shape is None else tuple(self._shape(name))
+
+
 @dataclass(frozen=True)
 class ChatTokens:
     """The special strings of one model family's chat and image markup."""
@@ -29,7 +47,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]                 # HF config.json `model_type`s it reads
     config_from_hf: Callable[[dict, Path | None], Any]  # (config.json, dir with tokenizer files)
-    detect_layout: Callable[[set[str]], str]     # HF tensor names -> naming layout
+    # HF tensor names -> naming layout; a checkpoint's names are `TensorNames` (shapes on request)
+    detect_layout: Callable[[set[str]], str]
     mapping: Callable[[Any, str], Any]           # (cfg, layout) -> the reversible Mapping
     build_chunks: Callable[[Any, Any], list]     # (cfg, ParallelConfig) -> megatron chunks
     prepare: Callable[[Any, dict], dict]         # (cfg, HF processor output) -> micro-batch

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from eureka_megatron.errors import ConfigError
-from eureka_megatron.models import internvl, qwen2, qwen2_5_vl, qwen3, qwen3_moe, qwen3_vl
+from eureka_megatron.models import (internvl, qwen2, qwen2_5_vl, qwen3, qwen3_moe, qwen3_vl,
+                                    qwen3_vl_moe)
 from eureka_megatron.models.family import Family
 
 FAMILIES: list[Family] = [
@@ -12,6 +13,7 @@ FAMILIES: list[Family] = [
     qwen3_moe.FAMILY,
     qwen2_5_vl.FAMILY,
     qwen3_vl.FAMILY,
+    qwen3_vl_moe.FAMILY,
     internvl.FAMILY,
 ]
 
