@@ -14,7 +14,7 @@ import yaml
 
 from eureka_megatron import cli
 from eureka_megatron.bench.convert import (INTERNVL2_5_38B, QWEN2_5_VL_7B, QWEN2_5_VL_32B,
-                                           write_config_dir)
+                                           QWEN3_VL_32B, write_config_dir)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -24,6 +24,7 @@ RECIPES = {
     "qwen2_5_vl_7b": (QWEN2_5_VL_7B, 2, 1, 4, 4, 2, True, 8),
     "qwen2_5_vl_32b": (QWEN2_5_VL_32B, 8, 2, 2, 4, 4, False, 48),
     "internvl2_5_38b": (INTERNVL2_5_38B, 8, 2, 2, 4, 8, True, 32),
+    "qwen3_vl_32b": (QWEN3_VL_32B, 8, 2, 2, 4, 4, False, 48),
 }
 
 
@@ -241,7 +242,8 @@ def _run_script(script: str, tmp_path: Path, **env):
                           text=True, env=full, cwd=tmp_path, timeout=30)
 
 
-@pytest.mark.parametrize("script", ["qwen2_5_vl_7b.sh", "qwen2_5_vl_32b.sh", "internvl2_5_38b.sh"])
+@pytest.mark.parametrize("script", ["qwen2_5_vl_7b.sh", "qwen2_5_vl_32b.sh", "internvl2_5_38b.sh",
+                                    "qwen3_vl_32b.sh"])
 def test_launch_script_names_what_is_missing(script, tmp_path):
     r = _run_script(script, tmp_path)
     assert r.returncode == 2 and "MODEL is not set" in r.stderr
