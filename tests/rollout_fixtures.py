@@ -1,7 +1,7 @@
 """Tiny real transformers models, a tiny tokenizer and prompts for rollout tests.
 
-Every family our converters know (Qwen2, Qwen2.5-VL, transformers-native InternVL) at a size that
-generates in milliseconds on CPU. Weights are random but deliberately not flat (large init range,
+Every family our converters know (Qwen2, Qwen3, Qwen3-MoE, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
+transformers-native InternVL) at a size that generates in milliseconds on CPU. Weights are random but deliberately not flat (large init range,
 perturbed norms): near-uniform logits would make greedy comparisons hinge on 1e-7 ties.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ EOS, VSTART, VIDEO, IMAGE = 252, 253, 254, 255  # special tokens at the top of t
 PAD = 0
 TILE = 56  # InternVL tile side in pixels: (56 / 14)^2 patches -> 4 tokens after pixel shuffle
 QWEN_PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal patch * patch^2
+QWEN3_VL_PATCH_DIM = 3 * 2 * 16 * 16  # Qwen3-VL: 16-px patches
 
 
 def tiny_tokenizer():
@@ -101,6 +102,41 @@ def qwen2_5_vl_config(tie: bool = False):
         eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=tie)
 
 
+def _qwen3_vl_parts(moe: bool):
+    """Qwen3-VL's tiny text and vision configs: a 3-block tower with DeepStack from blocks 0 and
+    2 (16-px patches, a 4x4 position table), a 2-layer Qwen3 LLM (head_dim 24, interleaved
+    mrope [6, 3, 3]); with `moe`, 8 experts of width 32, top 2."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                max_position_embeddings=512, initializer_range=0.1, bos_token_id=1,
+                eos_token_id=EOS, pad_token_id=PAD,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [6, 3, 3], "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 2],
+                  initializer_range=0.2)
+    return dict(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                video_token_id=VIDEO, vision_start_token_id=VSTART, eos_token_id=EOS,
+                pad_token_id=PAD)
+
+
+def qwen3_vl_config(tie: bool = False):
+    """Qwen3-VL; transformers ties the embeddings by the top-level flag."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(**_qwen3_vl_parts(moe=False), tie_word_embeddings=tie)
+
+
+def qwen3_vl_moe_config(tie: bool = False):
+    """Qwen3-VL-MoE: Qwen3-VL's tiny tower on a 2-layer MoE LLM (8 experts, top 2)."""
+    from transformers import Qwen3VLMoeConfig
+
+    return Qwen3VLMoeConfig(**_qwen3_vl_parts(moe=True), tie_word_embeddings=tie)
+
+
 def internvl_config():
     from transformers import InternVLConfig
 
@@ -118,9 +154,12 @@ def internvl_config():
 
 
 CONFIGS = {"qwen2": qwen2_config, "qwen3": qwen3_config, "qwen3_moe": qwen3_moe_config,
-           "qwen2_5_vl": qwen2_5_vl_config, "internvl": internvl_config}
+           "qwen2_5_vl": qwen2_5_vl_config, "qwen3_vl": qwen3_vl_config,
+           "qwen3_vl_moe": qwen3_vl_moe_config, "internvl": internvl_config}
 CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration",
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
            "internvl": "InternVLForConditionalGeneration"}
 
 
@@ -143,7 +182,8 @@ def text_prompts(lengths=(3, 9, 5), seed: int = 0) -> list[Prompt]:
     return [Prompt(input_ids=_text(gen, n)) for n in lengths]
 
 
-def qwen2_5_vl_prompt(gen, before: int, grids: list[tuple[int, int, int]], after: int) -> Prompt:
+def qwen2_5_vl_prompt(gen, before: int, grids: list[tuple[int, int, int]], after: int,
+                      patch_dim: int = QWEN_PATCH_DIM) -> Prompt:
     """Text, then each image as <vision_start> + (h/2 * w/2) image tokens, then text."""
     ids = _text(gen, before)
     for t, h, w in grids:
@@ -152,17 +192,23 @@ def qwen2_5_vl_prompt(gen, before: int, grids: list[tuple[int, int, int]], after
     mm = {}
     if grids:
         patches = sum(t * h * w for t, h, w in grids)
-        mm = {"pixel_values": torch.randn(patches, QWEN_PATCH_DIM, generator=gen),
+        mm = {"pixel_values": torch.randn(patches, patch_dim, generator=gen),
               "image_grid_thw": torch.tensor(grids)}
     return Prompt(input_ids=ids, mm_inputs=mm)
 
 
-def qwen2_5_vl_prompts(seed: int = 0) -> list[Prompt]:
+def qwen2_5_vl_prompts(seed: int = 0, patch_dim: int = QWEN_PATCH_DIM) -> list[Prompt]:
     """Different lengths and image counts: one image, none, two of different sizes."""
     gen = torch.Generator().manual_seed(seed)
-    return [qwen2_5_vl_prompt(gen, 3, [(1, 4, 4)], 4),
-            qwen2_5_vl_prompt(gen, 6, [], 0),
-            qwen2_5_vl_prompt(gen, 2, [(1, 8, 6), (1, 4, 8)], 3)]
+    return [qwen2_5_vl_prompt(gen, 3, [(1, 4, 4)], 4, patch_dim),
+            qwen2_5_vl_prompt(gen, 6, [], 0, patch_dim),
+            qwen2_5_vl_prompt(gen, 2, [(1, 8, 6), (1, 4, 8)], 3, patch_dim)]
+
+
+def qwen3_vl_prompts(seed: int = 0) -> list[Prompt]:
+    """Qwen2.5-VL's prompts (the same markup and patch grids) with Qwen3-VL's 16-px patches
+    (3 x 2 x 16 x 16 values a patch): a (1, h, w) grid is h x w patches, h*w/4 LLM tokens."""
+    return qwen2_5_vl_prompts(seed, QWEN3_VL_PATCH_DIM)
 
 
 def internvl_prompt(gen, before: int, tiles: list[int], after: int) -> Prompt:
@@ -182,7 +228,8 @@ def internvl_prompts(seed: int = 0) -> list[Prompt]:
 
 
 PROMPTS = {"qwen2": text_prompts, "qwen3": text_prompts, "qwen3_moe": text_prompts,
-           "qwen2_5_vl": qwen2_5_vl_prompts, "internvl": internvl_prompts}
+           "qwen2_5_vl": qwen2_5_vl_prompts, "qwen3_vl": qwen3_vl_prompts,
+           "qwen3_vl_moe": qwen3_vl_prompts, "internvl": internvl_prompts}
 
 
 def full_forward_logits(model, ids: list[int], mm_inputs: dict) -> torch.Tensor:

@@ -10,9 +10,10 @@ the batch. Image/video placeholder ids are never sampled (a response holding one
 scored: the trainer scatters image embeddings at every placeholder); like top-k/top-p this only
 truncates the sampling distribution, `Sample.logprobs` stay those of the full raw distribution.
 
-Families (by model class) and the naming layout of their `state_dict()` (see convert/):
-Qwen2ForCausalLM "causal_lm", Qwen2_5_VLForConditionalGeneration "memory",
-InternVLForConditionalGeneration "native_memory".
+Families (by model class) and the naming layout of their `state_dict()` (see convert/): each
+family's `hf_class` / `hf_layout` (models/registry.py), e.g. Qwen2ForCausalLM "causal_lm",
+Qwen2_5_VLForConditionalGeneration "memory", Qwen3VLMoeForConditionalGeneration "memory" (its
+experts stacked as transformers holds them), InternVLForConditionalGeneration "native_memory".
 """
 from __future__ import annotations
 
@@ -285,7 +286,8 @@ class HFEngine:
                                     "interrupted or missing sync); update_weights first")
 
     def _positions(self, ids: torch.Tensor, mask: torch.Tensor, mm: dict) -> torch.Tensor:
-        """[B, S] positions counting real tokens (left padding), or Qwen2.5-VL's [3, B, S] mrope."""
+        """[B, S] positions counting real tokens (left padding), or the Qwen-VLs' [3, B, S] mrope
+        from the model's own get_rope_index (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE)."""
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         if not self.mrope:
             return pos

@@ -9,35 +9,12 @@ import transformers
 from PIL import Image
 
 from eureka_megatron.config import ConfigError
+from eureka_megatron.models.family import TensorNames
 from eureka_megatron.models.images import ImageOptions
 from eureka_megatron.models.registry import FAMILIES, family_for, family_named
 from tests import rollout_fixtures as F
 
 NAMES = [f.name for f in FAMILIES]
-
-
-def qwen3_vl_model():
-    """A tiny random Qwen3-VL (3-block tower with DeepStack from blocks 0 and 2, 2-layer LLM)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=F.VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=24, max_position_embeddings=512, initializer_range=0.1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [6, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=64, patch_size=16, num_position_embeddings=16,
-                           deepstack_visual_indexes=[0, 2], initializer_range=0.2),
-        image_token_id=F.IMAGE, video_token_id=F.VIDEO, vision_start_token_id=F.VSTART,
-        eos_token_id=F.EOS, pad_token_id=F.PAD)
-    torch.manual_seed(0)
-    return Qwen3VLForConditionalGeneration(cfg).eval()
-
-
-def tiny_model(name: str):
-    """The rollout fixtures' tiny model of a family; Qwen3-VL's from here."""
-    return qwen3_vl_model() if name == "qwen3_vl" and name not in F.CONFIGS else F.tiny_model(name)
 
 
 def test_model_types_and_names_are_unique():
@@ -54,14 +31,15 @@ def test_family_matches_transformers_model(name):
     """The transformers class the HF engine builds is the family's; its state_dict is in the
     family's `hf_layout`, and that layout's mapping covers every tensor of it, both ways."""
     fam = family_named(name)
-    model = tiny_model(name)
+    model = F.tiny_model(name)
     assert type(model).__name__ == fam.hf_class and getattr(transformers, fam.hf_class)
     assert model.config.model_type == fam.hf_model_type
-    names = set(model.state_dict())
-    assert fam.detect_layout(names) == fam.hf_layout
+    sd = model.state_dict()
+    names = set(sd)
+    assert fam.detect_layout(TensorNames.of(sd)) == fam.hf_layout
     cfg = fam.config_from_hf(model.config.to_dict(), None)
     mapping = fam.mapping(cfg, fam.hf_layout)
-    # transformers ties by the top-level flag (Qwen3-VL's text config has none)
+    # transformers ties by the top-level flag (Qwen3-VL's text config may say otherwise)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     assert mapping.hf_names() == names - tied
 
@@ -72,7 +50,7 @@ def test_vlm_hooks_agree(name):
     pixels, and its chat markup and SGLang placeholder are defined."""
     fam = family_named(name)
     assert fam.chat is not None and fam.sglang_image_placeholder
-    model = tiny_model(name)
+    model = F.tiny_model(name)
     # the checkpoint's own geometry (Qwen3-VL: 16-px patches) over the run's options
     options = ImageOptions(**dict(max_pixels=112 * 56, image_size=F.TILE, max_tiles=4)
                            | fam.image_options_from_hf(model.config.to_dict()))

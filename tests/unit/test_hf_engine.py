@@ -1,5 +1,5 @@
 """HFEngine on tiny real transformers models of every family (Qwen2, Qwen3, Qwen3-MoE,
-Qwen2.5-VL, InternVL).
+Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, InternVL).
 
 References are independent of the engine's batching and KV cache: one unpadded sequence through
 transformers' own forward (full sequence, no cache) per step / per sample. Prompts differ in
@@ -15,9 +15,9 @@ from eureka_megatron.rollout.engine import RolloutEngine, SamplingParams, StaleW
 from eureka_megatron.rollout.hf_engine import HFEngine, WeightSyncError
 from tests import rollout_fixtures as F
 
-FAMILIES = ["qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "internvl"]
+FAMILIES = ["qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl"]
 MM_IDS = {"qwen2": [], "qwen3": [], "qwen3_moe": [], "qwen2_5_vl": [F.VIDEO, F.IMAGE],
-          "internvl": [F.IMAGE]}
+          "qwen3_vl": [F.VIDEO, F.IMAGE], "qwen3_vl_moe": [F.VIDEO, F.IMAGE], "internvl": [F.IMAGE]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -195,7 +195,8 @@ def test_sync_into_from_config_engine(models, family):
 
 
 @pytest.mark.parametrize("family,tie", [("qwen2", False), ("qwen2", True), ("qwen2_5_vl", False),
-                                        ("qwen2_5_vl", True), ("internvl", False)])
+                                        ("qwen2_5_vl", True), ("qwen3_vl", True),
+                                        ("qwen3_vl_moe", False), ("internvl", False)])
 def test_weight_layout_names_are_the_state_dict(family, tie):
     """The converter's mapping in the engine's layout names exactly the model's tensors."""
     model = F.tiny_model(family, **({"tie": tie} if family != "internvl" else {}))
