@@ -1,6 +1,6 @@
 """Megatron -> HF engine weight sync, end to end on gloo ranks.
 
-A tiny random HF checkpoint is loaded into our megatron model at TP2 x PP2 (and TP2); the weights
+A tiny random HF checkpoint is loaded into our megatron model at TP2 x PP2 (and TP2, EP2); the weights
 are synced into an HF engine built from the config alone (empty weights). The engine must then
 compute transformers' logits on the original checkpoint (fp32, 1e-5), and the log-probs it
 reports for sequences it sampled must equal the trainer's (fused kernel through the pipeline)
@@ -152,12 +152,38 @@ def qwen3_moe_case():
     return "qwen3_moe", cfg, hf, dict(input_ids=input_ids), ref, prompt, "memory"
 
 
+def qwen3_vl_case():
+    from tests.dist import test_qwen3_vl as q
+
+    input_ids, pixels = q.batch()
+    ref = q.hf_logits(input_ids, pixels, q.GRIDS)
+    n0 = int(q.GRIDS[0].prod())
+    prompt = Prompt(input_ids=input_ids[0, :12].tolist(),  # its image (4 tokens) and text
+                    mm_inputs={"pixel_values": pixels[:n0], "image_grid_thw": q.GRIDS[:1]})
+    inputs = dict(input_ids=input_ids, pixel_values=pixels, image_grid_thw=q.GRIDS)
+    return "qwen3_vl", q.our_config(), q.hf_model(), inputs, ref, prompt, "memory"
+
+
+def qwen3_vl_moe_case():
+    from tests.dist import test_qwen3_vl as q
+    from tests.dist import test_qwen3_vl_moe as m
+
+    input_ids, pixels, ref = m.reference()
+    n0 = int(q.GRIDS[0].prod())
+    prompt = Prompt(input_ids=input_ids[0, :12].tolist(),
+                    mm_inputs={"pixel_values": pixels[:n0], "image_grid_thw": q.GRIDS[:1]})
+    inputs = dict(input_ids=input_ids, pixel_values=pixels, image_grid_thw=q.GRIDS)
+    return "qwen3_vl_moe", m.our_config(), m.hf_model(), inputs, ref, prompt, "memory"
+
+
 CASES = {  # (case, TP, PP, engine fails after this many buckets[, EP])
     "qwen2_5_vl_tp2_pp2": (qwen2_5_vl_case, 2, 2, None),
     "qwen2_5_vl_tp2_engine_dies_mid_sync": (qwen2_5_vl_case, 2, 1, 3),
     "internvl_tp2_pp2": (internvl_case, 2, 2, None),
     "internvl_tp2": (internvl_case, 2, 1, None),
     "qwen3_moe_ep2": (qwen3_moe_case, 1, 1, None, 2),  # each rank holds half the experts
+    "qwen3_vl_tp2_pp2": (qwen3_vl_case, 2, 2, None),  # DeepStack's layers and the tower on stage 0
+    "qwen3_vl_moe_ep2": (qwen3_vl_moe_case, 1, 1, None, 2),
 }
 
 

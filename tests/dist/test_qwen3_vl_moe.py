@@ -183,6 +183,12 @@ def hub_layout(sd: dict) -> dict:
             for k, v in sd.items()}
 
 
+def hf_layout_tensors(layout: str) -> dict:
+    """The tiny model's HF tensors in `layout` ("memory": its state_dict, "disk": the hub's)."""
+    sd = hf_model().state_dict()
+    return sd if layout == "memory" else hub_layout(sd)
+
+
 def test_mapping_round_trip_each_layout(tmp_path):
     """HF -> megatron -> HF is bit-exact in both layouts; save_pretrained writes the in-memory
     stack, transformers loads the hub's transposed stack back to the same model, and the

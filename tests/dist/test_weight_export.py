@@ -58,6 +58,14 @@ def qwen3_moe_case():
     return "qwen3_moe", our_config(hf).model, "memory", hf.state_dict()
 
 
+def qwen3_vl_moe_case(layout):
+    """transformers' stacked experts ("memory") or the hub's transposed ones ("disk": SGLang's
+    sync, HF exports)."""
+    from tests.dist.test_qwen3_vl_moe import hf_layout_tensors, our_config
+
+    return "qwen3_vl_moe", our_config(), layout, hf_layout_tensors(layout)
+
+
 CASES = {
     "qwen2_tied_tp2_pp2": (lambda: qwen2_case(True), 2, 2, 1, "rank0", torch.float32),
     "qwen2_untied_dp2_all_bf16": (lambda: qwen2_case(False), 1, 1, 2, "all", torch.bfloat16),
@@ -66,6 +74,11 @@ CASES = {
     "internvl_vit6b_tp2_pp2": (internvl_case, 2, 2, 1, "rank0", torch.float32),
     # experts split over EP2 (DP2), each layer's stacked HF tensors assembled from both ranks
     "qwen3_moe_ep2_pp2": (qwen3_moe_case, 1, 2, 2, "rank0", torch.float32, 2),
+    # the same with Qwen3-VL's tower and DeepStack mergers on stage 0
+    "qwen3_vl_moe_ep2_pp2": (lambda: qwen3_vl_moe_case("memory"), 1, 2, 2, "rank0",
+                             torch.float32, 2),
+    "qwen3_vl_moe_hub_layout_ep2_pp2": (lambda: qwen3_vl_moe_case("disk"), 1, 2, 2, "rank0",
+                                        torch.float32, 2),
 }
 
 
