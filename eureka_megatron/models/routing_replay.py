@@ -15,15 +15,19 @@ expert ids per token (the last response token is never fed to the engine; SGLang
 `mb["routed_experts"]` [B, S, layers, k] (padded rows) or [1, T, layers, k] (packed).
 Here, around one chunk's forward, every router of the chunk gets its layer's ids in megatron's
 token order (sequence-major, [S, B] flattened; under sequence parallelism this TP rank's slice of
-the sequence) through megatron-core's `RouterReplay` (REPLAY_FORWARD), and is reset after.
-Positions without a recorded choice (the last token, padding) carry experts 0..k-1: their outputs
-feed no label.
+the sequence) through the `router_replay` hook of megatron-core's top-k routing, and is reset
+after. Positions without a recorded choice (the last token, padding) carry experts 0..k-1: their
+outputs feed no label.
 
-Not with full activation recompute: megatron re-runs a layer's forward during the backward pass,
-outside this context (refused by the config check).
+Full activation recompute re-runs each layer's forward inside the backward pass, after this
+context has closed and, under pipeline schedules, after later micro-batches' forwards: each
+router then queues the ids of every forward that autograd will recompute and hands them out in
+order when it runs inside the backward pass (1F1B and interleaved schedules run a micro-batch's
+backward in the order of the forwards, per layer).
 """
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,17 +36,36 @@ import torch
 from eureka_megatron.errors import ConfigError
 
 
-def check_config(enabled: bool, text_cfg, recompute: str) -> None:
-    """`rollout.routing_replay` needs a MoE model and no full recompute (module docstring)."""
+def check_config(enabled: bool, text_cfg) -> None:
+    """`rollout.routing_replay` needs a MoE model."""
     if not enabled:
         return
     if not getattr(text_cfg, "is_moe", False):
         raise ConfigError("rollout.routing_replay=true needs a Mixture-of-Experts model; this "
                           "model's LLM is dense")
-    if recompute == "full":
-        raise ConfigError("rollout.routing_replay=true cannot be combined with train.recompute=full "
-                          "(megatron re-runs each layer's forward in the backward pass, outside "
-                          "the replay); use selective or none")
+
+
+class RoutedExperts:
+    """A router's replay hook (megatron calls `get_replay_topk` in place of its top-k): the ids
+    set for the current forward, and those queued for recompute inside the backward pass."""
+
+    def __init__(self):
+        self.target: torch.Tensor | None = None
+        self.queue_for_recompute = False  # training under full recompute
+        self.recompute: deque[torch.Tensor] = deque()
+
+    def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None,
+                        default_compute_topk=None):
+        if torch._C._current_graph_task_id() != -1:  # a recompute inside the backward pass
+            index = self.recompute.popleft()
+        elif self.target is None:
+            return default_compute_topk(scores, topk, num_groups, group_topk)
+        else:
+            index = self.target  # (megatron's checkpointed forward runs under no_grad)
+            if self.queue_for_recompute:
+                self.recompute.append(index)
+        index = index.to(scores.device)
+        return scores.gather(1, index), index
 
 
 def routers(chunk: torch.nn.Module) -> list:
@@ -73,8 +96,6 @@ def replaying(chunk: torch.nn.Module, mb: dict) -> Iterator[None]:
     if not found:
         yield
         return
-    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
-
     tokens = megatron_token_order(routing, found[0].config.sequence_parallel)
     layers = routing.shape[2]
     for router in found:
@@ -82,16 +103,16 @@ def replaying(chunk: torch.nn.Module, mb: dict) -> Iterator[None]:
         if not 0 <= index < layers:
             raise ValueError(f"routing replay: the micro-batch has routing for {layers} MoE "
                              f"layers; the model's router of layer {router.layer_number} has none")
-        if router.router_replay is None:
-            router.router_replay = RouterReplay()
-        router.router_replay.set_target_indices(tokens[:, index].long())
-        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        if not isinstance(router.router_replay, RoutedExperts):
+            router.router_replay = RoutedExperts()
+        router.router_replay.target = tokens[:, index].long()
+        router.router_replay.queue_for_recompute = (
+            router.training and router.config.recompute_granularity == "full")
     try:
         yield
     finally:
         for router in found:
-            router.router_replay.clear_indices()
-            router.router_replay.clear_router_replay_action()
+            router.router_replay.target = None
 
 
 def filler(tokens: int, layers: int, k: int, dtype=torch.int32) -> torch.Tensor:

@@ -204,8 +204,7 @@ def describe(cfg: RLConfig) -> str:
     mcfg = fam.config_from_hf(hf, cfg.model.hf_dir)
     validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
     fam.check_layout(mcfg, cfg.parallel)  # the family's own (Qwen3-VL: DeepStack on stage 0)
-    check_routing_replay(cfg.rollout.routing_replay, getattr(mcfg, "text", mcfg),
-                         cfg.train.recompute)
+    check_routing_replay(cfg.rollout.routing_replay, getattr(mcfg, "text", mcfg))
     t, r = cfg.train, cfg.rollout
     engines = f"{r.engine} engine x{r.engines}"
     where = "colocated" if cfg.cluster.colocate else "disaggregated"

@@ -232,8 +232,7 @@ def _stage_params(entries: list[ParamEntry], layers: list[list[int]], stage: int
 # --- activations ------------------------------------------------------------------------------
 
 def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recompute: str,
-                              attention: Attention, elem: int, sp: bool = False,
-                              etp: int | None = None) -> float:
+                              attention: Attention, elem: int, sp: bool = False) -> float:
     """Elements (of the activation dtype) one LLM layer keeps per token for the backward pass.
 
     Local spec (CPU, measured): each RMSNorm keeps its input, the normalised input and 1/rms
@@ -246,8 +245,10 @@ def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recomp
     (`sp`: each rank keeps its slice of the sequence; the linears gather it again backward).
     A MoE layer (an estimate, not measured): the router's fp32 logits and probabilities (2E)
     and, for each of the k copies of a token sent to an expert, the permuted input and the
-    unpermuted output (2h) and the expert's SwiGLU (5 f_expert / ETP); with balanced routing a
-    rank's experts receive as many token copies as its own tokens send."""
+    unpermuted output (2h) and the expert's SwiGLU (5 f_expert); with balanced routing a rank's
+    experts receive as many token copies as its own tokens send. Under sequence parallelism a TP
+    rank routes only its slice of the sequence (1/TP); an expert split over ETP ranks gathers
+    their tokens and computes 1/ETP of each, which leaves the same 1/TP."""
     h, d = text_cfg.hidden_size, text_cfg.kv_channels
     nq, nkv, f = text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.intermediate_size
     seq_split = tp if sp else 1
@@ -263,7 +264,7 @@ def layer_activation_elements(text_cfg: LLMConfig, tp: int, seq_len: int, recomp
     mlp = 5 * f / tp
     if text_cfg.is_moe:
         k, fe = text_cfg.num_experts_per_tok, text_cfg.expert_ffn
-        mlp = 2 * text_cfg.num_experts * 4 / elem + k * (2 * h + 5 * fe / (etp or tp))
+        mlp = (2 * text_cfg.num_experts * 4 / elem + k * (2 * h + 5 * fe)) / seq_split
     return norms + 4 * d + attn + nq * d / tp + mlp
 
 
@@ -274,7 +275,7 @@ def stage_activation_bytes(text_cfg: LLMConfig, par: ParallelConfig, n_layers: i
     PP - stage micro-batches in flight, each with `tokens` tokens over its `n_layers` layers."""
     per_token = n_layers * layer_activation_elements(text_cfg, par.tensor_parallel, seq_len,
                                                      recompute, attention, elem,
-                                                     par.sequence_parallel, par.etp)
+                                                     par.sequence_parallel)
     pp = par.pipeline_parallel
     if stage == 0:
         per_token += 2  # token ids (int64)
