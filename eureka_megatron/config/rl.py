@@ -95,8 +95,10 @@ class DataConfig:
     image_size: int = 56           # synthetic images
     system_prompt: str | None = "r1"  # "r1" / "r1-zero" (pretrained bases): built-in; null: none; else the text
     max_prompt_length: int = 2048
-    min_pixels: int = 56 * 56
-    max_pixels: int = 14 * 14 * 4 * 1280
+    # Qwen-VL resize range (pixels of the resized image); null: the checkpoint's own (Qwen3-VL:
+    # 65536..16777216, what its preprocessor_config.json gives SGLang), Qwen2.5-VL: 3136..1003520
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     max_tiles: int = 12            # InternVL dynamic tiling
     use_thumbnail: bool = True
     shuffle: bool = True
@@ -192,6 +194,15 @@ class RLConfig:
                               "of softmax(logits / T))")
         if self.eval.interval < 0 or self.eval.size < 1:
             raise ConfigError("eval.interval must be >= 0 and eval.size >= 1")
+        for name in ("min_pixels", "max_pixels"):
+            v = getattr(self.data, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"data.{name}={v!r} must be a pixel count >= 1 or null (the "
+                                  "checkpoint's own)")
+        if None not in (self.data.min_pixels, self.data.max_pixels) and \
+                self.data.min_pixels > self.data.max_pixels:
+            raise ConfigError(f"data.min_pixels={self.data.min_pixels} is above "
+                              f"data.max_pixels={self.data.max_pixels}")
         if self.warmup.steps < 0:
             raise ConfigError(f"warmup.steps={self.warmup.steps} must be >= 0")
         if not self.model.moe_aux_loss_coeff >= 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eureka_megatron.config import RLConfig
+from eureka_megatron.config import ConfigError, RLConfig
 from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, R1_ZERO_SYSTEM_PROMPT
 from eureka_megatron.data.dataset import PromptBuilder
 from eureka_megatron.data.jsonl import load_rows
@@ -40,14 +40,31 @@ def system_prompt(cfg: RLConfig) -> str | None:
     return {"r1": R1_SYSTEM_PROMPT, "r1-zero": R1_ZERO_SYSTEM_PROMPT}.get(sp, sp)
 
 
-def prompt_builder(cfg: RLConfig, family: str, tokenizer) -> PromptBuilder:
-    """The builder for the policy's family, with the image options the checkpoint sets
-    (InternVL tiles at its own size)."""
+def image_options(cfg: RLConfig, family: str) -> dict:
+    """The `ImageOptions` of a run: the run's tiling switches, then what the checkpoint sets
+    (`Family.image_options_from_hf` on model.hf's config.json: InternVL's tile size, Qwen3-VL's
+    patch geometry and pixel range), then data.min_pixels / max_pixels where the run sets them
+    (null: the checkpoint's range, else ImageOptions' Qwen2.5-VL default). The engines
+    preprocess with the checkpoint's processor config, so its range keeps the trainer's image
+    token counts equal to theirs."""
     d = cfg.data
     fam = family_named(family)
     config_file = cfg.model.hf_dir / "config.json"
-    extra = fam.image_options_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else {}
-    options = dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_tiles=d.max_tiles,
-                   use_thumbnail=d.use_thumbnail) | extra
-    return PromptBuilder(fam, tokenizer, system_prompt=system_prompt(cfg),
-                         max_prompt_length=d.max_prompt_length, **options)
+    checkpoint = fam.image_options_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else {}
+    run = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels))
+           if v is not None}
+    options = dict(max_tiles=d.max_tiles, use_thumbnail=d.use_thumbnail) | checkpoint | run
+    lo, hi = options.get("min_pixels"), options.get("max_pixels")
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"the image pixel range is empty: min_pixels {lo} > max_pixels {hi} "
+                          f"(data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, the "
+                          f"checkpoint's {checkpoint.get('min_pixels')}..{checkpoint.get('max_pixels')}):"
+                          " set both data.min_pixels and data.max_pixels")
+    return options
+
+
+def prompt_builder(cfg: RLConfig, family: str, tokenizer) -> PromptBuilder:
+    """The builder for the policy's family, with the run's image options (`image_options`)."""
+    return PromptBuilder(family_named(family), tokenizer, system_prompt=system_prompt(cfg),
+                         max_prompt_length=cfg.data.max_prompt_length,
+                         **image_options(cfg, family))

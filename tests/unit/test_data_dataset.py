@@ -296,6 +296,86 @@ def test_rl_prompt_builder_tiles_at_the_checkpoints_size(tmp_path, config):
     assert b.build(row).prompt.input_ids.count(F.IMAGE) == 12  # 3 tiles x 4 tokens
 
 
+QWEN3_VL_CONFIG = {"model_type": "qwen3_vl", "vision_config": {
+    "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+
+
+@pytest.mark.parametrize("family,config,data,want", [
+    # Qwen3-VL: the checkpoint's range (its preprocessor_config.json's) unless the run sets one
+    ("qwen3_vl", QWEN3_VL_CONFIG, {}, (65536, 16777216, 16)),
+    ("qwen3_vl", QWEN3_VL_CONFIG, {"min_pixels": 32 * 32, "max_pixels": 128 * 128},
+     (32 * 32, 128 * 128, 16)),
+    ("qwen3_vl", QWEN3_VL_CONFIG, {"max_pixels": 1 << 25}, (65536, 1 << 25, 16)),
+    ("qwen3_vl_moe", {**QWEN3_VL_CONFIG, "model_type": "qwen3_vl_moe"}, {}, (65536, 16777216, 16)),
+    # Qwen2.5-VL: unchanged (ImageOptions' 3136..1003520 unless set)
+    ("qwen2_5_vl", {"model_type": "qwen2_5_vl"}, {}, (56 * 56, 14 * 14 * 4 * 1280, 14)),
+    ("qwen2_5_vl", {"model_type": "qwen2_5_vl"}, {"max_pixels": 28 * 28 * 16},
+     (56 * 56, 28 * 28 * 16, 14)),
+], ids=["qwen3_vl_checkpoint", "qwen3_vl_run", "qwen3_vl_run_max", "qwen3_vl_moe_checkpoint",
+        "qwen2_5_vl_default", "qwen2_5_vl_run"])
+def test_rl_pixel_range_is_the_checkpoints_unless_set(tmp_path, family, config, data, want):
+    """data.min_pixels / max_pixels null (the default): the checkpoint's own range, so a Qwen3-VL
+    run counts the image tokens its engines' processor (65536..16777216) counts."""
+    from eureka_megatron.config import RLConfig
+    from eureka_megatron.data.sources import prompt_builder
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = RLConfig()
+    cfg.model.hf = str(tmp_path)
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    cfg.data.system_prompt = None
+    o = prompt_builder(cfg.validate(), family, char_tokenizer()).options
+    assert (o.min_pixels, o.max_pixels, o.patch_size) == want
+
+
+def test_qwen3_vl_run_counts_the_image_tokens_of_the_checkpoints_processor(tmp_path):
+    """A Qwen3-VL run with the default data section: the image tokens of a 300x200 image are
+    what transformers' processor configured as the checkpoints' preprocessor_config.json gives
+    (what SGLang counts); Qwen2.5-VL's range would give far fewer."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from eureka_megatron.config import RLConfig
+    from eureka_megatron.data.sources import prompt_builder
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_VL_CONFIG))
+    im = Image.new("RGB", (300, 200), (9, 99, 199))
+    im.save(tmp_path / "im.png")
+    cfg = RLConfig()
+    cfg.model.hf, cfg.data.system_prompt = str(tmp_path), None
+    row = Row(id="a", images=[str(tmp_path / "im.png")], question="<image>\nWhat colour?",
+              answer="blue", source="x.jsonl:1")
+    got = prompt_builder(cfg, "qwen3_vl", char_tokenizer()).build(row).prompt.input_ids.count(F.IMAGE)
+    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 65536, "longest_edge": 16777216},
+                                    patch_size=16, temporal_patch_size=2, merge_size=2,
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    grid = proc(images=[im], return_tensors="pt")["image_grid_thw"][0]
+    assert got == int(grid.prod()) // 4 == 70  # 224 x 320 pixels (up to >= 65536), not 54
+    cfg.data.min_pixels, cfg.data.max_pixels = 56 * 56, 14 * 14 * 4 * 1280  # the old defaults
+    assert prompt_builder(cfg, "qwen3_vl", char_tokenizer()).build(row).prompt.input_ids.count(
+        F.IMAGE) == 54
+
+
+def test_rl_pixel_range_errors_name_the_keys(tmp_path):
+    from eureka_megatron.config import ConfigError, RLConfig
+    from eureka_megatron.data.sources import image_options
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_VL_CONFIG))
+    for data, match in (({"min_pixels": 0}, "data.min_pixels=0"),
+                        ({"max_pixels": "big"}, "data.max_pixels='big'"),
+                        ({"min_pixels": 4096, "max_pixels": 1024}, "data.min_pixels=4096 is above")):
+        cfg = RLConfig()
+        cfg.model.hf = str(tmp_path)
+        for k, v in data.items():
+            setattr(cfg.data, k, v)
+        with pytest.raises(ConfigError, match=match):
+            cfg.validate()
+    cfg = RLConfig()
+    cfg.model.hf, cfg.data.max_pixels = str(tmp_path), 128 * 128  # below the checkpoint's min
+    with pytest.raises(ConfigError, match="set both data.min_pixels and data.max_pixels"):
+        image_options(cfg.validate(), "qwen3_vl")
+
+
 @pytest.mark.parametrize("chat", [QWEN_CHAT, INTERNVL_CHAT], ids=["qwen", "internvl"])
 @pytest.mark.parametrize("system", [None, "Think first."])
 @pytest.mark.parametrize("images", [0, 1, 2])

@@ -5,8 +5,9 @@ why and for the shared arithmetic).
 The same steps as Qwen2.5-VL's (resize to multiples of patch*merge within a pixel range, patches
 in merge-window order, each repeated temporal_patch_size times), with Qwen3-VL's numbers: 16x16
 patches (factor 32) and mean = std = 0.5 per channel. The checkpoints' own pixel range
-(preprocessor_config.json: shortest_edge 65536, longest_edge 16777216) are the defaults here;
-a run's data.min_pixels / max_pixels override them as for Qwen2.5-VL.
+(preprocessor_config.json: shortest_edge 65536, longest_edge 16777216, which SGLang's processor
+uses) is what `image_options_from_hf` gives a run; data.min_pixels / max_pixels, where set,
+override it (`data/sources.image_options`).
 """
 from __future__ import annotations
 
@@ -61,12 +62,14 @@ def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list
 
 
 def image_options_from_hf(hf_config: dict) -> dict:
-    """The tower's patch geometry from config.json (Qwen3-VL: 16x16 patches, 2x2 merge); the
-    pixel range stays the run's (data.min_pixels / max_pixels)."""
+    """The tower's patch geometry from config.json (Qwen3-VL: 16x16 patches, 2x2 merge) and the
+    checkpoints' pixel range (their preprocessor_config.json's; a run's data.min_pixels /
+    max_pixels override it)."""
     v = hf_config.get("vision_config") or {}
     return {"patch_size": _int(v.get("patch_size", 16)),
             "merge_size": _int(v.get("spatial_merge_size", 2)),
-            "temporal_patch_size": _int(v.get("temporal_patch_size", 2))}
+            "temporal_patch_size": _int(v.get("temporal_patch_size", 2)),
+            "min_pixels": QWEN3_VL_MIN_PIXELS, "max_pixels": QWEN3_VL_MAX_PIXELS}
 
 
 def _int(x) -> int:
