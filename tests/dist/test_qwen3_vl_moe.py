@@ -7,8 +7,8 @@ every 1-D tensor randomised) with interleaved mrope [6, 3, 3] -- goes through th
 family; two images of different sizes in one batch; fp32 logits must match transformers at TP1,
 TP2 (+SP, which megatron's MoE layer needs under TP), PP2, TP2 x PP2, EP2 and TP2 x EP2. The
 mapping round trip is bit-exact in both expert layouts (transformers' in-memory stack, which
-save_pretrained also writes, and the hub's transposed stack, which transformers loads back), and
-the layout is told from the shapes. The hub configs (30B-A3B, 235B-A22B) read right; layouts the
+save_pretrained also writes, and the hub's transposed stack, which transformers loads back), also
+through `convert` both ways, and the layout is told from the shapes. The hub configs (30B-A3B, 235B-A22B) read right; layouts the
 experts do not fit fail before any rank starts, naming the key.
 """
 import dataclasses
@@ -229,6 +229,28 @@ def test_mapping_round_trip_each_layout(tmp_path):
     assert FAMILY.detect_layout(HFCheckpoint(hub_dir).names) == "disk"
     loaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(hub_dir).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_converter_round_trip_each_layout(tmp_path):
+    """`convert` hf -> megatron -> hf on a save_pretrained directory and on a hub-layout one:
+    each detected from its safetensors headers, each written back in its own layout bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from eureka_megatron.convert.run import hf_to_megatron, megatron_to_hf
+
+    model = hf_model()
+    model.save_pretrained(tmp_path / "memory")
+    model.config.save_pretrained(tmp_path / "disk")
+    save_file(hf_layout_tensors("disk"), str(tmp_path / "disk" / "model.safetensors"),
+              metadata={"format": "pt"})
+    for layout in ("memory", "disk"):
+        summary = hf_to_megatron(tmp_path / layout, tmp_path / f"{layout}_mg", progress=False)
+        assert summary["layout"] == layout
+        megatron_to_hf(tmp_path / f"{layout}_mg", tmp_path / f"{layout}_back", progress=False)
+        back = {k: v for f in (tmp_path / f"{layout}_back").glob("*.safetensors")
+                for k, v in load_file(f).items()}
+        want = hf_layout_tensors(layout)
+        assert set(back) == set(want) and all(torch.equal(back[k], v) for k, v in want.items())
 
 
 def test_detect_layout_needs_shapes_and_fitting_stacks():
