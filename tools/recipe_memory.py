@@ -13,13 +13,14 @@ import tempfile
 from pathlib import Path
 
 from eureka_megatron.bench.convert import (INTERNVL2_5_38B, QWEN2_5_VL_7B, QWEN2_5_VL_32B,
-                                           QWEN3_VL_32B, write_config_dir)
+                                           QWEN3_VL_32B, QWEN3_VL_235B_A22B, write_config_dir)
 from eureka_megatron.config import load_rl_config
 from eureka_megatron.trainer.memory_plan import format_plan, plan_memory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = {"qwen2_5_vl_7b": QWEN2_5_VL_7B, "qwen2_5_vl_32b": QWEN2_5_VL_32B,
-           "internvl2_5_38b": INTERNVL2_5_38B, "qwen3_vl_32b": QWEN3_VL_32B}
+           "internvl2_5_38b": INTERNVL2_5_38B, "qwen3_vl_32b": QWEN3_VL_32B,
+           "qwen3_vl_235b_a22b": QWEN3_VL_235B_A22B}
 MARKER = "# Memory per GPU, as `--dry-run` prints it (python tools/recipe_memory.py writes this table):"
 
 

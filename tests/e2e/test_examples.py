@@ -14,7 +14,7 @@ import yaml
 
 from eureka_megatron import cli
 from eureka_megatron.bench.convert import (INTERNVL2_5_38B, QWEN2_5_VL_7B, QWEN2_5_VL_32B,
-                                           QWEN3_VL_32B, write_config_dir)
+                                           QWEN3_VL_32B, QWEN3_VL_235B_A22B, write_config_dir)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -25,6 +25,7 @@ RECIPES = {
     "qwen2_5_vl_32b": (QWEN2_5_VL_32B, 8, 2, 2, 4, 4, False, 48),
     "internvl2_5_38b": (INTERNVL2_5_38B, 8, 2, 2, 4, 8, True, 32),
     "qwen3_vl_32b": (QWEN3_VL_32B, 8, 2, 2, 4, 4, False, 48),
+    "qwen3_vl_235b_a22b": (QWEN3_VL_235B_A22B, 4, 4, 8, 4, 8, False, 160),
 }
 
 
@@ -53,7 +54,8 @@ def test_cluster_recipe_dry_run_shows_its_layout(name, tmp_path, capsys):
     out = _dry_run(capsys, "train", str(EXAMPLES / f"{name}.yaml"),
                    f"model.hf={_model_dir(tmp_path, hub)}", f"data.train={_rows(tmp_path)}",
                    f"output.dir={tmp_path / 'run'}", "--dry-run")
-    assert f"TP{tp} x PP{pp} x DP{dp} = {tp * pp * dp} ranks (ray launcher)" in out
+    actor = next(line for line in out.splitlines() if line.startswith("actor"))
+    assert f"TP{tp} x PP{pp} x DP{dp} = {tp * pp * dp} ranks" in actor and "(ray launcher)" in actor
     where = "colocated" if colocated else "disaggregated"
     assert f"sglang engine x{engines} of TP{gpe}" in out and f"{where}, {gpus} GPUs in all" in out
     assert not (tmp_path / "run").exists()
@@ -243,7 +245,7 @@ def _run_script(script: str, tmp_path: Path, **env):
 
 
 @pytest.mark.parametrize("script", ["qwen2_5_vl_7b.sh", "qwen2_5_vl_32b.sh", "internvl2_5_38b.sh",
-                                    "qwen3_vl_32b.sh"])
+                                    "qwen3_vl_32b.sh", "qwen3_vl_235b_a22b.sh"])
 def test_launch_script_names_what_is_missing(script, tmp_path):
     r = _run_script(script, tmp_path)
     assert r.returncode == 2 and "MODEL is not set" in r.stderr
