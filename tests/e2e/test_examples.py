@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from eureka_megatron import cli
-from eureka_megatron.bench.convert import (INTERNVL2_5_38B, QWEN2_5_VL_7B, QWEN2_5_VL_32B,
+from eureka_megatron.bench.convert import (INTERNVL2_5_38B, INTERNVL3_5_38B, QWEN2_5_VL_7B,
+                                           QWEN2_5_VL_32B, QWEN3_VL_8B, QWEN3_VL_30B_A3B,
                                            QWEN3_VL_32B, QWEN3_VL_235B_A22B, write_config_dir)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,3 +287,28 @@ def test_7b_launch_script_runs_on_this_node(tmp_path):
     assert f"eval.data={tmp_path}/train.jsonl" in lines[1]
     assert f"output.dir={REPO}/runs/qwen2_5_vl_7b" in lines[1]
     assert not any(x.startswith("RAY ") for x in r.stdout.splitlines())
+
+
+# today's models' hub configs through the recipes of their size (the 32B and 235B-A22B recipes
+# dry-run above): the family reads the published config.json, the layout validates, the plan fits
+HUB_DRY_RUNS = {
+    "qwen3_vl_8b": (QWEN3_VL_8B, "qwen2_5_vl_7b", ["parallel.tensor_parallel=4",
+                                                   "rollout.gpus_per_engine=4", "rollout.engines=2"],
+                    "TP4 x PP1 x DP2 = 8 ranks"),
+    "qwen3_vl_30b_a3b": (QWEN3_VL_30B_A3B, "qwen3_vl_235b_a22b", [
+        "parallel.tensor_parallel=2", "parallel.pipeline_parallel=1", "parallel.nproc=16",
+        "parallel.first_stage_layers=null", "parallel.last_stage_layers=null",
+        "parallel.expert_parallel=8", "rollout.gpus_per_engine=2", "rollout.engines=4"],
+        "experts EP8 x ETP1 x EDP2"),
+    "internvl3_5_38b": (INTERNVL3_5_38B, "internvl2_5_38b", [], "TP8 x PP2 x DP2 = 32 ranks"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_DRY_RUNS))
+def test_todays_hub_configs_dry_run(name, tmp_path, capsys):
+    hub, recipe, overrides, layout = HUB_DRY_RUNS[name]
+    out = _dry_run(capsys, "train", str(EXAMPLES / f"{recipe}.yaml"),
+                   f"model.hf={_model_dir(tmp_path, hub)}", f"data.train={_rows(tmp_path)}",
+                   f"output.dir={tmp_path / 'run'}", *overrides, "--dry-run")
+    assert f"model        {hub['model_type']} from" in out and layout in out
+    assert ": fits (" in out.splitlines()[-1]
