@@ -26,8 +26,9 @@ GPU_MODEL = LLMConfig(vocab_size=151936, hidden_size=1536, intermediate_size=896
 
 
 def flops_per_token(m: LLMConfig, seq: int) -> float:
-    """Training FLOPs per token: 6 x parameters (output layer included) + attention scores."""
-    n = m.num_parameters() - m.vocab_size * m.hidden_size * (0 if m.tie_word_embeddings else 1)
+    """Training FLOPs per token: 6 x the parameters a token multiplies (output layer included; a
+    MoE's router and k experts, not all of them) + attention scores."""
+    n = m.num_active_parameters() - m.vocab_size * m.hidden_size * (0 if m.tie_word_embeddings else 1)
     attn = 12 * m.num_hidden_layers * m.num_attention_heads * m.kv_channels * seq
     return 6 * n + attn
 

@@ -120,8 +120,9 @@ def _rank(cfg, steps: int) -> dict:
 
 
 def model_numbers(hf: Path) -> dict:
-    """Parameter counts of the checkpoint: the LLM's (for MFU, without the input embedding, a
-    lookup), the LLM's (read every decode step), and every tensor's (what a sync sends)."""
+    """Parameter counts of the checkpoint: the LLM's a token multiplies (for MFU: a MoE's active
+    experts, without the input embedding, a lookup), the LLM's (read every decode step), and every
+    tensor's (what a sync sends)."""
     hf_config = json.loads((hf / "config.json").read_text())
     mcfg = family_for(hf_config, str(hf / "config.json")).config_from_hf(hf_config, hf)
     text = getattr(mcfg, "text", mcfg)
@@ -132,7 +133,8 @@ def model_numbers(hf: Path) -> dict:
             for name in st.keys():
                 total += torch.Size(st.get_slice(name).get_shape()).numel()
     embedding = 0 if text.tie_word_embeddings else text.vocab_size * text.hidden_size
-    return {"mfu_params": llm - embedding, "llm_params": llm, "all_params": total}
+    return {"mfu_params": text.num_active_parameters() - embedding, "llm_params": llm,
+            "all_params": total}
 
 
 def run(quick: bool = False) -> tuple[list[dict], list[str]]:
