@@ -23,7 +23,9 @@ def _build(cfg, par):
     return build_qwen2_5_vl_chunks(cfg, par)
 
 
-def _prepare(cfg, inputs: dict) -> dict:
+def prepare(cfg, inputs: dict) -> dict:
+    """Positions [3, B, S] as transformers' get_rope_index gives them (padding skipped; in a
+    packed row (`cu_seqlens`) every sequence starts again from 0); Qwen3-VL's too."""
     from eureka_megatron.models.qwen2_5_vl.model import mrope_position_ids  # megatron
 
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
@@ -35,7 +37,7 @@ def _prepare(cfg, inputs: dict) -> dict:
                                                cu_seqlens=inputs.get("cu_seqlens"))}
 
 
-def _call(cfg, chunk, mb):
+def call(cfg, chunk, mb):
     return chunk(mb["input_ids"], mb["position_ids"], attention_mask=padding_mask(mb["attention_mask"]),
                  pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"],
                  image_index=mb.get("image_index"), packed_seq_params=packed_params(mb))
@@ -45,7 +47,7 @@ FAMILY = Family(
     name="qwen2_5_vl", model_types=("qwen2_5_vl",),
     config_from_hf=lambda hf_config, directory=None: hf.config_from_hf(hf_config),
     detect_layout=hf.detect_layout, mapping=hf.qwen2_5_vl_mapping, build_chunks=_build,
-    prepare=_prepare, call=_call,
+    prepare=prepare, call=call,
     hf_model_type="qwen2_5_vl", hf_class="Qwen2_5_VLForConditionalGeneration", hf_layout="memory",
     chat=QWEN_CHAT, image_inputs=images.image_inputs,
     sglang_image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",

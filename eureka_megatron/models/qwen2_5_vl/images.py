@@ -43,9 +43,11 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QW
 
 def qwen2_5_vl_pixels(images: list[Image.Image], *, min_pixels: int = QWEN_MIN_PIXELS,
                       max_pixels: int = QWEN_MAX_PIXELS, patch_size: int = 14,
-                      temporal_patch_size: int = 2, merge_size: int = 2
+                      temporal_patch_size: int = 2, merge_size: int = 2,
+                      mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values float32 [sum of patches, 3*T*P*P], image_grid_thw long [n_images, 3])."""
+    """(pixel_values float32 [sum of patches, 3*T*P*P], image_grid_thw long [n_images, 3]);
+    Qwen3-VL: the same with 16-px patches and mean = std = 0.5."""
     if not images:
         raise ValueError("qwen2_5_vl_pixels needs at least one image")
     p, m, t = patch_size, merge_size, temporal_patch_size
@@ -53,7 +55,7 @@ def qwen2_5_vl_pixels(images: list[Image.Image], *, min_pixels: int = QWEN_MIN_P
     for im in images:
         h, w = smart_resize(im.height, im.width, factor=p * m, min_pixels=min_pixels,
                             max_pixels=max_pixels)
-        x = normalized_chw(im.resize((w, h), Image.Resampling.BICUBIC), CLIP_MEAN, CLIP_STD)
+        x = normalized_chw(im.resize((w, h), Image.Resampling.BICUBIC), mean, std)
         gh, gw = h // p, w // p
         # C, (gh/m, m, p), (gw/m, m, p) -> (gh/m, gw/m, m, m, C, p, p): merge windows contiguous
         x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)

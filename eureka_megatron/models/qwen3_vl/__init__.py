@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from eureka_megatron.models.family import Family
-from eureka_megatron.models.inputs import packed_params, padding_mask
-from eureka_megatron.models.qwen2_5_vl import QWEN_CHAT
+from eureka_megatron.models.qwen2_5_vl import QWEN_CHAT, call, prepare  # the same batch inputs
 from eureka_megatron.models.qwen3_vl import hf, images
 from eureka_megatron.models.qwen3_vl.config import (Qwen3VLConfig, Qwen3VLVisionConfig,
                                                     validate_qwen3_vl_layout)
@@ -22,26 +21,6 @@ def _build(cfg, par):
     from eureka_megatron.models.qwen3_vl.model import build_qwen3_vl_chunks  # megatron
 
     return build_qwen3_vl_chunks(cfg, par)
-
-
-def prepare(cfg, inputs: dict) -> dict:
-    """Positions [3, B, S] as transformers' get_rope_index gives them (padding skipped; in a
-    packed row (`cu_seqlens`) every sequence starts again from 0)."""
-    from eureka_megatron.models.qwen3_vl.model import mrope_position_ids  # megatron
-
-    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-    grid = inputs.get("image_grid_thw")
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs.get("pixel_values"),
-            "image_grid_thw": grid,
-            "position_ids": mrope_position_ids(ids, grid, cfg.image_token_id,
-                                               cfg.vision.spatial_merge_size, attention_mask=mask,
-                                               cu_seqlens=inputs.get("cu_seqlens"))}
-
-
-def call(cfg, chunk, mb):
-    return chunk(mb["input_ids"], mb["position_ids"], attention_mask=padding_mask(mb["attention_mask"]),
-                 pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"],
-                 image_index=mb.get("image_index"), packed_seq_params=packed_params(mb))
 
 
 FAMILY = Family(
@@ -56,4 +35,4 @@ FAMILY = Family(
     # the mergers (main and DeepStack) are part of the tower: one switch
     trainable=lambda cfg, m: dataclasses.replace(cfg, freeze_vision=m.freeze_vision))
 
-__all__ = ["FAMILY", "Qwen3VLConfig", "Qwen3VLVisionConfig", "validate_qwen3_vl_layout"]
+__all__ = ["FAMILY", "Qwen3VLConfig", "Qwen3VLVisionConfig", "call", "prepare", "validate_qwen3_vl_layout"]

@@ -11,12 +11,11 @@ override it (`data/sources.image_options`).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
-from eureka_megatron.models.images import ImageOptions, normalized_chw
-from eureka_megatron.models.qwen2_5_vl.images import smart_resize
+from eureka_megatron.models.images import ImageOptions
+from eureka_megatron.models.qwen2_5_vl.images import qwen2_5_vl_image_tokens, qwen2_5_vl_pixels
 
 QWEN3_VL_MEAN = (0.5, 0.5, 0.5)
 QWEN3_VL_STD = (0.5, 0.5, 0.5)
@@ -28,27 +27,11 @@ def qwen3_vl_pixels(images: list[Image.Image], *, min_pixels: int = QWEN3_VL_MIN
                     max_pixels: int = QWEN3_VL_MAX_PIXELS, patch_size: int = 16,
                     temporal_patch_size: int = 2, merge_size: int = 2
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values float32 [sum of patches, 3*T*P*P], image_grid_thw long [n_images, 3])."""
-    if not images:
-        raise ValueError("qwen3_vl_pixels needs at least one image")
-    p, m, t = patch_size, merge_size, temporal_patch_size
-    chunks, grids = [], []
-    for im in images:
-        h, w = smart_resize(im.height, im.width, factor=p * m, min_pixels=min_pixels,
-                            max_pixels=max_pixels)
-        x = normalized_chw(im.resize((w, h), Image.Resampling.BICUBIC), QWEN3_VL_MEAN, QWEN3_VL_STD)
-        gh, gw = h // p, w // p
-        # C, (gh/m, m, p), (gw/m, m, p) -> (gh/m, gw/m, m, m, C, p, p): merge windows contiguous
-        x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-        x = np.repeat(x[:, :, :, :, :, None], t, axis=5)  # a still image as t identical frames
-        chunks.append(x.reshape(gh * gw, 3 * t * p * p))
-        grids.append((1, gh, gw))
-    return torch.from_numpy(np.concatenate(chunks)), torch.tensor(grids, dtype=torch.long)
-
-
-def image_tokens(image_grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
-    """LLM tokens per image: the patch grid after merge_size x merge_size merging."""
-    return [int(g) // merge_size ** 2 for g in image_grid_thw.prod(dim=-1).tolist()]
+    """(pixel_values float32 [sum of patches, 3*T*P*P], image_grid_thw long [n_images, 3]):
+    Qwen2.5-VL's resize and patch order with Qwen3-VL's geometry and normalisation."""
+    return qwen2_5_vl_pixels(images, min_pixels=min_pixels, max_pixels=max_pixels,
+                             patch_size=patch_size, temporal_patch_size=temporal_patch_size,
+                             merge_size=merge_size, mean=QWEN3_VL_MEAN, std=QWEN3_VL_STD)
 
 
 def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list[int]]:
@@ -58,7 +41,7 @@ def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list
                                          patch_size=o.patch_size, merge_size=o.merge_size,
                                          temporal_patch_size=o.temporal_patch_size)
     return ({"pixel_values": pixel_values, "image_grid_thw": grid},
-            image_tokens(grid, o.merge_size))
+            qwen2_5_vl_image_tokens(grid, o.merge_size))
 
 
 def image_options_from_hf(hf_config: dict) -> dict:
