@@ -42,7 +42,9 @@ from eureka_megatron.models.llm_config import LLMConfig
 # Qwen3-VL's 3-D positions for images are Qwen2.5-VL's (get_rope_index differs for videos only:
 # Qwen3-VL splits a video into 1-frame grids separated by timestamps), so they are reused.
 from eureka_megatron.models.qwen2_5_vl.model import (block_diagonal_mask, image_bounds,
-                                                     mrope_position_ids, vision_rope_positions)
+                                                     mrope_position_ids,
+                                                     transformer_config_for_projector,
+                                                     vision_rope_positions)
 from eureka_megatron.models.qwen3_vl.config import (Qwen3VLConfig, Qwen3VLVisionConfig,
                                                     validate_qwen3_vl_layout)
 from eureka_megatron.models.vlm import LanguageModelStages, embed_with_images, vision_layer_spec
@@ -260,17 +262,6 @@ def transformer_config_for_vision(v: Qwen3VLVisionConfig, par: ParallelConfig):
                               activation_func=gelu_tanh, pipeline_model_parallel_size=1,
                               virtual_pipeline_model_parallel_size=None)
 
-
-def transformer_config_for_projector(v: Qwen3VLVisionConfig, par: ParallelConfig):
-    unit = v.spatial_merge_size**2
-    base = LLMConfig(hidden_size=v.out_hidden_size, intermediate_size=unit * v.hidden_size,
-                     num_hidden_layers=1,
-                     # an MLP has no heads; megatron still checks heads % TP
-                     num_attention_heads=par.tensor_parallel, num_key_value_heads=par.tensor_parallel)
-    return transformer_config(base, par, add_bias_linear=True, add_qkv_bias=False,
-                              qk_layernorm=False, gated_linear_unit=False, activation_func=F.gelu,
-                              pipeline_model_parallel_size=1,
-                              virtual_pipeline_model_parallel_size=None)
 
 
 # --- DeepStack ---------------------------------------------------------------------------------
