@@ -140,18 +140,6 @@ def internvl_case():
         "native_memory"
 
 
-def qwen3_moe_case():
-    from tests.dist import test_moe as m
-
-    hf = m.hf_model()
-    cfg = m.our_config(hf).model
-    input_ids = torch.randint(0, m.VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(input_ids).logits
-    prompt = Prompt(input_ids=input_ids[0, :10].tolist())
-    return "qwen3_moe", cfg, hf, dict(input_ids=input_ids), ref, prompt, "memory"
-
-
 def qwen3_vl_case():
     from tests.dist import test_qwen3_vl as q
 
@@ -181,9 +169,8 @@ CASES = {  # (case, TP, PP, engine fails after this many buckets[, EP])
     "qwen2_5_vl_tp2_engine_dies_mid_sync": (qwen2_5_vl_case, 2, 1, 3),
     "internvl_tp2_pp2": (internvl_case, 2, 2, None),
     "internvl_tp2": (internvl_case, 2, 1, None),
-    "qwen3_moe_ep2": (qwen3_moe_case, 1, 1, None, 2),  # each rank holds half the experts
     "qwen3_vl_tp2_pp2": (qwen3_vl_case, 2, 2, None),  # DeepStack's layers and the tower on stage 0
-    "qwen3_vl_moe_ep2": (qwen3_vl_moe_case, 1, 1, None, 2),
+    "qwen3_vl_moe_ep2": (qwen3_vl_moe_case, 1, 1, None, 2),  # each rank holds half the experts
 }
 
 

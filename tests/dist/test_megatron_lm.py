@@ -92,6 +92,7 @@ def test_resume_with_async_saves(reference, tmp_path):
     assert (tmp_path / ckpt.LATEST).read_text() == "step_00000006"
 
 
+@pytest.mark.slow
 def test_resume_across_layouts(reference, tmp_path):
     """Save at TP1, resume at TP2xPP2; save there, resume at DP2 -- losses stay on the reference."""
     a, b = tmp_path / "a", tmp_path / "b"

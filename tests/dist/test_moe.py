@@ -2,10 +2,13 @@
 
 A tiny random Qwen3MoeForCausalLM (4 layers, 8 experts, top-2, expert width 32, head_dim 24 with
 hidden 64 and 4 heads, norms randomised) goes through the qwen3_moe family's mapping; fp32 logits
-must match transformers at TP1, TP2 (+SP, which megatron's MoE layer needs under TP), PP2, EP2 and
-TP2 x EP2, with top-k weights renormalised or not; the mapping's inverse gives back every HF
-tensor bit for bit, from transformers' stacked experts and from the per-expert tensors
-save_pretrained writes. Bad expert layouts fail at config load, naming the key.
+must match transformers at TP1, TP2 (+SP, which megatron's MoE layer needs under TP), EP2 and
+TP2 x EP2 (PP2 with MoE layers: test_qwen3_vl_moe.py; converted files at TP2 x EP2:
+tests/e2e/test_convert.py), with top-k weights renormalised or not; the mapping's inverse gives
+back every HF tensor bit for bit, from transformers' stacked experts and from the per-expert
+tensors save_pretrained writes. Bad expert layouts fail at config load, naming the key. The same
+train steps at EP1 and EP2 (with and without the aux loss); a checkpoint saved at EP2 resumes at
+EP1 and back.
 """
 import dataclasses
 from functools import lru_cache
@@ -77,9 +80,10 @@ def test_unsupported_moe_layouts_are_refused(key, value):
         llm_config_from_hf({**hf_model().config.to_dict(), key: value})
 
 
-@pytest.mark.parametrize("tp,pp,ep,norm", [(1, 1, 1, True), (2, 1, 1, False), (1, 2, 1, True),
-                                           (1, 1, 2, False), (2, 1, 2, True)],
-                         ids=["tp1", "tp2", "pp2", "ep2", "tp2_ep2"])
+# PP2 (and TP2 x PP2) with MoE layers: tests/dist/test_qwen3_vl_moe.py
+@pytest.mark.parametrize("tp,pp,ep,norm", [(1, 1, 1, True), (2, 1, 1, False), (1, 1, 2, False),
+                                           (2, 1, 2, True)],
+                         ids=["tp1", "tp2", "ep2", "tp2_ep2"])
 def test_logits_match_transformers(tp, pp, ep, norm):
     hf = hf_model(norm)
     input_ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -125,47 +129,6 @@ def test_mapping_round_trip_is_bit_exact(tmp_path):
     mapping = qwen2_mapping(cfg, experts="stacked_t")
     assert all(torch.equal(t, megatron[k]) for k, t in mapping.iter_megatron(stacked_t.__getitem__))
     assert all(torch.equal(t, stacked_t[n]) for n, t in mapping.iter_hf(megatron.__getitem__))
-
-
-def logits_from_torch_dist(cfg, path, input_ids):
-    """Rank function: our LLM built without init, its weights read from a torch_dist checkpoint
-    (each rank its own shards: at EP2 its own experts); full-vocab logits on the last stage."""
-    from eureka_megatron.models.forward import forward_logits
-    from eureka_megatron.models.llm import build_llm_chunks, building
-    from eureka_megatron.runtime.distributed import init_distributed
-    from eureka_megatron.trainer.checkpoint import load_weights
-
-    init_distributed(cfg.parallel)
-    with building(initialize=False):
-        chunks = build_llm_chunks(cfg.model, cfg.parallel)
-    load_weights(chunks, path)
-    logits = forward_logits(chunks, {"input_ids": input_ids},
-                            lambda chunk, mb: chunk(mb["input_ids"], None, attention_mask=None))
-    return None if logits is None else logits[..., :VOCAB]
-
-
-def test_convert_and_load_at_ep2(tmp_path):
-    """`convert hf-to-megatron` of the per-expert checkpoint save_pretrained writes, loaded at EP2
-    (each rank reads its 4 experts), computes transformers' logits; `megatron-to-hf` gives the
-    files back bit for bit."""
-    from safetensors.torch import load_file
-
-    from eureka_megatron.convert.run import hf_to_megatron, megatron_to_hf
-
-    hf = hf_model()
-    hf.save_pretrained(tmp_path / "hf")
-    info = hf_to_megatron(tmp_path / "hf", tmp_path / "meg", progress=False)
-    assert (info["family"], info["layout"]) == ("qwen3_moe", "disk")
-    input_ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(input_ids).logits.float()
-    results = launch(logits_from_torch_dist, 2, our_config(hf, ep=2), str(tmp_path / "meg"), input_ids)
-    logits = next(r for r in results if r is not None)
-    assert float((logits - ref).abs().max() / ref.abs().max()) < 1e-5
-    megatron_to_hf(tmp_path / "meg", tmp_path / "back", progress=False)
-    before = load_file(tmp_path / "hf" / "model.safetensors")
-    after = {k: v for f in (tmp_path / "back").glob("*.safetensors") for k, v in load_file(f).items()}
-    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("change,key", [
@@ -237,20 +200,6 @@ def ep2_checkpoint(tmp_path_factory):
     run = tmp_path_factory.mktemp("ep2")
     first = launch(run_lm, 2, moe_lm_config(2, 2, ckpt_dir=str(run)))[0]
     return run, first
-
-
-def test_resume_at_ep2(ep2_checkpoint, tmp_path):
-    """Resumed at EP2, steps 3-4 are the uninterrupted run's."""
-    import json
-
-    from eureka_megatron.trainer import checkpoint as ckpt
-    from eureka_megatron.trainer.lm_run import run_lm
-
-    run, first = ep2_checkpoint
-    info = json.loads((run / "step_00000002" / ckpt.COMPLETE).read_text())
-    assert info["layout"]["ep"] == 2
-    rest = launch(run_lm, 2, moe_lm_config(2, 4, ckpt_dir=str(tmp_path), load=str(run)))[0]
-    assert_same_steps(first + rest, lm_history(2)[0][:4], tol=1e-12)
 
 
 def test_resume_across_expert_layouts(ep2_checkpoint, tmp_path):

@@ -188,9 +188,9 @@ def megatron_logits(cfg, par, tensors, mb):
     return (logits[..., :VOCAB] if logits is not None else None), used
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False),
-                                      (2, 1, True)],
-                         ids=["tp1", "tp2", "pp2", "tp2_pp2", "tp2_sp"])
+# sequence parallelism: test_sequence_parallel_train_step_equals_tp2
+@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False)],
+                         ids=["tp1", "tp2", "pp2", "tp2_pp2"])
 def test_logits_match_transformers(tp, pp, sp):
     cfg = our_config()
     input_ids, pixels = batch()
@@ -469,19 +469,15 @@ def assert_same_step(a: dict, b: dict, what: str):
         torch.testing.assert_close(b["logprobs"][i], lp, rtol=1e-6, atol=1e-6)
 
 
-def test_packed_train_step_equals_padded():
+def test_packed_and_full_recompute_train_steps_equal_plain():
     """Packed rows (THD) give the padded rows' log-probs, loss and gradients -- DeepStack's
-    included -- with rows sharing their prompt's tower pass."""
-    ((res,),) = launch(train_step, 1, [dict(pack=True)])
-    assert_same_step(res["padded"], res["packed"], "packed")
-    deep = [n for n in res["padded"]["grads"] if "deepstack_mergers" in n]
-    assert all(res["padded"]["grads"][n].abs().sum() > 0 for n in deep)
-
-
-def test_full_recompute_train_step_equals_plain():
-    """Under full activation recompute DeepStack's additions are recomputed with their layers
-    (they ride in the decoder's saved `context`): same log-probs, loss and gradients."""
-    ((plain, full),) = launch(train_step, 1, [dict(), dict(recompute="full")])
+    included -- with rows sharing their prompt's tower pass; and under full activation recompute
+    DeepStack's additions are recomputed with their layers (they ride in the decoder's saved
+    `context`): the same again. One launch for both (suite time)."""
+    ((plain, full),) = launch(train_step, 1, [dict(pack=True), dict(recompute="full")])
+    assert_same_step(plain["padded"], plain["packed"], "packed")
+    deep = [n for n in plain["padded"]["grads"] if "deepstack_mergers" in n]
+    assert all(plain["padded"]["grads"][n].abs().sum() > 0 for n in deep)
     assert_same_step(plain["padded"], full["padded"], "full recompute")
 
 

@@ -51,13 +51,6 @@ def internvl_case():
     return "internvl", cfg, "native_memory", hf_model(cfg).state_dict()
 
 
-def qwen3_moe_case():
-    from tests.dist.test_moe import hf_model, our_config
-
-    hf = hf_model()
-    return "qwen3_moe", our_config(hf).model, "memory", hf.state_dict()
-
-
 def qwen3_vl_moe_case(layout):
     """transformers' stacked experts ("memory") or the hub's transposed ones ("disk": SGLang's
     sync, HF exports)."""
@@ -72,11 +65,9 @@ CASES = {
     "qwen2_5_vl_tp2_pp2": (qwen2_5_vl_case, 2, 2, 1, "rank0", torch.float32),
     "qwen2_5_vl_tp2": (qwen2_5_vl_case, 2, 1, 1, "rank0", torch.float32),
     "internvl_vit6b_tp2_pp2": (internvl_case, 2, 2, 1, "rank0", torch.float32),
-    # experts split over EP2 (DP2), each layer's stacked HF tensors assembled from both ranks
-    "qwen3_moe_ep2_pp2": (qwen3_moe_case, 1, 2, 2, "rank0", torch.float32, 2),
-    # the same with Qwen3-VL's tower and DeepStack mergers on stage 0
-    "qwen3_vl_moe_ep2_pp2": (lambda: qwen3_vl_moe_case("memory"), 1, 2, 2, "rank0",
-                             torch.float32, 2),
+    # experts split over EP2 (DP2), each layer's stacked HF tensors assembled from both ranks, in
+    # the hub's transposed layout (SGLang's); Qwen3-VL's tower and DeepStack mergers on stage 0.
+    # transformers' in-memory layout at EP2: tests/dist/test_engine_sync.py
     "qwen3_vl_moe_hub_layout_ep2_pp2": (lambda: qwen3_vl_moe_case("disk"), 1, 2, 2, "rank0",
                                         torch.float32, 2),
 }

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_rollout_quick_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -23,6 +25,7 @@ def test_bench_rollout_quick_prints_the_table_and_writes_json(tmp_path):
     assert f"| {row['throughput']} |" in r.stdout
 
 
+@pytest.mark.slow
 def test_bench_demo_times_each_seed_from_the_command_start(tmp_path):
     """A few demo steps per seed through `bench demo`: each row is what that run's own
     metrics.jsonl says (accuracy at the evals, wall time of the eval lines from the start)."""

@@ -83,6 +83,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_hf):
     full = cli("train", *small(tmp_path / "full", tiny_hf), timeout=600)
     assert full.returncode == 0, full.stderr
