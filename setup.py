@@ -45,7 +45,7 @@ setup(
     extras_require={
         # NVIDIA apex is a from-source CUDA build (see README); the PyPI package "apex" is unrelated.
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120", "sglang"],
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8"],
     },
     entry_points={"console_scripts": ["eureka-megatron=eureka_megatron.cli:main"]},
 )
