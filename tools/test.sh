@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh test
 # two workers, a test file each (its fixtures stay shared): spawning ranks and importing torch
-# leave cores idle that the other worker fills; files in collection order (tests/conftest.py puts
-# those holding `slow` tests first; xdist would otherwise start the files with most tests first
-# and a single test of minutes last); the slowest tests are listed at the end
-.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 "$@"
+# leave cores idle that the other worker fills (xdist starts the files with most tests first:
+# a multi-rank file then runs beside single-process ones; running the slow files first instead
+# put two multi-rank files side by side on the 2 cores and was slower); the slowest tests are
+# listed at the end
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=30 "$@"
 bash tools/install-sglang-api.sh
 .venv-sglang/bin/python -m pytest -q -m sglang_api tests/sglang_api "$@"
