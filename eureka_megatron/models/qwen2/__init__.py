@@ -7,10 +7,15 @@ from eureka_megatron.models.llm import build_llm_chunks
 from eureka_megatron.models.qwen2.hf import llm_config_from_hf, qwen2_mapping
 
 
-FAMILY = Family(
-    name="qwen2", model_types=("qwen2",),
-    config_from_hf=lambda hf, directory=None: llm_config_from_hf(hf),
-    detect_layout=lambda names: "causal_lm",
-    mapping=lambda cfg, layout: qwen2_mapping(cfg, "model.", "lm_head.weight"),
-    build_chunks=build_llm_chunks, prepare=text_prepare, call=text_call,
-    hf_model_type="qwen2", hf_class="Qwen2ForCausalLM", hf_layout="causal_lm")
+def causal_lm_family(name: str, hf_class: str) -> Family:
+    """A dense Qwen-decoder text family (`model_type` = `name`): Qwen2/2.5, Qwen3."""
+    return Family(
+        name=name, model_types=(name,),
+        config_from_hf=lambda hf, directory=None: llm_config_from_hf(hf),
+        detect_layout=lambda names: "causal_lm",
+        mapping=lambda cfg, layout: qwen2_mapping(cfg, "model.", "lm_head.weight"),
+        build_chunks=build_llm_chunks, prepare=text_prepare, call=text_call,
+        hf_model_type=name, hf_class=hf_class, hf_layout="causal_lm")
+
+
+FAMILY = causal_lm_family("qwen2", "Qwen2ForCausalLM")
