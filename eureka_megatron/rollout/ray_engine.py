@@ -135,9 +135,13 @@ class EngineActor:
 
     # --- broadcast sync ---------------------------------------------------------------------------
 
-    def begin_receive(self, stages, version: int, join=None) -> None:
-        """The engine's receive_weights, in a thread (it waits on the trainer's broadcasts)."""
+    def begin_receive(self, stages, version: int, join=None, aborted: bool = False) -> None:
+        """The engine's receive_weights, in a thread (it waits on the trainer's broadcasts).
+        `aborted`: the sync already failed elsewhere -- the engine sends no request at all (set
+        before the thread starts, so its first look at the flag sees it)."""
         abort, box = threading.Event(), {}
+        if aborted:
+            abort.set()
 
         def run():
             try:
@@ -272,7 +276,7 @@ class RemoteEngine:
         """The engine receives the trainer's broadcasts in its actor; `abort` (the sync's flag)
         is passed on to it while it runs, and set here if it fails."""
         try:
-            self._call("begin_receive", stages, version, join)
+            self._call("begin_receive", stages, version, join, abort.is_set())
             while not self._call("receive_done", timeout=self.health_timeout):
                 if abort.is_set():
                     self._call("abort_receive", timeout=self.health_timeout)

@@ -141,7 +141,7 @@ class WeightBroadcaster:
             if engine is not None:
                 engine.leave_weight_groups()
                 abort.clear()
-            error = error or "the weight sync failed on another rank"
+            error = _first_cause(error)
         sizes = [torch.Size(s).numel() * d.itemsize for st in plan.tensors for _, s, d in st]
         return BroadcastResult(ok, error, sum(sizes), len(sizes))
 
@@ -221,6 +221,17 @@ class WeightBroadcaster:
         group, self.group = self.group, None
         if group is not None:
             group.destroy(abort=pending)
+
+
+def _first_cause(error: str | None) -> str:
+    """Collective: the failure every rank reports -- the first rank's that is not only the
+    echo of another's (SyncAborted), so each rank's log names the cause."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    rank, cause = next(((r, e) for r, e in failed if not e.startswith(SyncAborted.__name__)),
+                       failed[0])
+    return f"rank {rank}: {cause}"
 
 
 class _Driver:

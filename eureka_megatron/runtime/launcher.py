@@ -111,7 +111,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args, timeout: float = 900.0,
                         raise TimeoutError(f"ranks {missing} still running after {timeout:.0f}s")
                     continue
             if status == "error":
-                raise RankError(f"rank {rank} failed:\n{payload}")
+                raise RankError(_failures({rank: payload}, results, nproc - len(out) - 1))
             if status == "user":
                 raise RankUserError(f"rank {rank}: {payload}")
             out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
@@ -122,6 +122,24 @@ def launch(fn: Callable[..., Any], nproc: int, *args, timeout: float = 900.0,
             _kill_group(p)
         results.close()
     return [out[r] for r in range(nproc)]
+
+
+FAILURE_GRACE_S = 3.0  # how long a failure waits for the other ranks' own failures
+
+
+def _failures(failed: dict[int, str], results, waiting: int) -> str:
+    """Every rank's traceback that arrives within FAILURE_GRACE_S of the first: a collective
+    failure often surfaces first on a rank that only saw it ("failed elsewhere"), while the
+    cause is in another rank's traceback."""
+    deadline = time.monotonic() + FAILURE_GRACE_S
+    while len(failed) < waiting + 1 and time.monotonic() < deadline:
+        try:
+            rank, status, payload = results.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue_mod.Empty:
+            break
+        if status != "ok":
+            failed[rank] = payload
+    return "\n".join(f"rank {r} failed:\n{failed[r]}" for r in sorted(failed))
 
 
 def _kill_group(p) -> None:

@@ -265,7 +265,7 @@ def test_remote_engine_receives_the_trainers_broadcast():
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tests.unit.fake_sglang_server", "--port",
                                str(port), "--join-groups"], cwd=REPO)
-    remote = None
+    remote = group = None
     try:
         url = f"http://127.0.0.1:{port}"
         assert eventually(lambda: answers(f"{url}/health"), timeout=60)
@@ -304,9 +304,10 @@ def test_remote_engine_receives_the_trainers_broadcast():
         receive(4, None)
         assert isinstance(errors[-1], SyncAborted) and remote.weight_version is None
         remote.leave_weight_groups()
-        group.destroy()
         assert remote.receiver_info().joined == frozenset()
     finally:
+        if group is not None:  # its name would stay taken in this process's c10d registry
+            group.destroy()
         if remote is not None:
             remote.kill()
         server.kill()

@@ -19,6 +19,14 @@ def _fail_on_rank1():
     time.sleep(60)  # would hang forever in a collective; the launcher must not wait for it
 
 
+def _fail_everywhere():
+    """Rank 1 reports first, only the echo; rank 0's cause follows a moment later."""
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("the sync failed elsewhere")
+    time.sleep(0.5)
+    raise RuntimeError("the engine refused the update")
+
+
 def _die_hard():
     os._exit(7)
 
@@ -37,6 +45,14 @@ def test_rank_exception_surfaces_fast():
         launch(_fail_on_rank1, 2)
     assert "bad shard on rank one" in str(e.value)
     assert time.monotonic() - t0 < 30
+
+
+def test_every_ranks_failure_is_reported_with_the_first():
+    with pytest.raises(RankError) as e:
+        launch(_fail_everywhere, 2)
+    msg = str(e.value)
+    assert "rank 0 failed" in msg and "the engine refused the update" in msg
+    assert "rank 1 failed" in msg and "failed elsewhere" in msg
 
 
 def test_rank_that_dies_is_reported():
