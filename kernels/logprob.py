@@ -35,8 +35,10 @@ Why it is built this way:
   logprob 0 and entropy 0, and their upstream gradients are zeroed before anything is summed
   into the weight gradient, so they contribute no gradient at all.
 
-Backends: "triton" (default wherever Triton runs: CUDA tensors, or CPU tensors with
-TRITON_INTERPRET=1 set before Triton is imported) -- see `_logprob_triton.py`; "torch" -- a
+Backends: "triton" (the default on CUDA tensors; on CPU tensors it runs through Triton's
+interpreter when TRITON_INTERPRET=1 was set before Triton was imported -- a check of the kernel
+at several times the torch backend's time, so only when asked for) -- see `_logprob_triton.py`;
+"torch" -- a
 plain-torch reference with the same decomposition, chunked over tokens (and vocabulary) so it also
 never builds [T, V]; it computes in float64 for float64 inputs (the checkable ground truth) and
 is the fallback where Triton cannot run. The Triton backend hands float64 inputs to the torch
@@ -315,7 +317,8 @@ def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     n_valid = max(0, min(V_local, vocab_size - vocab_start))  # real rows in this shard
 
     if backend is None:
-        backend = "triton" if triton_usable(hidden.device) else "torch"
+        compiled = hidden.device.type == "cuda" and triton_usable(hidden.device)
+        backend = "triton" if compiled else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton":

@@ -65,8 +65,10 @@ Saved for the backward (Triton): one fp32 [B, L] coefficient (masked d loss_tok 
 KL part included), the mask and the [B] row weights; the backward is not itself differentiable.
 Metrics are local to the call (average them, or their sums, across micro-batches / ranks yourself).
 
-Backends: `backend=None` picks "triton" where Triton runs (CUDA tensors, or `TRITON_INTERPRET=1`
-set before Triton was first imported), else "torch".
+Backends: `backend=None` picks "triton" where it is compiled (CUDA tensors), else "torch".
+`backend="triton"` also runs on CPU tensors through Triton's interpreter (`TRITON_INTERPRET=1`
+set before Triton was first imported): that checks the kernel, at several times the torch
+backend's time, so it is never chosen by default.
 """
 from __future__ import annotations
 
@@ -441,7 +443,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
         logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip,
         kl_coef, kl_type, entropy, entropy_coef, agg, denominator, backend)
     if backend is None:
-        backend = "triton" if triton_available(logprobs.device) else "torch"
+        backend = ("triton" if logprobs.device.type == "cuda" and triton_available(logprobs.device)
+                   else "torch")
     elif backend == "triton" and not triton_available(logprobs.device):
         raise RuntimeError(f"backend='triton' cannot run on {logprobs.device}: needs Triton with "
                            "CUDA tensors, or TRITON_INTERPRET=1 (set before importing triton); "

@@ -2,7 +2,6 @@
 import contextlib
 import io
 import json
-import os
 
 import pytest
 
@@ -16,15 +15,8 @@ PARTS = ["rollout: engine.generate", "rewards: pool.score", "old log-probs (+ pl
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "b.json"
     printed = io.StringIO()
-    # the ranks run the kernels' torch backend, as `eureka-megatron bench` does on a CPU (the
-    # Triton interpreter conftest.py selects would take minutes)
-    interpret = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        with contextlib.redirect_stdout(printed):
-            assert run_bench("step", quick=True, out=out) == 0
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
+    with contextlib.redirect_stdout(printed):
+        assert run_bench("step", quick=True, out=out) == 0
     return json.loads(out.read_text())["step"]["rows"], printed.getvalue()
 
 
