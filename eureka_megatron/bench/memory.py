@@ -73,7 +73,7 @@ def _rank(hf_dir: str, megatron_dir: str | None, tp: int, export_to: str | None)
         if megatron_dir:
             checkpoint.load_weights(chunks, megatron_dir)
         else:
-            fill_global_tensors(chunks, mapping.source(ckpt.get))
+            fill_global_tensors(chunks, mapping.source(ckpt.get, ckpt.expert))
     shard = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     out = {"build_peak": build.peak, "build_s": build.seconds, "shard": shard}
     if export_to:

@@ -66,24 +66,45 @@ class HFCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read with plain file reads (no mmap: memory stays at this tensor)."""
+        path, entry, dtype, start = self._locate(name)
+        begin, end = entry["data_offsets"]
+        return self._read(path, start, end - begin, name, dtype, entry["shape"])
+
+    def expert(self, name: str, e: int) -> tuple[torch.Tensor, int]:
+        """Row `e` of a tensor stacked on dim 0 (expert e of a layer's [E, ...] stack) and how
+        many rows it stacks. The row's bytes are contiguous, so only they are read: a rank at
+        expert parallelism E reads 1/E of each stacked tensor, not all of it."""
+        path, entry, dtype, start = self._locate(name)
+        shape = entry["shape"]
+        if not shape or not 0 <= e < shape[0]:
+            raise HFCheckpointError(f"{path}: {name} {tuple(shape)} has no expert {e} on dim 0")
+        row = math.prod(shape[1:]) * dtype.itemsize
+        return self._read(path, start + e * row, row, name, dtype, shape[1:]), shape[0]
+
+    def _locate(self, name: str) -> tuple[Path, dict, torch.dtype, int]:
+        """(file, header entry, dtype, absolute offset of the tensor's first byte)."""
         if name not in self.weight_map:
             raise KeyError(f"{name} is not in {self.dir}")
         path = self.dir / self.weight_map[name]
         header, base = self._header(path)
         entry = header[name]
-        start, end = entry["data_offsets"]
-        blob = bytearray(end - start)
-        with open(path, "rb") as f:
-            f.seek(base + start)
-            got = f.readinto(blob)
-        if got != end - start:
-            raise HFCheckpointError(f"{path} is truncated (reading {name})")
         dtype = _ST_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise HFCheckpointError(f"{path}: {name} has unsupported dtype {entry['dtype']}")
+        return path, entry, dtype, base + entry["data_offsets"][0]
+
+    @staticmethod
+    def _read(path: Path, offset: int, nbytes: int, name: str, dtype: torch.dtype,
+              shape) -> torch.Tensor:
+        blob = bytearray(nbytes)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(blob)
+        if got != nbytes:
+            raise HFCheckpointError(f"{path} is truncated (reading {name})")
         if not blob:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(blob, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(blob, dtype=dtype).reshape(shape)
 
     def num_parameters(self) -> int:
         """Elements over every tensor, read from the headers (nothing is loaded)."""

@@ -150,12 +150,15 @@ class Mapping:
         """All megatron global tensors, reading HF tensors through `hf(name)`."""
         return dict(self.iter_megatron(hf))
 
-    def source(self, hf: Callable[[str], torch.Tensor]):
+    def source(self, hf: Callable[[str], torch.Tensor],
+               expert: Callable[[str, int], tuple[torch.Tensor, int]] | None = None):
         """A `models.init.Source`: each megatron global tensor built on demand from the HF
         tensors it needs, read through `hf(name)` then and dropped after the caller's copy --
-        loading holds one tensor at a time, never the model. Stacked expert tensors are the
-        exception: the last two read stay (a layer's gate_up and down, which megatron's experts
-        ask for in turn), so each is read once per layer, not once per expert."""
+        loading holds one tensor at a time, never the model. Stacked expert tensors: with
+        `expert(name, e)` (expert e's row of a stacked tensor and how many it stacks, e.g.
+        `HFCheckpoint.expert`) only the experts this rank holds are read; without it the last
+        two stacked tensors read stay (a layer's gate_up and down, which megatron's experts ask
+        for in turn), so each is read once per layer, not once per expert."""
         index = {key: (rule, dims, names) for rule, dims, key, names in self.entries()}
         stacked: dict[str, torch.Tensor] = {}
 
@@ -168,11 +171,20 @@ class Mapping:
                 stacked[name] = hf(name)
             return stacked[name]
 
+        def one_expert(rule: Rule, dims: Dims, name: str, e: int) -> torch.Tensor:
+            w, count = expert(name, e)
+            if count != dims.num_experts:
+                raise MappingError(f"{name} stacks {count} experts, the model has "
+                                   f"{dims.num_experts}")
+            return _expert_to_megatron(rule, w)
+
         def source(key: str, layer: tuple[int, ...], shape: tuple[int, ...]):
             if (key, layer) not in index:
                 raise MappingError(f"the model has {key}{list(layer)}, which the mapping does not "
                                    "produce (wrong family config or layout?)")
             rule, dims, names = index[(key, layer)]
+            if rule.transform in STACKED and expert is not None:
+                return one_expert(rule, dims, names[0], layer[-1])
             ts = [read(n, rule.transform in STACKED) for n in names]
             return _checked_to_megatron(rule, dims, (key, layer), names, ts)
 
@@ -239,6 +251,11 @@ def _pad(t: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _expert_to_megatron(rule: Rule, w: torch.Tensor) -> torch.Tensor:
+    """One expert's matrix of a stacked HF tensor as megatron's [out, in]."""
+    return w.transpose(0, 1).contiguous() if rule.transform == "experts_t" else w
+
+
 def _to_megatron(rule: Rule, d: Dims, ts: list[torch.Tensor], offsets: tuple[int, ...] = ()) -> torch.Tensor:
     hd = d.head_dim
     if rule.transform == "copy":
@@ -247,8 +264,7 @@ def _to_megatron(rule: Rule, d: Dims, ts: list[torch.Tensor], offsets: tuple[int
         (t,) = ts
         if t.shape[0] != d.num_experts:
             raise RuntimeError(f"{t.shape[0]} experts stacked, the model has {d.num_experts}")
-        w = t[offsets[-1]]
-        return w.transpose(0, 1).contiguous() if rule.transform == "experts_t" else w
+        return _expert_to_megatron(rule, t[offsets[-1]])
     if rule.transform == "pad_vocab":
         (w,) = ts
         return _pad(w, 0, d.padded_vocab_size - w.shape[0])

@@ -84,7 +84,7 @@ class Actor:
             ckpt = HFCheckpoint(hf_dir)
             self.hf_layout = self.family.detect_layout(ckpt.names)
             # one global tensor at a time, straight from the files: never the model in memory
-            source = self.family.mapping(mcfg, self.hf_layout).source(ckpt.get)
+            source = self.family.mapping(mcfg, self.hf_layout).source(ckpt.get, ckpt.expert)
 
             def load(chunks):
                 fill_global_tensors(chunks, source)

@@ -231,6 +231,49 @@ def test_mapping_round_trip_each_layout(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 
+def test_loading_reads_only_the_experts_a_rank_holds(tmp_path):
+    """The trainer's HF source at expert parallelism: each expert's matrix is read alone from its
+    stacked tensor (`HFCheckpoint.expert`), in either layout, and equals what the whole stack
+    gives; no stacked tensor is read whole."""
+    from safetensors.torch import save_file
+
+    cfg = our_config()
+    model = hf_model()
+    sd = model.state_dict()
+    model.save_pretrained(tmp_path / "memory")
+    (tmp_path / "disk").mkdir()
+    model.config.save_pretrained(tmp_path / "disk")
+    save_file({k: v.contiguous() for k, v in hub_layout(sd).items()},
+              str(tmp_path / "disk" / "model.safetensors"), metadata={"format": "pt"})
+    for layout in ("memory", "disk"):
+        ckpt = HFCheckpoint(tmp_path / layout)
+        mapping = FAMILY.mapping(cfg, layout)
+        want = mapping.to_megatron(ckpt.get)
+        whole = []
+
+        def get(name):
+            whole.append(name)
+            return ckpt.get(name)
+
+        source = mapping.source(get, ckpt.expert)
+        experts = {k: t for k, t in want.items() if len(k[1]) == 2}
+        assert len(experts) == 4 * EXPERTS * 2  # layers x experts x (fc1, fc2)
+        rank1 = {k: t for k, t in experts.items() if k[1][1] >= EXPERTS // 2}  # EP2's rank 1
+        assert all(torch.equal(source(k, off, tuple(t.shape)), t) for (k, off), t in rank1.items())
+        assert not [n for n in whole if n.endswith(("gate_up_proj", "down_proj"))], layout
+        gate_up = "model.language_model.layers.3.mlp.experts.gate_up_proj"
+        row, count = ckpt.expert(gate_up, 5)
+        assert count == EXPERTS and torch.equal(row, ckpt.get(gate_up)[5])
+        with pytest.raises(ValueError, match="no expert 8"):
+            ckpt.expert(gate_up, 8)
+    wrong = FAMILY.mapping(dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, num_experts=2 * EXPERTS)), "memory")
+    key, off = next(k for _, _, k, _ in wrong.entries() if len(k[1]) == 2 and k[1][1] == 9)
+    memory = HFCheckpoint(tmp_path / "memory")
+    with pytest.raises(MappingError, match=f"stacks {EXPERTS} experts, the model has {2 * EXPERTS}"):
+        wrong.source(memory.get, lambda n, e: memory.expert(n, e - EXPERTS))(key, off, ())
+
+
 def test_converter_round_trip_each_layout(tmp_path):
     """`convert` hf -> megatron -> hf on a save_pretrained directory and on a hub-layout one:
     each detected from its safetensors headers, each written back in its own layout bit for bit."""
