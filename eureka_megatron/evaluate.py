@@ -29,6 +29,7 @@ from eureka_megatron.config import DEFAULT_REWARD, from_dict
 from eureka_megatron.data.chat import R1_SYSTEM_PROMPT
 from eureka_megatron.data.jsonl import load_rows
 from eureka_megatron.errors import InputNotFoundError, UserError
+from eureka_megatron.models.images import preprocessor_config
 from eureka_megatron.rewards.pool import RewardPool, resolve_function
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def load_items(data: list[Path], hf_dir: Path, *, system_prompt: str | None, gro
                         f"this checkpoint is {config.get('model_type')!r}")
     builder = PromptBuilder(family, AutoTokenizer.from_pretrained(str(hf_dir)),
                             system_prompt=system_prompt, max_prompt_length=max_prompt_length,
-                            **family.image_options_from_hf(config))
+                            **family.image_options_from_hf(config, preprocessor_config(hf_dir)))
     loaded = [(path, load_rows(path)) for path in data]
     rows = [r for _, lr in loaded for r in lr.rows]
     skipped = [f"{s.source}: {s.reason}" for _, lr in loaded for s in lr.skipped]

@@ -95,8 +95,9 @@ class DataConfig:
     image_size: int = 56           # synthetic images
     system_prompt: str | None = "r1"  # "r1" / "r1-zero" (pretrained bases): built-in; null: none; else the text
     max_prompt_length: int = 2048
-    # Qwen-VL resize range (pixels of the resized image); null: the checkpoint's own (Qwen3-VL:
-    # 65536..16777216, what its preprocessor_config.json gives SGLang), Qwen2.5-VL: 3136..1003520
+    # Qwen-VL resize range (pixels of the resized image); null: the checkpoint's own, from its
+    # preprocessor_config.json as SGLang's processor reads it (Qwen2.5-VL's hub file: 3136..12845056;
+    # without a file: Qwen2.5-VL 3136..1003520, Qwen3-VL 65536..16777216)
     min_pixels: int | None = None
     max_pixels: int | None = None
     max_tiles: int = 12            # InternVL dynamic tiling

@@ -11,6 +11,7 @@ from eureka_megatron.data.chat import R1_SYSTEM_PROMPT, R1_ZERO_SYSTEM_PROMPT
 from eureka_megatron.data.dataset import PromptBuilder
 from eureka_megatron.data.jsonl import load_rows
 from eureka_megatron.data.synthetic import synthetic_dataset, write_jsonl
+from eureka_megatron.models.images import preprocessor_config
 from eureka_megatron.models.registry import family_named
 
 
@@ -42,15 +43,17 @@ def system_prompt(cfg: RLConfig) -> str | None:
 
 def image_options(cfg: RLConfig, family: str) -> dict:
     """The `ImageOptions` of a run: the run's tiling switches, then what the checkpoint sets
-    (`Family.image_options_from_hf` on model.hf's config.json: InternVL's tile size, Qwen3-VL's
-    patch geometry and pixel range), then data.min_pixels / max_pixels where the run sets them
+    (`Family.image_options_from_hf` on model.hf's config.json and preprocessor_config.json:
+    InternVL's tile size, Qwen3-VL's patch geometry, the Qwen families' pixel range), then data.min_pixels / max_pixels where the run sets them
     (null: the checkpoint's range, else ImageOptions' Qwen2.5-VL default). The engines
     preprocess with the checkpoint's processor config, so its range keeps the trainer's image
     token counts equal to theirs."""
     d = cfg.data
     fam = family_named(family)
     config_file = cfg.model.hf_dir / "config.json"
-    checkpoint = fam.image_options_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else {}
+    checkpoint = (fam.image_options_from_hf(json.loads(config_file.read_text()),
+                                            preprocessor_config(cfg.model.hf_dir))
+                  if config_file.is_file() else {})
     run = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels))
            if v is not None}
     options = dict(max_tiles=d.max_tiles, use_thumbnail=d.use_thumbnail) | checkpoint | run

@@ -60,7 +60,8 @@ class Family:
     # sets (None for text models)
     chat: ChatTokens | None = None
     image_inputs: Callable[[list, ImageOptions], tuple[dict, list[int]]] | None = None
-    image_options_from_hf: Callable[[dict], dict] = lambda hf_config: {}
+    # (config.json, preprocessor_config.json or {}) -> the ImageOptions fields the checkpoint fixes
+    image_options_from_hf: Callable[[dict, dict], dict] = lambda hf_config, preprocessor: {}
     check_images: Callable[[ImageOptions], None] = lambda options: None  # fail before any image
     # (model cfg, ParallelConfig) -> None: the family's own layout rules beyond the LLM's
     # (`validate_layout`), checked before any rank starts; raises ConfigError

@@ -134,7 +134,7 @@ def test_config_from_hf_both_formats(name, tmp_path):
     assert FAMILY.config_from_hf(chat, tmp_path) == cfg
     # and the image options the checkpoint's architecture fixes, from either format
     want = {"image_size": TILE, "patch_size": 14, "downsample_ratio": 0.5}
-    assert FAMILY.image_options_from_hf(native) == FAMILY.image_options_from_hf(chat) == want
+    assert FAMILY.image_options_from_hf(native, {}) == FAMILY.image_options_from_hf(chat, {}) == want
 
 
 def test_moe_llms_fail_clearly():

@@ -336,9 +336,10 @@ def test_config_from_hub_config():
     assert (v.depth, v.hidden_size, v.num_heads, v.patch_size) == (27, 1152, 16, 16)
     assert v.num_grid_per_side == 48 and v.deepstack_visual_indexes == [8, 16, 24]
     assert v.padded_intermediate_size == 4352 and v.out_hidden_size == 4096
-    assert FAMILY.image_options_from_hf(hub_config()) == {
+    assert FAMILY.image_options_from_hf(hub_config(), {}) == {
         "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
-        "min_pixels": 65536, "max_pixels": 16777216}  # the checkpoints' preprocessor_config.json
+        "min_pixels": 65536, "max_pixels": 16777216}  # the hub preprocessor_config.json's, for a
+    # checkpoint without one
     # 36 layers over PP4: 9 on the first stage >= 3 DeepStack levels
     validate_qwen3_vl_layout(cfg, ParallelConfig(tensor_parallel=8, pipeline_parallel=4, nproc=32))
     # what HF builds from the same file: the mapping covers its tensors (meta, no weights)
@@ -385,7 +386,7 @@ def test_preprocessing_matches_transformers(size, pixels):
     rng = np.random.default_rng(size[0])
     im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     ref = proc(images=[im, im.transpose(Image.Transpose.ROTATE_90)], return_tensors="pt")
-    options = ImageOptions(**FAMILY.image_options_from_hf(hub_config()) | pixels)
+    options = ImageOptions(**FAMILY.image_options_from_hf(hub_config(), {}) | pixels)
     mm, tokens = FAMILY.image_inputs([im, im.transpose(Image.Transpose.ROTATE_90)], options)
     assert torch.equal(mm["image_grid_thw"], ref["image_grid_thw"])
     assert torch.equal(mm["pixel_values"], ref["pixel_values"])

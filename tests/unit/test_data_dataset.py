@@ -307,7 +307,7 @@ QWEN3_VL_CONFIG = {"model_type": "qwen3_vl", "vision_config": {
      (32 * 32, 128 * 128, 16)),
     ("qwen3_vl", QWEN3_VL_CONFIG, {"max_pixels": 1 << 25}, (65536, 1 << 25, 16)),
     ("qwen3_vl_moe", {**QWEN3_VL_CONFIG, "model_type": "qwen3_vl_moe"}, {}, (65536, 16777216, 16)),
-    # Qwen2.5-VL: unchanged (ImageOptions' 3136..1003520 unless set)
+    # Qwen2.5-VL without a preprocessor_config.json: ImageOptions' 3136..1003520 unless set
     ("qwen2_5_vl", {"model_type": "qwen2_5_vl"}, {}, (56 * 56, 14 * 14 * 4 * 1280, 14)),
     ("qwen2_5_vl", {"model_type": "qwen2_5_vl"}, {"max_pixels": 28 * 28 * 16},
      (56 * 56, 28 * 28 * 16, 14)),
@@ -354,6 +354,52 @@ def test_qwen3_vl_run_counts_the_image_tokens_of_the_checkpoints_processor(tmp_p
     cfg.data.min_pixels, cfg.data.max_pixels = 56 * 56, 14 * 14 * 4 * 1280  # the old defaults
     assert prompt_builder(cfg, "qwen3_vl", char_tokenizer()).build(row).prompt.input_ids.count(
         F.IMAGE) == 54
+
+
+@pytest.mark.parametrize("family,processor", [
+    # Qwen2.5-VL's hub file (older form: top-level min/max_pixels over `size`)
+    ("qwen2_5_vl", {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14,
+                    "merge_size": 2, "temporal_patch_size": 2,
+                    "size": {"shortest_edge": 3136, "longest_edge": 1003520}}),
+    # a fine-tuned checkpoint saved by today's processor: `size` only, a smaller range
+    ("qwen2_5_vl", "saved:401408"),
+    ("qwen3_vl", "saved:262144"),
+], ids=["qwen2_5_vl_hub_file", "qwen2_5_vl_saved", "qwen3_vl_saved"])
+def test_rl_image_tokens_follow_the_checkpoints_preprocessor_config(tmp_path, family, processor):
+    """The pixel range of model.hf's preprocessor_config.json decides the image tokens, as
+    transformers' processor loaded from the same directory (and so SGLang's) counts them --
+    for a 3-megapixel image, above the processor class's default max of 1003520."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from eureka_megatron.config import RLConfig
+    from eureka_megatron.data.sources import prompt_builder
+
+    config = QWEN3_VL_CONFIG if family == "qwen3_vl" else {"model_type": family}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if isinstance(processor, str):  # what save_pretrained writes
+        patch, norm = (16, dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)) \
+            if family == "qwen3_vl" else (14, {})
+        Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": int(processor[6:])},
+                                 patch_size=patch, temporal_patch_size=2, merge_size=2,
+                                 **norm).save_pretrained(tmp_path)
+    else:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    im = Image.new("RGB", (2000, 1500), (9, 99, 199))
+    im.save(tmp_path / "im.png")
+    cfg = RLConfig()
+    cfg.model.hf, cfg.data.system_prompt = str(tmp_path), None
+    cfg.data.max_prompt_length = 8192  # 3834 image tokens in Qwen2.5-VL's hub range
+    row = Row(id="a", images=[str(tmp_path / "im.png")], question="<image>\nWhat colour?",
+              answer="blue", source="x.jsonl:1")
+    got = prompt_builder(cfg, family, char_tokenizer()).build(row).prompt.input_ids.count(F.IMAGE)
+    proc = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
+    want = int(proc(images=[im], return_tensors="pt")["image_grid_thw"][0].prod()) // 4
+    assert got == want
+    default = Qwen2VLImageProcessorPil(patch_size=proc.patch_size)  # the class's 1003520 max
+    assert want != int(default(images=[im], return_tensors="pt")["image_grid_thw"][0].prod()) // 4
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="preprocessor_config.json is not valid JSON"):
+        prompt_builder(cfg, family, char_tokenizer())
 
 
 def test_rl_pixel_range_errors_name_the_keys(tmp_path):

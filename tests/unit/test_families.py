@@ -54,7 +54,7 @@ def test_vlm_hooks_agree(name):
     # the checkpoint's own options (Qwen3-VL: 16-px patches) over the run's tiling, a small
     # pixel range set by the run over the checkpoint's (as data/sources.image_options merges)
     options = ImageOptions(**dict(image_size=F.TILE, max_tiles=4)
-                           | fam.image_options_from_hf(model.config.to_dict())
+                           | fam.image_options_from_hf(model.config.to_dict(), {})
                            | dict(min_pixels=56 * 56, max_pixels=112 * 56))
     fam.check_images(options)
     mm, counts = fam.image_inputs([Image.new("RGB", (112, 56), (200, 30, 30))], options)

@@ -107,7 +107,7 @@ def tile_size(hf_config: dict) -> int | None:
     return int(size) if size else None
 
 
-def image_options_from_hf(hf_config: dict) -> dict:
+def image_options_from_hf(hf_config: dict, preprocessor: dict) -> dict:
     """What the checkpoint's architecture fixes about its image tokens: the tile size, the ViT
     patch and the pixel shuffle's downsample_ratio (both formats keep these two in the same
     places). The tiling knobs (max tiles, thumbnail) stay the run's."""

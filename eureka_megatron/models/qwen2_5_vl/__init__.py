@@ -50,6 +50,7 @@ FAMILY = Family(
     prepare=prepare, call=call,
     hf_model_type="qwen2_5_vl", hf_class="Qwen2_5_VLForConditionalGeneration", hf_layout="memory",
     chat=QWEN_CHAT, image_inputs=images.image_inputs,
+    image_options_from_hf=images.image_options_from_hf,
     sglang_image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     # the merger is part of the tower: one switch
     trainable=lambda cfg, m: dataclasses.replace(cfg, freeze_vision=m.freeze_vision))

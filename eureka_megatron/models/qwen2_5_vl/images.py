@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from eureka_megatron.models.images import (CLIP_MEAN, CLIP_STD, QWEN_MAX_PIXELS, QWEN_MIN_PIXELS,
-                                             ImageOptions, normalized_chw)
+                                             ImageOptions, normalized_chw, qwen_pixel_range)
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QWEN_MIN_PIXELS,
@@ -78,3 +78,10 @@ def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list
                                            temporal_patch_size=o.temporal_patch_size)
     return ({"pixel_values": pixel_values, "image_grid_thw": grid},
             qwen2_5_vl_image_tokens(grid, o.merge_size))
+
+
+def image_options_from_hf(hf_config: dict, preprocessor: dict) -> dict:
+    """The pixel range of the checkpoint's preprocessor_config.json, which the engines resize
+    with (Qwen2.5-VL's hub file: 3136 .. 12845056); ImageOptions' defaults (the processor
+    class's, 3136 .. 1003520) only where it sets none."""
+    return qwen_pixel_range(preprocessor)

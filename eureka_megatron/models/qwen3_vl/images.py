@@ -6,7 +6,8 @@ The same steps as Qwen2.5-VL's (resize to multiples of patch*merge within a pixe
 in merge-window order, each repeated temporal_patch_size times), with Qwen3-VL's numbers: 16x16
 patches (factor 32) and mean = std = 0.5 per channel. The checkpoints' own pixel range
 (preprocessor_config.json: shortest_edge 65536, longest_edge 16777216, which SGLang's processor
-uses) is what `image_options_from_hf` gives a run; data.min_pixels / max_pixels, where set,
+uses; the hub's numbers where a checkpoint has no such file) is what `image_options_from_hf`
+gives a run; data.min_pixels / max_pixels, where set,
 override it (`data/sources.image_options`).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from eureka_megatron.models.images import ImageOptions
+from eureka_megatron.models.images import ImageOptions, qwen_pixel_range
 from eureka_megatron.models.qwen2_5_vl.images import qwen2_5_vl_image_tokens, qwen2_5_vl_pixels
 
 QWEN3_VL_MEAN = (0.5, 0.5, 0.5)
@@ -44,15 +45,16 @@ def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list
             qwen2_5_vl_image_tokens(grid, o.merge_size))
 
 
-def image_options_from_hf(hf_config: dict) -> dict:
+def image_options_from_hf(hf_config: dict, preprocessor: dict) -> dict:
     """The tower's patch geometry from config.json (Qwen3-VL: 16x16 patches, 2x2 merge) and the
-    checkpoints' pixel range (their preprocessor_config.json's; a run's data.min_pixels /
-    max_pixels override it)."""
+    pixel range of the checkpoint's preprocessor_config.json (the hub's where it sets none; a
+    run's data.min_pixels / max_pixels override it)."""
     v = hf_config.get("vision_config") or {}
     return {"patch_size": _int(v.get("patch_size", 16)),
             "merge_size": _int(v.get("spatial_merge_size", 2)),
             "temporal_patch_size": _int(v.get("temporal_patch_size", 2)),
-            "min_pixels": QWEN3_VL_MIN_PIXELS, "max_pixels": QWEN3_VL_MAX_PIXELS}
+            "min_pixels": QWEN3_VL_MIN_PIXELS, "max_pixels": QWEN3_VL_MAX_PIXELS,
+            **qwen_pixel_range(preprocessor)}
 
 
 def _int(x) -> int:
