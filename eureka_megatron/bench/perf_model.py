@@ -58,7 +58,7 @@ class Assumptions:
                                            "assumed")
     prompt_text_tokens: float = _assumed(200.0, "system prompt + question, mean; assumed")
     image_tokens: float | None = _assumed(None, "mean image tokens a prompt; assumed, by family: "
-                                                "Qwen2.5-VL 300 (cap 640), InternVL 768 (3 tiles; "
+                                                "Qwen2.5-VL 300 (cap 640), Qwen3-VL 225, InternVL 768 (3 tiles; "
                                                 "cap 7 x 256)")
     mean_response_tokens: float = _assumed(800.0, "assumed (MM-Eureka published only curves)")
     longest_response_tokens: float | None = _assumed(None, "per round; assumed: one response of "
@@ -104,7 +104,8 @@ class ModelShape:
 
     name: str
     params: int                  # every parameter (the sync sends Recipe.stage_params: the same sum)
-    llm_matmul: int              # LLM parameters a token multiplies: all but the input embedding
+    llm_matmul: int              # LLM parameters a token multiplies: all but the input embedding,
+                                 # of a MoE's experts the k routed to (active parameters)
     vision: int                  # the tower: runs on vit_tokens_per_image_token x the image tokens
     projector: int               # vision -> LLM projector: runs on the LLM's image tokens
     vision_trainable: bool
@@ -114,6 +115,16 @@ class ModelShape:
     head_dim: int
     vit_tokens_per_image_token: int
     image_tokens: float          # the family's assumed mean (perf_recipes.FAMILY_IMAGE_TOKENS)
+    expert_params: int = 0       # MoE: every expert's parameters (0: a dense model)
+    expert_share: float = 0.0    # MoE: k / E, the share of the experts a token is routed to
+
+    def decode_weight_bytes(self, tokens: float) -> float:
+        """bf16 bytes of LLM weights one decode step reads for `tokens` running sequences: the
+        dense part once, and every expert some token is routed to -- with uniform routing
+        1 - (1 - k/E)^tokens of them (a batch of hundreds touches nearly all)."""
+        dense = self.llm_matmul - self.expert_params * self.expert_share
+        touched = 1 - (1 - self.expert_share) ** tokens if self.expert_params else 0.0
+        return 2 * (dense + self.expert_params * touched)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -245,7 +256,6 @@ def decode_seconds(s: ModelShape, batch: float, prompt: float, mean: float, long
     sequences: step t reads the weights once and each running sequence's prompt + t cached
     tokens; its FLOPs are 2N + attention per running sequence; the slower of the two wins."""
     k = response_shape(mean, longest)
-    weights = 2 * s.llm_matmul
     hbm = gpus * a.hbm_tb_s * 1e12 * a.hbm_efficiency
     compute = gpus * a.peak_tflops * 1e12 * a.engine_mfu
     seconds = kv_total = 0.0
@@ -254,7 +264,7 @@ def decode_seconds(s: ModelShape, batch: float, prompt: float, mean: float, long
         running = batch * (1 - t / longest) ** k
         kv = running * (prompt + t) * s.kv_bytes_per_token
         flops = running * (2 * s.llm_matmul + 4 * s.layers * s.heads * s.head_dim * (prompt + t))
-        mem_t, flop_t = (weights + kv) / hbm, flops / compute
+        mem_t, flop_t = (s.decode_weight_bytes(running) + kv) / hbm, flops / compute
         memory_bound += mem_t >= flop_t
         seconds += max(mem_t, flop_t)
         kv_total += kv
@@ -281,7 +291,8 @@ def generation(s: ModelShape, r: Recipe, a: Assumptions, prompt: float, image: f
         kv += kv_round
     detail = f"{len(rounds)} online-filter rounds: " if r.online_filter else "no online filter: "
     detail += (f"{' + '.join(f'{p:.0f}' for p in rounds)} prompts x {r.samples}; each decodes "
-               f"{longest} steps reading {2 * s.llm_matmul / g / 1e9:.1f} GB of weights per GPU; "
+               f"{longest} steps reading up to "
+               f"{s.decode_weight_bytes(per_engine * r.samples) / g / 1e9:.1f} GB of weights per GPU; "
                f"KV reads {kv / 1e12:.1f} TB per engine")
     bound = (f"HBM ({min(shares):.0%} of decode steps)" if min(shares) >= 0.5
              else f"compute ({1 - max(shares):.0%} of decode steps)")

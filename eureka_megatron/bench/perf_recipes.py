@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from eureka_megatron.bench.convert import (INTERNVL2_5_38B, QWEN2_5_VL_7B, QWEN2_5_VL_32B,
-                                           write_config_dir)
+                                           QWEN3_VL_32B, QWEN3_VL_235B_A22B, write_config_dir)
 from eureka_megatron.bench.perf_model import (Assumptions, ModelShape, Prediction, Recipe,
                                               parse_assumptions, predict)
 from eureka_megatron.bench.report import LEAD, lead, markdown_table, write_json
@@ -22,10 +22,13 @@ from eureka_megatron.trainer.memory_plan import inventory, stage_layers, stage_p
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # The cluster recipes and their models' hub config.json (no weights needed).
 RECIPES = {"qwen2_5_vl_7b": QWEN2_5_VL_7B, "qwen2_5_vl_32b": QWEN2_5_VL_32B,
-           "internvl2_5_38b": INTERNVL2_5_38B}
+           "internvl2_5_38b": INTERNVL2_5_38B, "qwen3_vl_32b": QWEN3_VL_32B,
+           "qwen3_vl_235b_a22b": QWEN3_VL_235B_A22B}
 # Assumed mean image tokens per MMK12 / K-12 prompt: a ~480 x 490 px diagram at 28 x 28 px a
-# Qwen2.5-VL token (cap 640); InternVL 3 tiles of 256 (cap 7).
-FAMILY_IMAGE_TOKENS = {"qwen2_5_vl": 300.0, "internvl_chat": 768.0}
+# Qwen2.5-VL token (cap 640), at 32 x 32 px a Qwen3-VL token (480 x 480: 15 x 15); InternVL 3
+# tiles of 256 (cap 7).
+FAMILY_IMAGE_TOKENS = {"qwen2_5_vl": 300.0, "qwen3_vl": 225.0, "qwen3_vl_moe": 225.0,
+                       "internvl_chat": 768.0}
 
 
 def model_shape(cfg: RLConfig, hub: dict) -> tuple[ModelShape, list, object]:
@@ -45,15 +48,26 @@ def model_shape(cfg: RLConfig, hub: dict) -> tuple[ModelShape, list, object]:
     shape = ModelShape(
         name=hub.get("model_type", "?"),
         params=sum(e.numel for e in entries),
-        llm_matmul=sum(e.numel for e in llm if not e.name.endswith("embedding.word_embeddings.weight")),
+        llm_matmul=active_matmul(llm, text),
         vision=sum(e.numel for e in other) - sum(e.numel for e in projector),
         projector=sum(e.numel for e in projector),
         vision_trainable=any(e.trainable for e in other),
         layers=text.num_hidden_layers, heads=text.num_attention_heads,
         kv_heads=text.num_key_value_heads, head_dim=text.kv_channels,
         vit_tokens_per_image_token=merge,
-        image_tokens=FAMILY_IMAGE_TOKENS.get(hub.get("model_type"), 0.0) if vision else 0.0)
+        image_tokens=FAMILY_IMAGE_TOKENS.get(hub.get("model_type"), 0.0) if vision else 0.0,
+        expert_params=sum(e.numel for e in llm if e.expert),
+        expert_share=text.num_experts_per_tok / text.num_experts if text.is_moe else 0.0)
     return shape, entries, text
+
+
+def active_matmul(llm: list, text) -> int:
+    """LLM parameters one token multiplies: all but the input embedding, and of a MoE layer's
+    experts only the k it is routed to (k / E of them; the router counts whole)."""
+    dense = sum(e.numel for e in llm
+                if not e.expert and not e.name.endswith("embedding.word_embeddings.weight"))
+    experts = sum(e.numel for e in llm if e.expert)
+    return dense + (experts * text.num_experts_per_tok // text.num_experts if text.is_moe else 0)
 
 
 def stage_exports(entries: list, layers: list[list[list[int]]]) -> list[tuple[int, int]]:

@@ -67,6 +67,36 @@ def test_decode_turns_compute_bound_for_a_large_batch():
     assert seconds == pytest.approx(1_000_000 * 2 * 1_000_000 / (989e12 * 0.5))
 
 
+def test_moe_counts_active_parameters_and_decode_reads_the_experts_touched():
+    """A MoE with 800k of expert parameters over 8 experts, top 2 (k/E = 1/4): a token multiplies
+    the 200k dense ones and a quarter of the experts; a decode step of n running sequences reads
+    the dense weights and 1 - (3/4)^n of the experts (uniform routing)."""
+    moe = dataclasses.replace(SHAPE, llm_matmul=200_000 + 800_000 // 4, expert_params=800_000,
+                              expert_share=0.25)
+    assert moe.decode_weight_bytes(1) == 2 * moe.llm_matmul  # one token: its own 2 experts
+    assert moe.decode_weight_bytes(2) == pytest.approx(2 * (200_000 + 800_000 * (1 - 0.75**2)))
+    assert moe.decode_weight_bytes(1000) == pytest.approx(2 * 1_000_000)  # every expert
+    assert SHAPE.decode_weight_bytes(1000) == 2 * SHAPE.llm_matmul  # dense: the same every step
+    # training and log-prob FLOPs follow the active parameters
+    dense = pm.training(dataclasses.replace(SHAPE, llm_matmul=moe.llm_matmul), RECIPE, A, 100, 0, 50)
+    assert pm.training(moe, RECIPE, A, 100, 0, 50).flops == dense.flops
+    # 4 sequences decoding 10 steps: 1 - (3/4)^4 = 68% of the experts read each step
+    seconds, _, kv = pm.decode_seconds(moe, 4, 100, 10, 10, 1, A)
+    assert seconds == pytest.approx((10 * moe.decode_weight_bytes(4) + kv) / (3.35e12 * 0.6))
+
+
+def test_active_parameters_of_the_hub_moe():
+    """Qwen3-VL-235B-A22B from its hub config.json (meta build): ~22B of ~236B parameters are
+    active -- the LLM's attention, router and 8 of 128 experts, plus the tower."""
+    from eureka_megatron.bench.perf_recipes import load_recipe
+
+    shape, recipe = load_recipe(ROOT / "examples" / "qwen3_vl_235b_a22b.yaml", [])
+    assert 230e9 < shape.params < 240e9
+    assert shape.expert_share == 8 / 128 and 220e9 < shape.expert_params < 230e9
+    assert 20e9 < shape.llm_matmul + shape.vision + shape.projector < 23e9
+    assert recipe.stage_params and sum(recipe.stage_params) == shape.params
+
+
 def test_response_law_has_the_stated_mean_and_longest():
     k = pm.response_shape(800, 4096)
     assert 4096 / (k + 1) == pytest.approx(800)
