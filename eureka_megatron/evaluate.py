@@ -115,8 +115,10 @@ def source_field(rows, requested: str | None) -> str | None:
 
 
 def load_items(data: list[Path], hf_dir: Path, *, system_prompt: str | None, group_by: str | None,
-               max_prompt_length: int, limit: int | None) -> tuple[list[EvalItem], list[str]]:
-    """Built prompts with their report group, and the reasons of the rows skipped."""
+               max_prompt_length: int, limit: int | None,
+               engine: str = "hf") -> tuple[list[EvalItem], list[str]]:
+    """Built prompts with their report group, and the reasons of the rows skipped; images
+    preprocessed as `engine` will (SGLang: its own tiling rules)."""
     from transformers import AutoTokenizer
 
     from eureka_megatron.data.dataset import PromptBuilder
@@ -128,9 +130,12 @@ def load_items(data: list[Path], hf_dir: Path, *, system_prompt: str | None, gro
         vlms = ", ".join(f.name for f in FAMILIES if f.is_vlm)
         raise EvalError(f"{hf_dir}: eval serves the VLM families ({vlms}); "
                         f"this checkpoint is {config.get('model_type')!r}")
+    options = family.image_options_from_hf(config, preprocessor_config(hf_dir))
+    if engine == "sglang":
+        options = family.sglang_image_options(options, config)
     builder = PromptBuilder(family, AutoTokenizer.from_pretrained(str(hf_dir)),
                             system_prompt=system_prompt, max_prompt_length=max_prompt_length,
-                            **family.image_options_from_hf(config, preprocessor_config(hf_dir)))
+                            **options)
     loaded = [(path, load_rows(path)) for path in data]
     rows = [r for _, lr in loaded for r in lr.rows]
     skipped = [f"{s.source}: {s.reason}" for _, lr in loaded for s in lr.skipped]
@@ -333,6 +338,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
                               cfg.progress)
         sp = R1_SYSTEM_PROMPT if cfg.system_prompt == "r1" else cfg.system_prompt
         items, skipped = load_items(data, hf_dir, system_prompt=sp, group_by=cfg.group_by,
+                                    engine=cfg.engine,
                                     max_prompt_length=cfg.max_prompt_length, limit=cfg.limit)
         for reason in skipped[:10]:
             logger.warning("skipped %s", reason)

@@ -60,6 +60,7 @@ class PromptBuilder:
         self.options = ImageOptions(**image_options).validate()
         fam.check_images(self.options)
         self.family = fam.name
+        self._max_tiles = self.options.max_tiles if fam.tiles_images else None
         self._image_inputs = fam.image_inputs
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -93,7 +94,8 @@ class PromptBuilder:
         if len(ids) > self.max_prompt_length:
             raise DataError(f"{row.source}: prompt is {len(ids)} tokens, over max_prompt_length "
                             f"{self.max_prompt_length}")
-        prompt = Prompt(input_ids=ids, mm_inputs=mm_inputs, images=list(row.images), text=text)
+        prompt = Prompt(input_ids=ids, mm_inputs=mm_inputs, images=list(row.images), text=text,
+                        max_tiles=self._max_tiles if row.images else None)
         return PromptItem(prompt=prompt, answer=row.answer, row_id=row.id, source=row.source,
                           meta=dict(row.meta))
 

@@ -17,8 +17,11 @@ class Prompt:
         pixel_values, image_grid_thw; InternVL: pixel_values), for in-process engines.
     images: the original images (PIL or paths), for engines that preprocess themselves (SGLang).
     text: the chat-templated prompt text, for engines that take text.
+    max_tiles: the most tiles an image was cut into (InternVL's dynamic tiling), for engines that
+        tile the images themselves; None for families that do not tile.
     """
     input_ids: list[int]
     mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     images: list[Any] = field(default_factory=list)
     text: str | None = None
+    max_tiles: int | None = None

@@ -47,13 +47,14 @@ def image_options(cfg: RLConfig, family: str) -> dict:
     InternVL's tile size, Qwen3-VL's patch geometry, the Qwen families' pixel range), then data.min_pixels / max_pixels where the run sets them
     (null: the checkpoint's range, else ImageOptions' Qwen2.5-VL default). The engines
     preprocess with the checkpoint's processor config, so its range keeps the trainer's image
-    token counts equal to theirs."""
+    token counts equal to theirs; with SGLang engines, the options follow its processor's own
+    rules, and what it cannot follow is refused (`Family.sglang_image_options`)."""
     d = cfg.data
     fam = family_named(family)
     config_file = cfg.model.hf_dir / "config.json"
-    checkpoint = (fam.image_options_from_hf(json.loads(config_file.read_text()),
-                                            preprocessor_config(cfg.model.hf_dir))
-                  if config_file.is_file() else {})
+    hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    checkpoint = (fam.image_options_from_hf(hf_config, preprocessor_config(cfg.model.hf_dir))
+                  if hf_config else {})
     run = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels))
            if v is not None}
     options = dict(max_tiles=d.max_tiles, use_thumbnail=d.use_thumbnail) | checkpoint | run
@@ -63,6 +64,8 @@ def image_options(cfg: RLConfig, family: str) -> dict:
                           f"(data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}, the "
                           f"checkpoint's {checkpoint.get('min_pixels')}..{checkpoint.get('max_pixels')}):"
                           " set both data.min_pixels and data.max_pixels")
+    if cfg.rollout.engine == "sglang":
+        options = fam.sglang_image_options(options, hf_config)
     return options
 
 

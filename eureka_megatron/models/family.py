@@ -63,6 +63,10 @@ class Family:
     # (config.json, preprocessor_config.json or {}) -> the ImageOptions fields the checkpoint fixes
     image_options_from_hf: Callable[[dict, dict], dict] = lambda hf_config, preprocessor: {}
     check_images: Callable[[ImageOptions], None] = lambda options: None  # fail before any image
+    tiles_images: bool = False  # images cut into tiles (InternVL): prompts carry max_tiles
+    # (the run's image options, config.json) -> the options that preprocess as SGLang's own
+    # processor does (InternVL: its tie rule), or ConfigError for what it cannot follow
+    sglang_image_options: Callable[[dict, dict], dict] = lambda options, hf_config: options
     # (model cfg, ParallelConfig) -> None: the family's own layout rules beyond the LLM's
     # (`validate_layout`), checked before any rank starts; raises ConfigError
     check_layout: Callable[[Any, Any], None] = lambda cfg, parallel: None

@@ -85,6 +85,9 @@ class ImageOptions:
     max_tiles: int = 12
     use_thumbnail: bool = True
     downsample_ratio: float = 0.5          # InternVL: the pixel shuffle
+    # InternVL: on an aspect-ratio tie take the grid with more tiles whatever the image's size
+    # (SGLang's processor); False: InternVL's own rule, only while the image is big enough
+    ties_to_most_tiles: bool = False
 
     def validate(self) -> "ImageOptions":
         if not 0 < self.min_pixels <= self.max_pixels:

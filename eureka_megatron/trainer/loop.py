@@ -24,6 +24,7 @@ import torch
 from eureka_megatron.algo.advantages import compute_advantages
 from eureka_megatron.algo.reward_shaping import overlong_penalty
 from eureka_megatron.config import RLConfig
+from eureka_megatron.data.sources import image_options
 from eureka_megatron.models.llm_config import validate_layout
 from eureka_megatron.models.registry import family_for
 from eureka_megatron.models.routing_replay import check_config as check_routing_replay
@@ -205,6 +206,8 @@ def describe(cfg: RLConfig) -> str:
     validate_layout(getattr(mcfg, "text", mcfg), cfg.parallel)  # heads, layers, vocab vs TP/PP
     fam.check_layout(mcfg, cfg.parallel)  # the family's own (Qwen3-VL: DeepStack on stage 0)
     check_routing_replay(cfg.rollout.routing_replay, getattr(mcfg, "text", mcfg))
+    if fam.is_vlm:
+        image_options(cfg, fam.name)  # the pixel range, and what SGLang's processor would not do
     t, r = cfg.train, cfg.rollout
     engines = f"{r.engine} engine x{r.engines}"
     where = "colocated" if cfg.cluster.colocate else "disaggregated"

@@ -148,8 +148,9 @@ INTERNLM2_TOKENIZER = {"added_tokens_decoder": {"92546": {"content": "<IMG_CONTE
 # prompts, train batch (sequences), prompt / generation length, online filter, KL, loss,
 # aggregation (token mean only with --use_dapo or CPGD), reward weights.
 MM_EUREKA = {
+    # prompt_len: theirs 2048; SGLang tiles InternLM2 InternVL images up to 12 + thumbnail (3328)
     "internvl_8b_rloo": dict(hub=INTERNVL2_5_8B, estimator="rloo", lr=3e-7, wd=0.0, warmup=0.03,
-                             prompts=54_931, episodes=1, train_batch=64, prompt_len=2048,
+                             prompts=54_931, episodes=1, train_batch=64, prompt_len=4096,
                              filter=None, loss="ppo", agg="seq-mean-token-mean",
                              weights={"accuracy": 1.0, "format": 0.5}, projector=True,
                              colocated=True, gpus=8),

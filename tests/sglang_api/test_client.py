@@ -5,6 +5,7 @@ SGLang's SafeUnpickler and flattened-bucket code and loaded only through its wei
 manager (sessions, versions); image prompts are expanded by SGLang's own Qwen2.5-VL and InternVL
 processors. What is checked is what a real server would do with our requests.
 """
+import dataclasses
 import http.server
 import subprocess
 import sys
@@ -169,11 +170,11 @@ def test_routed_experts_request_and_answer_are_sglangs():
     from sglang.srt.state_capturer.routed_experts import extract_routed_experts_from_meta_info
 
     from eureka_megatron.rollout.sglang.flags import ROUTED_EXPERTS_FLAG
-    from eureka_megatron.rollout.sglang.prompts import generate_body, parse_sample
+    from eureka_megatron.rollout.sglang.prompts import generate_bodies, parse_sample
 
     validate_server_flags(server_flags("/models/m", extra_args=[ROUTED_EXPERTS_FLAG]))
     sp = SamplingParams(max_new_tokens=4, return_routed_experts=True)
-    body = generate_body(Prompt(input_ids=[5, 6, 7]), 0, 1, sp, family=None, seeded=False)
+    (body,) = generate_bodies(Prompt(input_ids=[5, 6, 7]), 0, 1, sp, family=None, seeded=False)
     assert GenerateReqInput(**body).return_routed_experts is True
     experts = torch.randint(0, 128, (3 + 4 - 1, 5, 8), dtype=torch.int32)  # 5 layers, top 8
     meta = {"finish_reason": {"type": "length"}, "prompt_tokens": 3,
@@ -254,7 +255,8 @@ def test_a_prompt_sglang_expands_differently_is_refused(qwen_vl_dir, qwen_builde
 
 def test_internvl_prompts_with_one_placeholder_per_image(internvl_dir, image_files):
     """Where SGLang 0.5.23 tiles an image as InternVL does, its expansion of `<image>` is the
-    trainer's; where it does not, the engine refuses the prompt instead of sampling from it.
+    trainer's; where it does not, the engine refuses the prompt instead of sampling from it --
+    and a run on SGLang tiles with SGLang's tie rule, so they agree again.
 
     SGLang's InternVL processor breaks aspect-ratio ties towards the most tiles
     (multimodal/processors/internvl.py, dynamic_preprocess); InternVL's own
@@ -283,6 +285,46 @@ def test_internvl_prompts_with_one_placeholder_per_image(internvl_dir, image_fil
         context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
         assert square.input_ids.count(context) == 4  # one tile
         assert app.expanded_input_ids[-1].count(context) == 40  # SGLang: 3x3 + thumbnail
+        # a run on SGLang engines builds its prompts with SGLang's tie rule (data/sources.py)
+        theirs = PromptBuilder("internvl", tok, system_prompt=None, max_prompt_length=8192,
+                               patch_size=112, ties_to_most_tiles=True)
+        square = theirs.build(row(image_files[:1])).prompt
+        assert len(engine.generate([square], 2, GREEDY)) == 2
+        assert app.expanded_input_ids[-1] == square.input_ids
+        assert square.input_ids.count(context) == 40
+
+
+def test_internvl_max_tiles_reach_sglang_with_every_sample(internvl_dir, tmp_path):
+    """data.max_tiles other than SGLang's 12: each of a prompt's n samples goes as a single
+    request carrying image_max_dynamic_patch (a batched request would lose it), so SGLang tiles
+    the image as the trainer did. A 200x100 image: 2x1 tiles + thumbnail at max 4 (both); at
+    SGLang's 12 it would be 4x2 + thumbnail."""
+    from transformers import AutoTokenizer
+
+    from eureka_megatron.data.dataset import PromptBuilder
+
+    path = tmp_path / "wide.png"
+    image((10, 200, 60), (200, 100)).save(path)
+    tok = AutoTokenizer.from_pretrained(internvl_dir)
+    context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    builder = PromptBuilder("internvl", tok, system_prompt=None, max_prompt_length=8192,
+                            patch_size=112, max_tiles=4)
+    prompt = builder.build(row([path])).prompt
+    assert prompt.max_tiles == 4 and prompt.input_ids.count(context) == 12
+    with SGLangApp(internvl_dir, family="internvl") as app:
+        for engine in (engine_for(app), engine_for(app, deterministic=True)):
+            seen = len(app.expanded_input_ids)
+            samples = engine.generate([prompt], 3, SamplingParams(max_new_tokens=2, seed=7))
+            assert len(samples) == 3
+            assert app.expanded_input_ids[seen:] == [prompt.input_ids] * 3
+        bodies = [obj for path, obj in app.requests if path == "/generate"]
+        assert [b.image_max_dynamic_patch for b in bodies[-6:]] == [4] * 6
+        plain = PromptBuilder("internvl", tok, system_prompt=None, max_prompt_length=8192,
+                              patch_size=112).build(row([path])).prompt
+        assert plain.input_ids.count(context) == 12  # InternVL's rule at 12: still 2x1 here
+        with pytest.raises(PromptMismatchError, match="SGLang counted"):
+            engine_for(app).generate([dataclasses.replace(prompt, max_tiles=None)], 2, GREEDY)
+        assert app.expanded_input_ids[-1].count(context) == 36  # SGLang's own 12: 4x2 + thumbnail
 
 
 # --- the distributed transport: the trainer in another process, as in production -------------

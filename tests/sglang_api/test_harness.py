@@ -236,6 +236,51 @@ def test_internvl_refuses_pretokenized_ids_with_raw_images(internvl_dir):
         assert out["meta_info"]["prompt_tokens"] == len(ids)
 
 
+def test_internvl_tiles_every_batched_request_its_own_way(internvl_dir):
+    """Why our client sends a tiled prompt's n samples as n single requests
+    (`rollout/sglang/prompts.generate_bodies`): SGLang's processor honours
+    image_max_dynamic_patch on a single request, but a batched one loses it when
+    GenerateReqInput splits the batch, and is tiled up to 12 with a thumbnail
+    (`models/internvl/images.SGLANG_TILING`)."""
+    from eureka_megatron.models.internvl.images import SGLANG_TILING
+    from sglang.srt.multimodal.processors.internvl import InternVLProcessor
+
+    assert InternVLProcessor.IMAGE_MAX_NUM == SGLANG_TILING["max_tiles"] == 12
+    text = "<image>\nhow many circles"
+    with SGLangApp(internvl_dir, family="internvl") as app:
+        context = app.tokenizer_manager.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        status, out = _generate(app, text=text, image_data=[_image()], image_max_dynamic_patch=2)
+        assert status == 200, out
+        assert app.expanded_input_ids[-1].count(context) == 4  # at most 2 tiles: 1, no thumbnail
+        status, out = _generate(app, text=[text], image_data=[[_image()]],
+                                image_max_dynamic_patch=2,
+                                sampling_params={"max_new_tokens": 2, "temperature": 0, "n": 2})
+        assert status == 200 and len(out) == 2, out
+        assert app.expanded_input_ids[-1].count(context) == 40  # 3x3 tiles + thumbnail: 12 max
+
+
+def test_internvl_tile_counts_with_sglangs_tie_rule_are_sglangs():
+    """`tile_grid(..., ties_to_most_tiles=True)` picks as many tiles as SGLang's own
+    dynamic_preprocess for every size and limit swept (its grid choice does not depend on the tile
+    size, only its resize does: 28 px keeps this fast); InternVL's rule at 448 px differs on ties."""
+    from eureka_megatron.models.internvl.images import tile_grid
+    from sglang.srt.multimodal.processors.internvl import InternVLProcessor
+
+    sizes = [(56, 56), (112, 112), (84, 56), (300, 200), (200, 100), (60, 250), (448, 448),
+             (900, 450), (1000, 700), (33, 470), (640, 480), (1280, 720)]
+    differ = 0
+    for w, h in sizes:
+        for max_tiles in (1, 2, 4, 6, 12):
+            theirs = InternVLProcessor.dynamic_preprocess(torch.zeros(3, h, w), image_size=28,
+                                                          max_num=max_tiles).shape[0]
+            cols, rows = tile_grid(w, h, image_size=28, max_tiles=max_tiles,
+                                   ties_to_most_tiles=True)
+            assert cols * rows == theirs, (w, h, max_tiles)
+            internvl = tile_grid(w, h, image_size=448, max_tiles=max_tiles)  # its size matters
+            differ += internvl[0] * internvl[1] != theirs
+    assert differ > 0  # the two rules do disagree on some of these
+
+
 # The trainer, rank 0, in its own process: torch only, joining the group the way SGLang's
 # init_custom_process_group does (a PrefixStore(group_name) over the tcp:// rendezvous store).
 TRAINER = """

@@ -402,6 +402,39 @@ def test_rl_image_tokens_follow_the_checkpoints_preprocessor_config(tmp_path, fa
         prompt_builder(cfg, family, char_tokenizer())
 
 
+@pytest.mark.parametrize("llm,overrides,match", [
+    ("internlm2", ["data.max_tiles=6"], r"data\.max_tiles=6 \(SGLang: 12\)"),
+    ("qwen2", ["data.use_thumbnail=false"], r"data\.use_thumbnail=False \(SGLang: True\)"),
+    ("qwen2", ["data.max_tiles=6"], None),  # sent with every request
+    ("internlm2", [], None),
+    ("internlm2", ["data.max_tiles=6", "rollout.engine=hf"], None),
+], ids=["internlm2_max_tiles", "thumbnail", "qwen2_max_tiles", "sglang_defaults", "hf_engine"])
+def test_internvl_tiling_sglang_would_not_follow_is_refused_before_ranks_start(
+        tmp_path, llm, overrides, match):
+    """`train` (loop.describe, before any rank) refuses InternVL tiling that SGLang's processor
+    would not reproduce (tests/sglang_api: the thumbnail always; an InternLM2 LLM's images always
+    up to 12 tiles); max_tiles reaches it with each request otherwise."""
+    from eureka_megatron.bench.convert import INTERNVL2_5_38B
+    from eureka_megatron.config import ConfigError, load_rl_config
+    from eureka_megatron.trainer.loop import describe
+
+    config = json.loads(json.dumps(INTERNVL2_5_38B))
+    if llm == "internlm2":
+        config["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2",
+                                    bias=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>"}}}))
+    base = [f"model.hf={tmp_path}", "rollout.engine=sglang", "parallel.tensor_parallel=8",
+            "parallel.nproc=8", "parallel.sequence_parallel=true"]
+    cfg = load_rl_config(None, base + overrides)
+    if match is None:
+        assert "internvl" in describe(cfg)
+    else:
+        with pytest.raises(ConfigError, match=match):
+            describe(cfg)
+
+
 def test_rl_pixel_range_errors_name_the_keys(tmp_path):
     from eureka_megatron.config import ConfigError, RLConfig
     from eureka_megatron.data.sources import image_options

@@ -98,6 +98,10 @@ def test_qwen_patch_layout_float64_rederivation():
     (300, 200, {"max_tiles": 2}, (1, 1)),   # same tie, area 60k: stay at one tile
     (448, 448, {"min_tiles": 2}, (2, 2)),
     (1000, 700, {"max_tiles": 1}, (1, 1)),
+    # SGLang's tie rule: a tie always goes to more tiles (tests/sglang_api: its own code)
+    (100, 100, {"ties_to_most_tiles": True}, (3, 3)),
+    (896, 448, {"ties_to_most_tiles": True}, (4, 2)),
+    (300, 200, {"max_tiles": 2, "ties_to_most_tiles": True}, (2, 1)),
 ])
 def test_tile_grid_hand_computed(w, h, kw, grid):
     assert tile_grid(w, h, image_size=448, **kw) == grid

@@ -58,7 +58,9 @@ FAMILY = Family(
     hf_model_type="internvl", hf_class="InternVLForConditionalGeneration",
     hf_layout="native_memory", chat=INTERNVL_CHAT, image_inputs=images.image_inputs,
     image_options_from_hf=images.image_options_from_hf,
-    check_images=images.check_images, sglang_image_placeholder="<image>",
+    check_images=images.check_images, sglang_image_options=images.sglang_image_options,
+    tiles_images=True,
+    sglang_image_placeholder="<image>",
     trainable=lambda cfg, m: dataclasses.replace(cfg, freeze_vision=m.freeze_vision,
                                                  freeze_projector=m.freeze_projector))
 

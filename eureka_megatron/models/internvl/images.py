@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eureka_megatron.errors import ConfigError
 from eureka_megatron.models.images import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, normalized_chw
+
+# What SGLang 0.5.23's InternVL processor does to every image: tiles of 448 px plus a thumbnail,
+# an aspect-ratio tie going to the grid with more tiles (InternVL's own rule: only for images
+# larger than half those tiles), at most `image_max_dynamic_patch` tiles -- a field it reads from single requests only (a batched
+# request loses it when GenerateReqInput splits the batch, so our client sends such prompts as
+# single requests) and ignores for InternLM2 LLMs, which it always tiles up to 12.
+SGLANG_TILING = {"max_tiles": 12, "use_thumbnail": True, "image_size": 448}
 
 
 @lru_cache(maxsize=64)
@@ -29,8 +37,9 @@ def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], .
 
 
 def tile_grid(width: int, height: int, *, image_size: int = 448, min_tiles: int = 1,
-              max_tiles: int = 12) -> tuple[int, int]:
-    """(columns, rows) of InternVL's dynamic tiling for a width x height image."""
+              max_tiles: int = 12, ties_to_most_tiles: bool = False) -> tuple[int, int]:
+    """(columns, rows) of InternVL's dynamic tiling for a width x height image; with
+    `ties_to_most_tiles`, SGLang's variant (a tie always goes to the grid with more tiles)."""
     if not 1 <= min_tiles <= max_tiles:
         raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
     aspect = width / height
@@ -39,16 +48,19 @@ def tile_grid(width: int, height: int, *, image_size: int = 448, min_tiles: int 
         diff = abs(aspect - c / r)
         if diff < best_diff:
             best, best_diff = (c, r), diff
-        elif diff == best_diff and width * height > 0.5 * image_size * image_size * c * r:
+        elif diff == best_diff and (ties_to_most_tiles
+                                    or width * height > 0.5 * image_size * image_size * c * r):
             best = (c, r)  # same ratio, more tiles: worth it while the image is big enough
     return best
 
 
 def internvl_tiles(image: Image.Image, *, image_size: int = 448, min_tiles: int = 1,
-                   max_tiles: int = 12, use_thumbnail: bool = True) -> list[Image.Image]:
+                   max_tiles: int = 12, use_thumbnail: bool = True,
+                   ties_to_most_tiles: bool = False) -> list[Image.Image]:
     """S x S tiles, row-major, plus a whole-image thumbnail when there is more than one tile."""
     cols, rows = tile_grid(image.width, image.height, image_size=image_size,
-                           min_tiles=min_tiles, max_tiles=max_tiles)
+                           min_tiles=min_tiles, max_tiles=max_tiles,
+                           ties_to_most_tiles=ties_to_most_tiles)
     s = image_size
     big = image.resize((cols * s, rows * s), Image.Resampling.BICUBIC)
     tiles = [big.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
@@ -59,15 +71,16 @@ def internvl_tiles(image: Image.Image, *, image_size: int = 448, min_tiles: int 
 
 
 def internvl_pixels(images: list[Image.Image], *, image_size: int = 448, max_tiles: int = 12,
-                    use_thumbnail: bool = True, min_tiles: int = 1
-                    ) -> tuple[torch.Tensor, list[int]]:
+                    use_thumbnail: bool = True, min_tiles: int = 1,
+                    ties_to_most_tiles: bool = False) -> tuple[torch.Tensor, list[int]]:
     """(pixel_values float32 [tiles, 3, S, S] with ImageNet mean/std, tiles per image)."""
     if not images:
         raise ValueError("internvl_pixels needs at least one image")
     arrays, counts = [], []
     for im in images:
         tiles = internvl_tiles(im, image_size=image_size, min_tiles=min_tiles,
-                               max_tiles=max_tiles, use_thumbnail=use_thumbnail)
+                               max_tiles=max_tiles, use_thumbnail=use_thumbnail,
+                               ties_to_most_tiles=ties_to_most_tiles)
         arrays += [normalized_chw(t, IMAGENET_MEAN, IMAGENET_STD) for t in tiles]
         counts.append(len(tiles))
     return torch.from_numpy(np.stack(arrays)), counts
@@ -86,7 +99,8 @@ def internvl_image_tokens(tiles_per_image: list[int], *, image_size: int = 448,
 def image_inputs(images: list[Image.Image], o: ImageOptions) -> tuple[dict, list[int]]:
     """The family's hook: (pixel_values, LLM tokens per image)."""
     pixel_values, tiles = internvl_pixels(images, image_size=o.image_size, min_tiles=o.min_tiles,
-                                          max_tiles=o.max_tiles, use_thumbnail=o.use_thumbnail)
+                                          max_tiles=o.max_tiles, use_thumbnail=o.use_thumbnail,
+                                          ties_to_most_tiles=o.ties_to_most_tiles)
     return ({"pixel_values": pixel_values},
             internvl_image_tokens(tiles, image_size=o.image_size, patch_size=o.patch_size,
                                   downsample_ratio=o.downsample_ratio))
@@ -96,6 +110,24 @@ def check_images(o: ImageOptions) -> None:
     """A tile must be a whole number of LLM tokens; raises at build time, before any image."""
     internvl_image_tokens([1], image_size=o.image_size, patch_size=o.patch_size,
                           downsample_ratio=o.downsample_ratio)
+
+
+def sglang_image_options(options: dict, hf_config: dict) -> dict:
+    """The run's image options as SGLang's processor tiles (ties to the most tiles), so the
+    engine samples from the prompts trained on; ConfigError for what it cannot follow (caught
+    later, per prompt, as a token-count mismatch otherwise)."""
+    fixed = dict(SGLANG_TILING)
+    llm = hf_config.get("llm_config") or hf_config.get("text_config") or {}
+    if (llm.get("architectures") or [None])[0] != "InternLM2ForCausalLM":
+        del fixed["max_tiles"]  # sent with each request
+    bad = [f"{'the checkpoint tile size' if k == 'image_size' else 'data.' + k}="
+           f"{options[k]} (SGLang: {v})" for k, v in fixed.items()
+           if k in options and options[k] != v]
+    if bad:
+        raise ConfigError(f"rollout.engine=sglang tiles InternVL images its own way: {', '.join(bad)}"
+                          "; SGLang 0.5.23's InternVL processor adds the thumbnail, cuts 448-px "
+                          "tiles, and with an InternLM2 LLM at most 12 of them")
+    return {**options, "ties_to_most_tiles": True}
 
 
 def tile_size(hf_config: dict) -> int | None:

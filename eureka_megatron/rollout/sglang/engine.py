@@ -51,7 +51,7 @@ from eureka_megatron.rollout.sglang.http import (SGLangHTTP, SGLangHTTPError, SG
 from eureka_megatron.rollout.sglang.payload import serialize_flat_bucket
 from eureka_megatron.rollout.sglang.process import ServerProcess
 from eureka_megatron.rollout.sglang.prompts import (FAMILY_OF_MODEL_TYPE, RequestAborted,
-                                                    generate_body, parse_sample)
+                                                    generate_bodies, parse_sample)
 from eureka_megatron.rollout.sglang.update_group import (DEFAULT_GROUP_NAME, WeightUpdateGroup,
                                                          address_facing)
 from eureka_megatron.runtime.ports import free_port
@@ -179,15 +179,19 @@ class SGLangEngine:
                                     "(interrupted sync or restart); sync weights first")
         if not prompts:
             return []
-        bodies = [generate_body(p, i, n, sampling, family=self.family, seeded=self.deterministic)
-                  for i, p in enumerate(prompts)]
+        per_prompt = [generate_bodies(p, i, n, sampling, family=self.family,
+                                      seeded=self.deterministic) for i, p in enumerate(prompts)]
+        bodies = [b for group in per_prompt for b in group]
         workers = max(1, min(self.max_concurrency, len(bodies)))
         with ThreadPoolExecutor(workers) as pool:
             answers = list(pool.map(
                 lambda b: self.http.post("/generate", b, timeout=self.request_timeout), bodies))
-        samples = []
-        for i, out in enumerate(answers):
-            outs = out if isinstance(out, list) else [out]
+        samples, first = [], 0
+        for i, group in enumerate(per_prompt):
+            outs = []
+            for out in answers[first:first + len(group)]:  # a prompt's requests, in order
+                outs += out if isinstance(out, list) else [out]
+            first += len(group)
             if len(outs) != n:
                 raise RuntimeError(f"{self.url}: /generate gave {len(outs)} outputs, wanted {n}")
             expected = len(prompts[i].input_ids) if prompts[i].input_ids else None

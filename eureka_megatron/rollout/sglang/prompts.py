@@ -61,13 +61,17 @@ def sglang_prompt_text(text: str, family: str) -> tuple[str, int]:
     return block.subn(lambda _: fam.sglang_image_placeholder, text)
 
 
-def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
-                  family: str | None, seeded: bool) -> dict:
-    """One /generate request for prompt `index`'s n samples.
+def generate_bodies(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
+                    family: str | None, seeded: bool) -> list[dict]:
+    """The /generate requests for prompt `index`'s n samples (their outputs, in order, are the n
+    samples).
 
     seeded (the server honours sampling_seed): a batch of n copies, copy j seeded
     `seed + index * n + j`, so each sample's seed is independent of how prompts are split over
-    engines; otherwise one request with SGLang's `n` (samples share the prompt's prefill)."""
+    engines; otherwise one request with SGLang's `n` (samples share the prompt's prefill). A
+    tiled prompt (`Prompt.max_tiles`) carries it as `image_max_dynamic_patch`, which SGLang reads
+    from single requests only: its n samples go as n single requests (the server's prefix cache
+    still shares their prefill)."""
     params: dict[str, Any] = {
         "max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature,
         "top_p": sp.top_p, "top_k": sp.top_k if sp.top_k > 0 else -1,
@@ -101,6 +105,11 @@ def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
     if sp.return_routed_experts:
         body["return_routed_experts"] = True
     seeds = seeded and sp.seed is not None
+    if images and prompt.max_tiles is not None:
+        body["image_max_dynamic_patch"] = int(prompt.max_tiles)
+        return [dict(body, **{key: value, "image_data": images, "sampling_params": dict(
+            params, **({"sampling_seed": sp.seed + index * n + j} if seeds else {}))})
+            for j in range(n)]
     if n == 1:
         if seeds:
             params["sampling_seed"] = sp.seed + index
@@ -116,7 +125,7 @@ def generate_body(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
         body.update({key: value, "sampling_params": dict(params, n=n)})
         if images:
             body["image_data"] = [images]  # n > 1 makes a batch of one: one list per prompt
-    return body
+    return [body]
 
 
 def parse_sample(out: dict, prompt_index: int, version: int, expected_prompt_tokens: int | None,
