@@ -23,9 +23,10 @@ from eureka_megatron.models.images import IMAGENET_MEAN, IMAGENET_STD, ImageOpti
 
 # What SGLang 0.5.23's InternVL processor does to every image: tiles of 448 px plus a thumbnail,
 # an aspect-ratio tie going to the grid with more tiles (InternVL's own rule: only for images
-# larger than half those tiles), at most `image_max_dynamic_patch` tiles -- a field it reads from single requests only (a batched
-# request loses it when GenerateReqInput splits the batch, so our client sends such prompts as
-# single requests) and ignores for InternLM2 LLMs, which it always tiles up to 12.
+# larger than half those tiles), at most `image_max_dynamic_patch` tiles -- a field it reads
+# from single requests only (a batched request loses it when GenerateReqInput splits the batch,
+# so our client sends such prompts as single requests) and ignores for InternLM2 LLMs, which it
+# always tiles up to 12.
 SGLANG_TILING = {"max_tiles": 12, "use_thumbnail": True, "image_size": 448}
 
 
