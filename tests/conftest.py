@@ -13,11 +13,7 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip what cannot run here; and run the files that hold `slow` tests first, so that under
-    pytest-xdist (`--dist loadfile`, CI's two workers) a test of minutes never starts last, with
-    the other worker idle."""
-    slow_files = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept otherwise
+    """Skip what cannot run here (CI's file order is pytest-xdist's own: tools/test.sh)."""
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_sglang = pytest.mark.skip(reason="needs sglang installed")
     have_sglang = importlib.util.find_spec("sglang") is not None

@@ -105,20 +105,19 @@ def generate_bodies(prompt: Prompt, index: int, n: int, sp: SamplingParams, *,
     if sp.return_routed_experts:
         body["return_routed_experts"] = True
     seeds = seeded and sp.seed is not None
+    # each sample's own params: seeded `seed + index * n + j`, whatever the prompts' split
+    per_sample = [dict(params, sampling_seed=sp.seed + index * n + j) if seeds else params
+                  for j in range(n)]
     if images and prompt.max_tiles is not None:
         body["image_max_dynamic_patch"] = int(prompt.max_tiles)
-        return [dict(body, **{key: value, "image_data": images, "sampling_params": dict(
-            params, **({"sampling_seed": sp.seed + index * n + j} if seeds else {}))})
-            for j in range(n)]
+        return [dict(body, **{key: value, "image_data": images, "sampling_params": p})
+                for p in per_sample]
     if n == 1:
-        if seeds:
-            params["sampling_seed"] = sp.seed + index
-        body.update({key: value, "sampling_params": params})
+        body.update({key: value, "sampling_params": per_sample[0]})
         if images:
             body["image_data"] = images  # a single request: its own images, flat
     elif seeds:  # a batch of n copies, each with its own seed (one seed would repeat one sample)
-        body.update({key: [value] * n, "sampling_params": [
-            dict(params, sampling_seed=sp.seed + index * n + j) for j in range(n)]})
+        body.update({key: [value] * n, "sampling_params": per_sample})
         if images:
             body["image_data"] = [images] * n  # one list per batch entry
     else:
